@@ -1,0 +1,38 @@
+"""The one place where Turbo-Tune's patches are chosen and applied to a model, from the flags."""
+
+import logging
+import os
+
+import torch
+
+from turbo_tune.arguments import TurboTuneConfig
+from turbo_tune.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def preflight(config: TurboTuneConfig) -> None:
+    """Reject flags this machine cannot honour before any model is loaded."""
+    if config.use_fp8:
+        raise ConfigError("--use_fp8: FP8 training is not available in this release yet; drop the flag.")
+    if config.use_fast_moe_block and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        os.environ["TRITON_INTERPRET"] = "1"
+        logger.warning("--use_fast_moe_block without a GPU: the Triton kernels run in the interpreter (slow).")
+
+
+def apply_patches(model: torch.nn.Module, config: TurboTuneConfig) -> torch.nn.Module:
+    """Apply what the flags ask for; calling it twice changes nothing more."""
+    if config.use_fast_moe_block:
+        from monkey_patch.fast_moe import apply_fast_moe_block
+
+        apply_fast_moe_block(model)
+        logger.info("Experts run through the ScatterMoE Triton kernels.")
+    return model
+
+
+def revert_patches(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo apply_patches, so the model runs exactly as transformers ships it."""
+    from monkey_patch.fast_moe import revert_fast_moe_block
+
+    revert_fast_moe_block(model)
+    return model

@@ -1,0 +1,51 @@
+"""TRL's SFTTrainer with what Turbo-Tune adds: per-micro-batch efficiency accounting and a truncation report."""
+
+import logging
+
+import pyarrow.compute as pc
+import torch
+from datasets import Dataset
+from trl import SFTTrainer
+
+from callback import EfficiencyCallback
+
+logger = logging.getLogger(__name__)
+
+
+class TurboSFTTrainer(SFTTrainer):
+    def __init__(self, *args, efficiency: EfficiencyCallback | None = None, **kwargs) -> None:
+        self.efficiency = efficiency
+        if efficiency is not None:
+            kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), efficiency]
+        super().__init__(*args, **kwargs)
+
+    def training_step(self, model: torch.nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+        if self.efficiency is not None:
+            self.efficiency.observe_batch(inputs)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.efficiency is not None and self.model.training and "loss" in logs:
+            logs.update(self.efficiency.pop_metrics(self.state))
+        super().log(logs, start_time)
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        """Tokenize first, count what max_length will cut, then let TRL truncate or pack the tokenized rows."""
+        if args.max_length is None or not isinstance(dataset, Dataset):
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        max_length, args.max_length = args.max_length, None
+        try:
+            tokenized = super()._prepare_dataset(dataset, processing_class, args, False, formatting_func, dataset_name)
+        finally:
+            args.max_length = max_length
+        lengths = pc.list_value_length(tokenized.data.column("input_ids"))
+        too_long = pc.sum(pc.greater(lengths, max_length)).as_py() or 0
+        if too_long:
+            logger.warning(
+                "%s: %d of %d examples are longer than max_length=%d tokens and are truncated (longest: %d). "
+                "Raise --max_length to keep them whole.",
+                dataset_name, too_long, len(tokenized), max_length, pc.max(lengths).as_py(),
+            )
+        else:
+            logger.info("%s: no example is longer than max_length=%d tokens.", dataset_name, max_length)
+        return super()._prepare_dataset(tokenized, processing_class, args, packing, formatting_func, dataset_name)

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Fine-tune on this node, on every GPU it has (or the CPU when it has none).
+#   MODEL_PATH      local Qwen3-MoE checkpoint        (unset: the embedded tiny model)
+#   DATA_PATH       local data file or folder         (unset: the bundled chat task)
+#   CKPT_PREFIX     folder that receives run folders  (unset: outputs)
+#   DS_CONFIG_PATH  DeepSpeed config, e.g. config/zero3.json (unset: no DeepSpeed)
+# Any argument is passed on to qwen3_sft.py, e.g. `bash qwen3_sft.sh --use_fast_moe_block --max_steps 100`.
+set -euo pipefail
+cd "$(dirname "$0")"
+source scripts/ensure_venv.sh
+
+num_gpus="$(python -c 'import torch; print(torch.cuda.device_count())')"
+output_dir="${CKPT_PREFIX:-outputs}/qwen3-sft-$(date +%Y%m%d-%H%M%S)"
+args=(--output_dir "$output_dir" --use_liger_efficiency_callback)
+[ -n "${MODEL_PATH:-}" ] && args+=(--model_path "$MODEL_PATH")
+[ -n "${DATA_PATH:-}" ] && args+=(--data_path "$DATA_PATH")
+[ -n "${DS_CONFIG_PATH:-}" ] && args+=(--deepspeed_config "$DS_CONFIG_PATH")
+
+if [ "$num_gpus" -eq 0 ]; then
+    launch=(python qwen3_sft.py)
+elif [ -n "${DS_CONFIG_PATH:-}" ]; then
+    launch=(deepspeed --num_gpus "$num_gpus" qwen3_sft.py)
+else
+    launch=(torchrun --standalone --nproc_per_node "$num_gpus" qwen3_sft.py)
+fi
+echo "+ ${launch[*]} ${args[*]} $*" >&2
+exec "${launch[@]}" "${args[@]}" "$@"

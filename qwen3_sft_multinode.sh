@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Fine-tune across nodes: run this on every node with the same settings and its own NODE_RANK.
+#   MASTER_ADDR, MASTER_PORT  address of node 0 (required)
+#   NNODES (default 1), NODE_RANK (default 0), GPUS_PER_NODE (default: all GPUs of this node)
+#   RUN_NAME        run folder name, the same on every node (default qwen3-sft-multinode); use a new one per job
+#   MODEL_PATH DATA_PATH CKPT_PREFIX DS_CONFIG_PATH  as in qwen3_sft.sh; CKPT_PREFIX should be shared storage.
+# Any argument is passed on to qwen3_sft.py.
+set -euo pipefail
+cd "$(dirname "$0")"
+: "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0}"
+: "${MASTER_PORT:?set MASTER_PORT to a free port on node 0, e.g. 29500}"
+source scripts/ensure_venv.sh
+
+gpus_per_node="${GPUS_PER_NODE:-$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')}"
+output_dir="${CKPT_PREFIX:-outputs}/${RUN_NAME:-qwen3-sft-multinode}"
+args=(--output_dir "$output_dir" --use_liger_efficiency_callback)
+[ -n "${MODEL_PATH:-}" ] && args+=(--model_path "$MODEL_PATH")
+[ -n "${DATA_PATH:-}" ] && args+=(--data_path "$DATA_PATH")
+[ -n "${DS_CONFIG_PATH:-}" ] && args+=(--deepspeed_config "$DS_CONFIG_PATH")
+
+launch=(torchrun --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$gpus_per_node"
+        --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" qwen3_sft.py)
+echo "+ ${launch[*]} ${args[*]} $*" >&2
+exec "${launch[@]}" "${args[@]}" "$@"

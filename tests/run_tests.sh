@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up the pinned environment (first run only), then lint and run the whole test suite on the CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/ensure_venv.sh requirements-dev.txt
+ruff check .
+python -m pytest tests -q --durations=10 "$@"

@@ -1,0 +1,188 @@
+"""Every flag of qwen3_sft.py: TRL's SFTConfig (so all TrainingArguments/SFTConfig flags work) plus Turbo-Tune's own.
+
+Validation that needs no model or data happens here, in `__post_init__`, so bad flags stop the run before anything
+is loaded or written.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from trl import SFTConfig, TrlParser
+
+from turbo_tune.errors import ConfigError
+
+EMBEDDED_MODEL_LEARNING_RATE = 1e-3
+CHECKPOINT_LEARNING_RATE = 1e-5
+
+
+@dataclass
+class TurboTuneConfig(SFTConfig):
+    """SFTConfig with Turbo-Tune's flags; defaults suit a Qwen3-MoE fine-tune."""
+
+    model_path: str | None = field(
+        default=None,
+        metadata={"help": "Local Hugging Face Qwen3-MoE checkpoint. Unset: the embedded tiny Qwen3-MoE."},
+    )
+    data_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSONL/JSON/Parquet file, a folder of them, or a `datasets.save_to_disk` folder, with `messages` "
+            "or `prompt`/`completion` records. Unset: the bundled chat task."
+        },
+    )
+    train_on_all_tokens: bool = field(
+        default=False,
+        metadata={"help": "Train on every token instead of only the assistant's (or the completion's)."},
+    )
+    model_dtype: str = field(
+        default="auto",
+        metadata={"help": "Weight dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16 or float32."},
+    )
+    attn_implementation: str = field(
+        default="auto",
+        metadata={"help": "auto (flash_attention_2 when flash-attn is installed on GPU, else sdpa), or any name "
+                  "transformers' attention interface knows."},
+    )
+    use_fast_moe_block: bool = field(
+        default=False, metadata={"help": "Run the experts through Turbo-Tune's Triton ScatterMoE kernels."}
+    )
+    use_fp8: bool = field(default=False, metadata={"help": "FP8 training of selected linear layers (torchao)."})
+    use_packing: bool = field(
+        default=False,
+        metadata={"help": "Pack examples into full rows, with no attention across examples (padding-free)."},
+    )
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft) instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: str = field(
+        default="q_proj,k_proj,v_proj,o_proj",
+        metadata={"help": "Comma-separated module names that get LoRA adapters."},
+    )
+    merge_lora: bool = field(
+        default=False, metadata={"help": "With --use_lora, also write the merged full model to OUTPUT_DIR/merged."}
+    )
+    deepspeed_config: str | None = field(
+        default=None, metadata={"help": "DeepSpeed JSON config (see config/zero*.json). Same as --deepspeed."}
+    )
+    global_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Sequences per optimizer step over all processes; sets gradient accumulation."},
+    )
+    micro_batch_size: int | None = field(
+        default=None, metadata={"help": "Sequences per device per forward pass (default: per_device_train_batch_size)."}
+    )
+    use_liger_efficiency_callback: bool = field(
+        default=False,
+        metadata={"help": "Log step time, tokens/s, MFU, memory and time to completion at every logging step."},
+    )
+    bundled_examples: int = field(
+        default=4000, metadata={"help": "How many examples of the bundled chat task to generate (no --data_path)."}
+    )
+
+    # Defaults that differ from SFTConfig's.
+    learning_rate: float | None = field(
+        default=None,
+        metadata={"help": f"Peak learning rate. Unset: {EMBEDDED_MODEL_LEARNING_RATE} for the embedded tiny model, "
+                  f"{CHECKPOINT_LEARNING_RATE} for a checkpoint."},
+    )
+    output_dir: str | None = field(default="outputs/qwen3-sft", metadata={"help": "Checkpoints and final model."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+    warmup_steps: float = field(
+        default=0.05, metadata={"help": "Warmup steps; a value below 1 is a fraction of all steps."}
+    )
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the data."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
+    report_to: None | str | list[str] = field(default="mlflow", metadata={"help": "Where metrics go (mlflow, none)."})
+    save_total_limit: int | None = field(default=3, metadata={"help": "Keep at most this many checkpoints."})
+
+    def __post_init__(self) -> None:
+        self._check_engine_flags()
+        self._derive_batch_sizes()
+        if self.model_path is not None:
+            check_readable(self.model_path, "--model_path (MODEL_PATH)")
+        if self.data_path is not None:
+            check_readable(self.data_path, "--data_path (DATA_PATH)")
+        if self.model_dtype not in ("auto", "bfloat16", "float32"):
+            raise ConfigError(f"--model_dtype {self.model_dtype!r} is not one of auto, bfloat16, float32.")
+        if self.merge_lora and not self.use_lora:
+            raise ConfigError("--merge_lora needs --use_lora: without LoRA the saved model is already full.")
+        if self.learning_rate is None:
+            self.learning_rate = (
+                EMBEDDED_MODEL_LEARNING_RATE if self.model_path is None else CHECKPOINT_LEARNING_RATE
+            )
+        if self.bf16 is None and not self.fp16:
+            self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        self.packing = self.packing or self.use_packing
+        self.completion_only_loss = not self.train_on_all_tokens
+        super().__post_init__()
+
+    def _check_engine_flags(self) -> None:
+        if self.deepspeed_config is not None and self.deepspeed is not None:
+            if Path(self.deepspeed_config) != Path(str(self.deepspeed)):
+                raise ConfigError(
+                    f"--deepspeed_config {self.deepspeed_config} and --deepspeed {self.deepspeed} disagree: pass one."
+                )
+        ds_config = self.deepspeed_config or self.deepspeed
+        if ds_config is not None and self.fsdp:
+            raise ConfigError(
+                "--deepspeed_config and --fsdp both choose how the model is sharded: pass only one of them "
+                "(unset DS_CONFIG_PATH to use FSDP)."
+            )
+        if isinstance(ds_config, str):
+            self.deepspeed = str(load_deepspeed_config_path(ds_config))
+
+    def _derive_batch_sizes(self) -> None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.micro_batch_size is not None:
+            if self.micro_batch_size < 1:
+                raise ConfigError(f"--micro_batch_size must be at least 1, got {self.micro_batch_size}.")
+            self.per_device_train_batch_size = self.micro_batch_size
+        if self.global_batch_size is None:
+            return
+        self.gradient_accumulation_steps = gradient_accumulation_steps(
+            self.global_batch_size, self.per_device_train_batch_size, world_size
+        )
+
+
+def gradient_accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    """Steps to accumulate so that micro_batch_size × world_size × steps == global_batch_size exactly."""
+    per_pass = micro_batch_size * world_size
+    if global_batch_size < 1 or global_batch_size % per_pass:
+        raise ConfigError(
+            f"--global_batch_size {global_batch_size} is not a positive multiple of --micro_batch_size "
+            f"{micro_batch_size} × {world_size} process(es) = {per_pass}. Use a multiple of {per_pass} "
+            f"(e.g. {max(per_pass, global_batch_size // per_pass * per_pass)}) or change --micro_batch_size."
+        )
+    return global_batch_size // per_pass
+
+
+def check_readable(path: str, flag: str) -> None:
+    if not os.path.exists(path):
+        raise ConfigError(f"{flag} {path} does not exist. Point it at a local folder or file.")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{flag} {path} is not readable by this user. Fix its permissions.")
+
+
+def load_deepspeed_config_path(path: str) -> Path:
+    """The config's path, once it is known to exist and to hold a JSON object."""
+    check_readable(path, "--deepspeed_config (DS_CONFIG_PATH)")
+    try:
+        config = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(
+            f"--deepspeed_config {path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}."
+        ) from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"--deepspeed_config {path} must hold a JSON object, not {type(config).__name__}.")
+    return Path(path)
+
+
+def parse_config(argv: list[str] | None = None) -> TurboTuneConfig:
+    """Flags from the command line, optionally on top of a YAML file given with --config."""
+    parser = TrlParser(TurboTuneConfig)
+    (config,) = parser.parse_args_and_config(argv)
+    return config

@@ -1,0 +1,99 @@
+"""Model and tokenizer: a local Qwen3-MoE checkpoint, or the embedded tiny one built from the config in assets/."""
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from turbo_tune.arguments import TurboTuneConfig
+from turbo_tune.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny-qwen3-moe"
+
+
+def model_source(config: TurboTuneConfig) -> Path:
+    return Path(config.model_path) if config.model_path else EMBEDDED_MODEL_DIR
+
+
+def load_tokenizer(config: TurboTuneConfig) -> PreTrainedTokenizerBase:
+    source = model_source(config)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"--model_path {source}: no usable tokenizer there ({error}). The folder must hold a Hugging Face "
+            "checkpoint with tokenizer files (tokenizer.json, tokenizer_config.json)."
+        ) from None
+    if tokenizer.chat_template is None:
+        raise ConfigError(
+            f"--model_path {source}: the tokenizer has no chat template, so conversations cannot be formatted. "
+            "Use an instruct checkpoint or add a chat_template to its tokenizer_config.json."
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def weight_dtype(config: TurboTuneConfig) -> torch.dtype:
+    if config.model_dtype == "auto":
+        return torch.bfloat16 if config.bf16 else torch.float32
+    return getattr(torch, config.model_dtype)
+
+
+def attention_implementation(config: TurboTuneConfig) -> str:
+    """flash-attn when it is installed and there is a GPU; PyTorch SDPA otherwise."""
+    if config.attn_implementation != "auto":
+        return config.attn_implementation
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(config: TurboTuneConfig) -> PreTrainedModel:
+    source = model_source(config)
+    kwargs = {"dtype": weight_dtype(config), "attn_implementation": attention_implementation(config)}
+    try:
+        model_config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--model_path {source}: no usable config.json there ({error}).") from None
+    if getattr(model_config, "model_type", None) != "qwen3_moe":
+        raise ConfigError(
+            f"--model_path {source} holds a {model_config.model_type!r} model; Turbo-Tune trains Qwen3-MoE "
+            "(model_type 'qwen3_moe') checkpoints such as Qwen3-30B-A3B."
+        )
+    if config.model_path is None:
+        torch.manual_seed(config.seed)
+        model = AutoModelForCausalLM.from_config(model_config, **kwargs)
+        logger.info("Built the embedded tiny Qwen3-MoE (%.2fM parameters, random init).", model.num_parameters() / 1e6)
+        return model
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as error:
+        raise ConfigError(f"--model_path {source}: the weights could not be loaded ({error}).") from None
+
+
+def apply_lora(model: PreTrainedModel, config: TurboTuneConfig) -> PeftModel:
+    targets = [name.strip() for name in config.lora_target_modules.split(",") if name.strip()]
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = sorted(set(targets) - present)
+    if missing:
+        raise ConfigError(
+            f"--lora_target_modules names {', '.join(missing)}, which this model does not have. "
+            f"Linear layers it has include: {', '.join(sorted(n for n in present if n.endswith('proj')))}."
+        )
+    lora_config = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora_config)
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info("LoRA on %s: %d of %d parameters train (%.3f%%).", targets, trainable, total, 100 * trainable / total)
+    return model
