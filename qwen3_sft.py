@@ -41,8 +41,11 @@ def configure_logging(config: TurboTuneConfig) -> None:
 
 
 def configure_mlflow() -> None:
-    """Local ./mlruns unless MLFLOW_TRACKING_URI says otherwise; one experiment per project by default."""
-    os.environ.setdefault("MLFLOW_TRACKING_URI", Path("mlruns").resolve().as_uri())
+    """A local store in ./mlruns (SQLite: MLflow's file store is retired) unless MLFLOW_TRACKING_URI says otherwise."""
+    if "MLFLOW_TRACKING_URI" not in os.environ:
+        store = Path("mlruns").resolve()
+        store.mkdir(exist_ok=True)
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
     os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "turbo-tune")
 
 
@@ -95,6 +98,7 @@ def train(config: TurboTuneConfig) -> Path:
     )
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(config.output_dir)
+    trainer.save_state()
     if config.merge_lora and trainer.is_world_process_zero():
         merged_dir = Path(config.output_dir) / "merged"
         trainer.model.merge_and_unload().save_pretrained(merged_dir)

@@ -1,10 +1,12 @@
 """TRL's SFTTrainer with what Turbo-Tune adds: per-micro-batch efficiency accounting and a truncation report."""
 
 import logging
+from pathlib import Path
 
 import pyarrow.compute as pc
 import torch
 from datasets import Dataset
+from peft import PeftModel
 from trl import SFTTrainer
 
 from callback import EfficiencyCallback
@@ -49,3 +51,20 @@ class TurboSFTTrainer(SFTTrainer):
         else:
             logger.info("%s: no example is longer than max_length=%d tokens.", dataset_name, max_length)
         return super()._prepare_dataset(tokenized, processing_class, args, packing, formatting_func, dataset_name)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        """Resume a plain full-weight run through `from_pretrained`, which converts the saved layout.
+
+        transformers saves Qwen3-MoE experts one tensor per expert (the hub layout) while the live model holds them
+        fused; Trainer's own resume loads the file unconverted with strict=False, so the experts would silently keep
+        their initial weights. DeepSpeed, FSDP and peft checkpoints keep the live layout and go the usual way.
+        """
+        target = model if model is not None else self.model
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or isinstance(target, PeftModel):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not (Path(resume_from_checkpoint) / "config.json").is_file():
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        dtype = next(target.parameters()).dtype
+        saved = type(target).from_pretrained(resume_from_checkpoint, dtype=dtype, device_map="cpu")
+        target.load_state_dict(saved.state_dict(), strict=True)
+        logger.info("Weights restored from %s.", resume_from_checkpoint)

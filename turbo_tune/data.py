@@ -81,9 +81,10 @@ def _read_json_records(file: Path) -> list[dict]:
 
 
 def record_kind(record: dict) -> str:
-    if "messages" in record:
+    """Rows of a dataset share one schema, so a field a record lacks reads as None."""
+    if record.get("messages") is not None:
         return "conversational"
-    if "prompt" in record and "completion" in record:
+    if record.get("prompt") is not None and record.get("completion") is not None:
         return "prompt-completion"
     return "unknown"
 
@@ -95,7 +96,7 @@ def validate_records(records: Iterable[dict], source: str) -> None:
         if kind == "unknown":
             raise ConfigError(
                 f"{where}: the record has neither `messages` nor `prompt` and `completion` "
-                f"(it has: {', '.join(sorted(record)) or 'no fields'}). Give each record one of those formats."
+                f"(it has: {', '.join(sorted(k for k, v in record.items() if v is not None)) or 'no fields'}). Give each record one of those formats."
             )
         if kind == "conversational":
             _validate_messages(record["messages"], where)

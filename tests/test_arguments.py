@@ -1,0 +1,111 @@
+"""Flag parsing: every flag the product promises exists, batch sizes derive from the world size, bad flags stop early."""
+
+import json
+
+import pytest
+
+from turbo_tune.arguments import (
+    CHECKPOINT_LEARNING_RATE,
+    EMBEDDED_MODEL_LEARNING_RATE,
+    gradient_accumulation_steps,
+    parse_config,
+)
+from turbo_tune.errors import ConfigError
+
+PRODUCT_FLAGS = [
+    "--use_fast_moe_block", "--use_fp8", "--use_liger_kernel", "--torch_compile", "--use_packing", "--use_lora",
+    "--use_liger_efficiency_callback",
+]
+
+
+def parse(tmp_path, *flags: str):
+    return parse_config(["--output_dir", str(tmp_path / "out"), "--report_to", "none", *flags])
+
+
+@pytest.mark.parametrize("flag", PRODUCT_FLAGS)
+def test_every_boolean_product_flag_parses(tmp_path, flag):
+    config = parse(tmp_path, flag)
+    assert getattr(config, flag[2:]) is True
+
+
+def test_valued_product_flags_parse(tmp_path):
+    config = parse(
+        tmp_path, "--global_batch_size", "32", "--micro_batch_size", "4", "--logging_steps", "1",
+        "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.1", "--lora_target_modules", "q_proj,v_proj",
+        "--fsdp", "full_shard auto_wrap",
+    )
+    assert (config.per_device_train_batch_size, config.gradient_accumulation_steps) == (4, 8)
+    assert config.logging_steps == 1
+    assert (config.lora_r, config.lora_alpha, config.lora_dropout) == (8, 16, 0.1)
+    assert config.lora_target_modules == "q_proj,v_proj"
+    assert config.fsdp
+
+
+def test_global_batch_size_divides_over_world_size(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    config = parse(tmp_path, "--global_batch_size", "64", "--micro_batch_size", "2")
+    assert config.gradient_accumulation_steps == 8
+
+
+def test_global_batch_size_that_does_not_divide_names_the_numbers():
+    with pytest.raises(ConfigError, match=r"--global_batch_size 10 .* --micro_batch_size 4 × 2 process\(es\) = 8"):
+        gradient_accumulation_steps(10, 4, 2)
+
+
+def test_global_batch_size_error_stops_parsing(tmp_path):
+    with pytest.raises(ConfigError, match="global_batch_size 30"):
+        parse(tmp_path, "--global_batch_size", "30", "--micro_batch_size", "4")
+
+
+def test_missing_deepspeed_config_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"--deepspeed_config .*nope\.json does not exist"):
+        parse(tmp_path, "--deepspeed_config", str(tmp_path / "nope.json"))
+
+
+def test_invalid_deepspeed_json_reports_line(tmp_path):
+    bad = tmp_path / "zero.json"
+    bad.write_text('{\n  "zero_optimization": {"stage": 3,}\n}\n')
+    with pytest.raises(ConfigError, match=r"zero\.json is not valid JSON: .* line 2"):
+        parse(tmp_path, "--deepspeed_config", str(bad))
+
+
+def test_deepspeed_and_fsdp_conflict(tmp_path):
+    config_file = tmp_path / "zero.json"
+    config_file.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    with pytest.raises(ConfigError, match="pass only one"):
+        parse(tmp_path, "--deepspeed_config", str(config_file), "--fsdp", "full_shard auto_wrap")
+
+
+def test_missing_model_and_data_paths_are_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"--model_path \(MODEL_PATH\) .*/no-model does not exist"):
+        parse(tmp_path, "--model_path", str(tmp_path / "no-model"))
+    with pytest.raises(ConfigError, match=r"--data_path \(DATA_PATH\) .*/no-data does not exist"):
+        parse(tmp_path, "--data_path", str(tmp_path / "no-data"))
+
+
+def test_learning_rate_default_depends_on_model(tmp_path):
+    assert parse(tmp_path).learning_rate == EMBEDDED_MODEL_LEARNING_RATE
+    model_dir = tmp_path / "ckpt"
+    model_dir.mkdir()
+    assert parse(tmp_path, "--model_path", str(model_dir)).learning_rate == CHECKPOINT_LEARNING_RATE
+    assert parse(tmp_path, "--learning_rate", "3e-4").learning_rate == 3e-4
+
+
+def test_cpu_trains_in_fp32_with_completion_only_loss(tmp_path):
+    config = parse(tmp_path)
+    assert config.bf16 is False
+    assert config.completion_only_loss is True
+    assert parse(tmp_path, "--train_on_all_tokens").completion_only_loss is False
+
+
+def test_yaml_config_file_sets_flags_and_command_line_wins(tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("use_packing: true\nmicro_batch_size: 2\nmax_length: 512\n")
+    config = parse(tmp_path, "--config", str(config_file), "--max_length", "256")
+    assert config.packing and config.per_device_train_batch_size == 2
+    assert config.max_length == 256
+
+
+def test_merge_lora_requires_lora(tmp_path):
+    with pytest.raises(ConfigError, match="--merge_lora needs --use_lora"):
+        parse(tmp_path, "--merge_lora")

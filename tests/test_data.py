@@ -1,0 +1,92 @@
+"""Data loading: every supported layout loads, and each bad record is reported by file and row."""
+
+import json
+
+import pytest
+from datasets import Dataset
+
+from turbo_tune.data import load_sft_dataset
+from turbo_tune.errors import ConfigError
+from turbo_tune.toy_task import PUZZLES, bundled_dataset
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+PROMPT_COMPLETION = {"prompt": "2+2=", "completion": "4"}
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_jsonl_json_and_parquet_load(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [CHAT, CHAT])
+    (tmp_path / "b.json").write_text(json.dumps([CHAT]))
+    Dataset.from_list([CHAT]).to_parquet(str(tmp_path / "c.parquet"))
+    assert len(load_sft_dataset(str(tmp_path / "a.jsonl"))) == 2
+    assert len(load_sft_dataset(str(tmp_path / "b.json"))) == 1
+    assert len(load_sft_dataset(str(tmp_path / "c.parquet"))) == 1
+    assert len(load_sft_dataset(str(tmp_path))) == 4
+
+
+def test_save_to_disk_folder_loads(tmp_path):
+    Dataset.from_list([PROMPT_COMPLETION] * 3).save_to_disk(str(tmp_path / "saved"))
+    dataset = load_sft_dataset(str(tmp_path / "saved"))
+    assert dataset[0] == PROMPT_COMPLETION and len(dataset) == 3
+
+
+def test_record_without_messages_names_file_and_row(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [CHAT, CHAT, {"text": "no messages"}])
+    with pytest.raises(ConfigError, match=r"train\.jsonl, row 3: .*neither `messages` nor `prompt`"):
+        load_sft_dataset(str(path))
+
+
+def test_unknown_role_names_file_row_and_message(tmp_path):
+    bad = {"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "beep"}]}
+    path = write_jsonl(tmp_path / "train.jsonl", [CHAT, bad])
+    with pytest.raises(ConfigError, match=r"train\.jsonl, row 2, message 2: unknown role 'robot'"):
+        load_sft_dataset(str(path))
+
+
+def test_conversation_without_assistant_is_rejected(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(ConfigError, match="row 1: no assistant message"):
+        load_sft_dataset(str(path))
+
+
+def test_broken_json_line_is_reported_with_its_number(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(CHAT) + "\n{not json\n")
+    with pytest.raises(ConfigError, match=r"train\.jsonl, line 2: not valid JSON"):
+        load_sft_dataset(str(path))
+
+
+def test_empty_dataset_is_rejected(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n")
+    with pytest.raises(ConfigError, match="holds no records"):
+        load_sft_dataset(str(path))
+
+
+def test_folder_without_data_files_is_rejected(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ConfigError, match="holds no .jsonl, .json or .parquet files"):
+        load_sft_dataset(str(tmp_path))
+
+
+def test_mixed_record_kinds_are_rejected(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [CHAT])
+    write_jsonl(tmp_path / "b.jsonl", [PROMPT_COMPLETION])
+    with pytest.raises(ConfigError, match="mixes conversational"):
+        load_sft_dataset(str(tmp_path))
+
+
+def test_bundled_task_answers_follow_from_prompts():
+    for example in bundled_dataset(50, seed=3):
+        _, user, assistant = example["messages"]
+        name, items = user["content"].split(": ")
+        _, solve = PUZZLES[name]
+        assert assistant["content"] == " ".join(solve(items.split(" ")))
+
+
+def test_bundled_task_is_deterministic():
+    assert bundled_dataset(20, seed=1)[:] == bundled_dataset(20, seed=1)[:]

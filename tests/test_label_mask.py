@@ -1,0 +1,70 @@
+"""The loss sees only what the model should learn to say: assistant turns (or completions), unless told otherwise."""
+
+import pytest
+from datasets import Dataset
+
+from monkey_patch.sft_trainer import TurboSFTTrainer
+from turbo_tune.arguments import parse_config
+from turbo_tune.data import record_kind
+from turbo_tune.modeling import load_model, load_tokenizer
+from turbo_tune.toy_task import bundled_dataset
+
+
+def prepared_rows(tmp_path, dataset: Dataset, *flags: str) -> tuple[list[dict], object]:
+    config = parse_config(["--output_dir", str(tmp_path), "--report_to", "none", *flags])
+    config.assistant_only_loss = not config.train_on_all_tokens and record_kind(dataset[0]) == "conversational"
+    tokenizer = load_tokenizer(config)
+    trainer = TurboSFTTrainer(
+        model=load_model(config), args=config, train_dataset=dataset, processing_class=tokenizer
+    )
+    return list(trainer.train_dataset), tokenizer
+
+
+def supervised_text(row: dict, tokenizer) -> str:
+    return tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100])
+
+
+def test_only_assistant_tokens_and_end_of_turn_are_supervised(tmp_path):
+    dataset = bundled_dataset(8, seed=5)
+    rows, tokenizer = prepared_rows(tmp_path, dataset)
+    for row, example in zip(rows, dataset, strict=True):
+        answer = example["messages"][-1]["content"]
+        assert supervised_text(row, tokenizer) == answer + "<|im_end|>"
+        supervised = [label for label in row["labels"] if label != -100]
+        assert supervised == [t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100]
+
+
+def test_every_assistant_turn_of_a_multi_turn_chat_is_supervised(tmp_path):
+    chat = {
+        "messages": [
+            {"role": "user", "content": "reverse: a b"},
+            {"role": "assistant", "content": "b a"},
+            {"role": "user", "content": "upper: c"},
+            {"role": "assistant", "content": "C"},
+        ]
+    }
+    (row,), tokenizer = prepared_rows(tmp_path, Dataset.from_list([chat]))
+    assert supervised_text(row, tokenizer) == "b a<|im_end|>C<|im_end|>"
+
+
+def test_prompt_completion_supervises_completion_only(tmp_path):
+    dataset = Dataset.from_list([{"prompt": "upper: a b", "completion": " A B"}])
+    (row,), tokenizer = prepared_rows(tmp_path, dataset)
+    assert supervised_text(row, tokenizer) == " A B<|im_end|>"
+
+
+@pytest.mark.parametrize("make_dataset", [
+    lambda: bundled_dataset(4, seed=2),
+    lambda: Dataset.from_list([{"prompt": "upper: a b", "completion": " A B"}]),
+])
+def test_train_on_all_tokens_supervises_everything(tmp_path, make_dataset):
+    rows, _ = prepared_rows(tmp_path, make_dataset(), "--train_on_all_tokens")
+    for row in rows:
+        assert row["labels"] == row["input_ids"]
+
+
+def test_truncation_is_counted_and_logged(tmp_path, caplog):
+    caplog.set_level("WARNING", logger="monkey_patch.sft_trainer")
+    rows, _ = prepared_rows(tmp_path, bundled_dataset(16, seed=4), "--max_length", "36")
+    assert all(len(row["input_ids"]) <= 36 for row in rows)
+    assert any("longer than max_length=36 tokens and are truncated" in r.message for r in caplog.records)

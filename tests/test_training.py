@@ -1,0 +1,132 @@
+"""Real short runs of the embedded tiny Qwen3-MoE on the CPU, through the same entry point users call."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import qwen3_sft
+
+STEPS = 40
+
+
+def run(output_dir: Path, *flags: str) -> int:
+    return qwen3_sft.main([
+        "--output_dir", str(output_dir), "--bundled_examples", "400", "--max_steps", str(STEPS),
+        "--logging_steps", "1", "--save_steps", str(STEPS // 2), "--gradient_checkpointing", "false", *flags,
+    ])
+
+
+def losses(output_dir: Path, checkpoint: str | None = None) -> dict[int, float]:
+    state = output_dir / (checkpoint or "") / "trainer_state.json"
+    history = json.loads(state.read_text())["log_history"]
+    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+
+def snapshot(folder: Path) -> dict[str, float]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One full run with MLflow logging into a private store; several tests read what it left."""
+    root = tmp_path_factory.mktemp("run")
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+        env.setenv("MLFLOW_EXPERIMENT_NAME", "turbo-tune-test")
+        assert run(root / "out", "--use_liger_efficiency_callback", "--report_to", "mlflow") == 0
+    return root / "out", tracking_uri
+
+
+def test_loss_falls_and_accuracy_rises(finished_run):
+    output_dir, _ = finished_run
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    steps = [entry for entry in history if "loss" in entry]
+    first, last = steps[:5], steps[-5:]
+    assert sum(e["loss"] for e in last) < 0.8 * sum(e["loss"] for e in first)
+    assert sum(e["mean_token_accuracy"] for e in last) > sum(e["mean_token_accuracy"] for e in first)
+
+
+def test_checkpoints_and_final_model_reload_and_generate(finished_run):
+    output_dir, _ = finished_run
+    assert (output_dir / f"checkpoint-{STEPS // 2}").is_dir() and (output_dir / f"checkpoint-{STEPS}").is_dir()
+    for folder in (output_dir, output_dir / f"checkpoint-{STEPS}"):
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(output_dir)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "upper: a b c"}], add_generation_prompt=True, return_tensors="pt",
+            return_dict=True,
+        )
+        generated = model.generate(**prompt, max_new_tokens=6, do_sample=False)
+        assert generated.shape[1] > prompt["input_ids"].shape[1]
+        assert torch.isfinite(model(**prompt).logits).all()
+
+
+def test_mlflow_holds_loss_and_efficiency_metrics(finished_run):
+    _, tracking_uri = finished_run
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("turbo-tune-test")
+    (mlflow_run,) = client.search_runs([experiment.experiment_id])
+    for key in ("loss", "mean_token_accuracy", "aux_loss", "step_time_s", "tokens_per_s", "tokens_per_s_per_device",
+                "tflops_per_device", "eta_s", "peak_rss_gib"):
+        history = client.get_metric_history(mlflow_run.info.run_id, key)
+        assert len(history) >= STEPS - 1, key
+    tokens_per_s = [m.value for m in client.get_metric_history(mlflow_run.info.run_id, "tokens_per_s")]
+    assert all(value > 0 for value in tokens_per_s)
+
+
+def test_resumed_run_reproduces_the_uninterrupted_losses(finished_run, tmp_path):
+    output_dir, _ = finished_run
+    resumed = tmp_path / "resumed"
+    checkpoint = output_dir / f"checkpoint-{STEPS // 2}"
+    assert run(resumed, "--report_to", "none", "--resume_from_checkpoint", str(checkpoint)) == 0
+    expected, got = losses(output_dir), losses(resumed)
+    later_steps = [step for step in expected if step > STEPS // 2]
+    assert later_steps and all(step in got for step in later_steps)
+    for step in later_steps:
+        assert got[step] == pytest.approx(expected[step], rel=1e-6), step
+
+
+def test_earlier_run_is_never_overwritten(finished_run, capsys):
+    output_dir, _ = finished_run
+    before = snapshot(output_dir)
+    assert run(output_dir, "--report_to", "none") == 2
+    assert "already holds an earlier run" in capsys.readouterr().err
+    assert snapshot(output_dir) == before
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--model_path", "/nonexistent/model"], "--model_path (MODEL_PATH) /nonexistent/model does not exist"),
+    (["--data_path", "/nonexistent/data.jsonl"], "--data_path (DATA_PATH) /nonexistent/data.jsonl does not exist"),
+    (["--global_batch_size", "7", "--micro_batch_size", "2"], "--global_batch_size 7 is not a positive multiple"),
+    (["--deepspeed_config", "/nonexistent/zero3.json"], "--deepspeed_config (DS_CONFIG_PATH) /nonexistent"),
+    (["--use_fp8"], "--use_fp8: FP8 training is not available"),
+])
+def test_bad_input_stops_before_any_output(tmp_path, capsys, flags, message):
+    output_dir = tmp_path / "out"
+    assert run(output_dir, "--report_to", "none", *flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not output_dir.exists()
+
+
+def test_bad_record_stops_before_any_output(tmp_path, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "wizard", "content": "x"}]}) + "\n")
+    assert run(tmp_path / "out", "--report_to", "none", "--data_path", str(data)) == 2
+    assert f"{data}, row 1, message 1: unknown role 'wizard'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_path_that_is_not_qwen3_moe_is_rejected(tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    tokenizer = AutoTokenizer.from_pretrained(Path(qwen3_sft.__file__).parent / "assets" / "tiny-qwen3-moe")
+    tokenizer.save_pretrained(model_dir)
+    assert run(tmp_path / "out", "--report_to", "none", "--model_path", str(model_dir)) == 2
+    assert "holds a 'gpt2' model" in capsys.readouterr().err
