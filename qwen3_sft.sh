@@ -7,7 +7,7 @@
 # Any argument is passed on to qwen3_sft.py, e.g. `bash qwen3_sft.sh --use_fast_moe_block --max_steps 100`.
 set -euo pipefail
 cd "$(dirname "$0")"
-source scripts/ensure_venv.sh
+source scripts/ensure_venv.sh && ensure_venv
 
 num_gpus="$(python -c 'import torch; print(torch.cuda.device_count())')"
 output_dir="${CKPT_PREFIX:-outputs}/qwen3-sft-$(date +%Y%m%d-%H%M%S)"

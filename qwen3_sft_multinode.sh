@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 : "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0}"
 : "${MASTER_PORT:?set MASTER_PORT to a free port on node 0, e.g. 29500}"
-source scripts/ensure_venv.sh
+source scripts/ensure_venv.sh && ensure_venv
 
 gpus_per_node="${GPUS_PER_NODE:-$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')}"
 output_dir="${CKPT_PREFIX:-outputs}/${RUN_NAME:-qwen3-sft-multinode}"

@@ -1,23 +1,25 @@
-# Sourced by the launch and test scripts: make .venv and install each pinned requirements file into it on first
-# use (and again whenever that file changes), then put the venv first on PATH. TURBO_TUNE_VENV picks another place.
-# Usage: source scripts/ensure_venv.sh [extra requirements file...]
-_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-_venv="${TURBO_TUNE_VENV:-$_root/.venv}"
-if [ ! -x "$_venv/bin/python" ]; then
-    echo "Creating $_venv (first run: a few minutes)..." >&2
-    python3 -m venv "$_venv"
-    # torch alone first, so a local wheel of the pinned version is used when the machine has one.
-    "$_venv/bin/pip" install -q --disable-pip-version-check "$(grep -m1 '^torch==' "$_root/requirements.txt")"
-fi
-mkdir -p "$_venv/.turbo-tune"
-for _file in "$_root/requirements.txt" "$@"; do
-    _stamp="$_venv/.turbo-tune/$(basename "$_file").sha256"
-    if [ "$(sha256sum < "$_file")" != "$(cat "$_stamp" 2>/dev/null)" ]; then
-        echo "Installing $(basename "$_file") into $_venv..." >&2
-        "$_venv/bin/pip" install -q --disable-pip-version-check -r "$_file"
-        sha256sum < "$_file" > "$_stamp"
+# Sourced by the launch and test scripts. `ensure_venv [extra requirements file...]` makes .venv and installs each
+# pinned requirements file into it on first use (and again whenever that file changes), then puts the venv first on
+# PATH. TURBO_TUNE_VENV picks another location.
+ensure_venv() {
+    local root venv file stamp
+    root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+    venv="${TURBO_TUNE_VENV:-$root/.venv}"
+    if [ ! -x "$venv/bin/python" ]; then
+        echo "Creating $venv (first run: a few minutes)..." >&2
+        python3 -m venv "$venv"
+        # torch alone first, so a local wheel of the pinned version is used when the machine has one.
+        "$venv/bin/pip" install -q --disable-pip-version-check "$(grep -m1 '^torch==' "$root/requirements.txt")"
     fi
-done
-export PATH="$_venv/bin:$PATH"
-export PYTHONPATH="$_root${PYTHONPATH:+:$PYTHONPATH}"
-unset _root _venv _file _stamp
+    mkdir -p "$venv/.turbo-tune"
+    for file in "$root/requirements.txt" "$@"; do
+        stamp="$venv/.turbo-tune/$(basename "$file").sha256"
+        if [ "$(sha256sum < "$file")" != "$(cat "$stamp" 2>/dev/null)" ]; then
+            echo "Installing $(basename "$file") into $venv..." >&2
+            "$venv/bin/pip" install -q --disable-pip-version-check -r "$file"
+            sha256sum < "$file" > "$stamp"
+        fi
+    done
+    export PATH="$venv/bin:$PATH"
+    export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+}

@@ -130,3 +130,21 @@ def test_model_path_that_is_not_qwen3_moe_is_rejected(tmp_path, capsys):
     tokenizer.save_pretrained(model_dir)
     assert run(tmp_path / "out", "--report_to", "none", "--model_path", str(model_dir)) == 2
     assert "holds a 'gpt2' model" in capsys.readouterr().err
+
+
+def test_lora_run_saves_an_adapter_that_peft_restores_and_a_merged_model(tmp_path):
+    from peft import PeftModel
+
+    from turbo_tune.arguments import parse_config
+    from turbo_tune.modeling import load_model
+
+    output_dir = tmp_path / "lora"
+    assert run(output_dir, "--report_to", "none", "--use_lora", "--merge_lora", "--lora_r", "4") == 0
+    assert (output_dir / "adapter_config.json").is_file()
+    base = load_model(parse_config(["--output_dir", str(tmp_path / "unused")]))  # the same seeded random init
+    restored = PeftModel.from_pretrained(base, output_dir)
+    lora_b = [p for name, p in restored.named_parameters() if "lora_B" in name]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)
+    merged = AutoModelForCausalLM.from_pretrained(output_dir / "merged")
+    tokens = torch.tensor([[1, 5, 9, 12]])
+    torch.testing.assert_close(merged(tokens).logits, restored.merge_and_unload()(tokens).logits)

@@ -14,7 +14,7 @@ from trl import SFTConfig, TrlParser
 
 from turbo_tune.errors import ConfigError
 
-EMBEDDED_MODEL_LEARNING_RATE = 1e-3
+EMBEDDED_MODEL_LEARNING_RATE = 2e-3
 CHECKPOINT_LEARNING_RATE = 1e-5
 
 
@@ -80,7 +80,7 @@ class TurboTuneConfig(SFTConfig):
         metadata={"help": "Log step time, tokens/s, MFU, memory and time to completion at every logging step."},
     )
     bundled_examples: int = field(
-        default=4000, metadata={"help": "How many examples of the bundled chat task to generate (no --data_path)."}
+        default=20000, metadata={"help": "How many examples of the bundled chat task to generate (no --data_path)."}
     )
 
     # Defaults that differ from SFTConfig's.

@@ -1,0 +1,50 @@
+"""The efficiency callback's arithmetic: FLOPs per token, real sequence lengths, and windowed metrics."""
+
+import pytest
+import torch
+from transformers import Qwen3MoeConfig, TrainerState
+
+from callback import EfficiencyCallback, ModelFlops, sequence_lengths
+
+QWEN3_30B_A3B = Qwen3MoeConfig(
+    vocab_size=151936, hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144, num_hidden_layers=48,
+    num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+)
+
+
+def test_qwen3_30b_a3b_counts_about_3b_active_parameters():
+    flops = ModelFlops.from_config(QWEN3_30B_A3B)
+    active = flops.flops_per_token / 6
+    # Qwen reports 3.3B activated parameters including the input embedding (0.31B), which costs no matmul.
+    assert active == pytest.approx(3.3e9 - 151936 * 2048, rel=0.03)
+    assert flops.attention_flops_per_token_pair == 12 * 48 * 32 * 128
+
+
+def test_attention_flops_grow_with_squared_sequence_length():
+    flops = ModelFlops.from_config(QWEN3_30B_A3B)
+    one_long = flops.flops(tokens=4096, sum_squared_lengths=4096**2)
+    many_short = flops.flops(tokens=4096, sum_squared_lengths=16 * 256**2)
+    assert one_long - many_short == pytest.approx(flops.attention_flops_per_token_pair * (4096**2 - 16 * 256**2))
+
+
+def test_sequence_lengths_ignore_padding_and_split_packed_rows():
+    padded = {"attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])}
+    assert sequence_lengths(padded).tolist() == [3, 2]
+    packed = {"position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])}
+    assert sequence_lengths(packed).tolist() == [3, 2, 4]
+
+
+def test_window_metrics_count_tokens_steps_and_remaining_time():
+    callback = EfficiencyCallback(ModelFlops(flops_per_token=1e9, attention_flops_per_token_pair=0.0), 100.0)
+    callback.observe_batch({"attention_mask": torch.ones(2, 50, dtype=torch.long)})
+    callback.observe_batch({"attention_mask": torch.ones(2, 50, dtype=torch.long)})
+    callback.on_step_end(None, None, None)
+    state = TrainerState(max_steps=10, global_step=4)
+    metrics = callback.pop_metrics(state)
+    elapsed = 200 / metrics["tokens_per_s"]
+    assert metrics["step_time_s"] == pytest.approx(elapsed)
+    assert metrics["tflops_per_device"] == pytest.approx(200 * 1e9 / elapsed / 1e12)
+    assert metrics["mfu"] == pytest.approx(metrics["tflops_per_device"] / 100.0)
+    assert metrics["eta_s"] == pytest.approx(6 * metrics["step_time_s"])
+    assert metrics["peak_rss_gib"] > 0
+    assert callback.window_tokens == 0 and callback.window_steps == 0

@@ -1,0 +1,60 @@
+"""The launch scripts users run: they read the environment, print the command, and start a real (short) job."""
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHORT_RUN = ["--max_steps", "2", "--bundled_examples", "32", "--report_to", "none", "--save_strategy", "no"]
+
+
+def launch(script: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k not in ("MODEL_PATH", "DATA_PATH", "DS_CONFIG_PATH")}
+    return subprocess.run(
+        ["bash", str(ROOT / script), *args], env={**clean, **env}, capture_output=True, text=True, timeout=600
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("script", ["qwen3_sft.sh", "qwen3_sft_multinode.sh", "tests/run_tests.sh", ".ci/run"])
+def test_scripts_are_valid_bash(script):
+    subprocess.run(["bash", "-n", str(ROOT / script)], check=True)
+
+
+def test_single_node_script_trains_the_embedded_default_into_ckpt_prefix(tmp_path):
+    result = launch("qwen3_sft.sh", {"CKPT_PREFIX": str(tmp_path)}, *SHORT_RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"+ python qwen3_sft.py --output_dir {tmp_path}/qwen3-sft-" in result.stderr
+    (run_dir,) = tmp_path.iterdir()
+    assert (run_dir / "model.safetensors").is_file()
+
+
+def test_single_node_script_passes_paths_from_the_environment(tmp_path):
+    result = launch("qwen3_sft.sh", {"CKPT_PREFIX": str(tmp_path), "DS_CONFIG_PATH": str(tmp_path / "zero9.json")})
+    assert result.returncode == 2
+    assert f"--deepspeed_config (DS_CONFIG_PATH) {tmp_path}/zero9.json does not exist" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_multinode_script_requires_the_master_address():
+    result = launch("qwen3_sft_multinode.sh", {"MASTER_ADDR": "", "MASTER_PORT": "29500"})
+    assert result.returncode != 0 and "set MASTER_ADDR" in result.stderr
+
+
+def test_multinode_script_runs_torchrun_with_the_rendezvous(tmp_path):
+    port = str(free_port())
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "NNODES": "1", "NODE_RANK": "0", "GPUS_PER_NODE": "1",
+           "CKPT_PREFIX": str(tmp_path), "RUN_NAME": "job1"}
+    result = launch("qwen3_sft_multinode.sh", env, *SHORT_RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (f"+ torchrun --nnodes 1 --node_rank 0 --nproc_per_node 1 --master_addr 127.0.0.1 --master_port {port} "
+            f"qwen3_sft.py --output_dir {tmp_path}/job1") in result.stderr
+    assert (tmp_path / "job1" / "model.safetensors").is_file()
