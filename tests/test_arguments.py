@@ -109,3 +109,19 @@ def test_yaml_config_file_sets_flags_and_command_line_wins(tmp_path):
 def test_merge_lora_requires_lora(tmp_path):
     with pytest.raises(ConfigError, match="--merge_lora needs --use_lora"):
         parse(tmp_path, "--merge_lora")
+
+
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3"])
+def test_shipped_deepspeed_configs_are_accepted_by_the_trainer(tmp_path, name):
+    config = parse(tmp_path, "--deepspeed_config", f"config/{name}.json")
+    settings = config.hf_deepspeed_config.config
+    assert settings["zero_optimization"]["stage"] == int(name[-1])
+    assert settings["train_micro_batch_size_per_gpu"] == config.per_device_train_batch_size
+
+
+def test_fsdp_uses_the_shipped_config_and_its_own_activation_checkpointing(tmp_path):
+    config = parse(tmp_path, "--fsdp")
+    assert config.fsdp_config["version"] == 2
+    assert config.fsdp_config["transformer_layer_cls_to_wrap"] == ["Qwen3MoeDecoderLayer"]
+    assert config.fsdp_config["activation_checkpointing"] is True
+    assert config.gradient_checkpointing is False

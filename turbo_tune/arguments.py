@@ -14,6 +14,7 @@ from trl import SFTConfig, TrlParser
 
 from turbo_tune.errors import ConfigError
 
+DEFAULT_FSDP_CONFIG = Path(__file__).resolve().parents[1] / "config" / "fsdp.json"
 EMBEDDED_MODEL_LEARNING_RATE = 2e-3
 CHECKPOINT_LEARNING_RATE = 1e-5
 
@@ -133,7 +134,14 @@ class TurboTuneConfig(SFTConfig):
                 "(unset DS_CONFIG_PATH to use FSDP)."
             )
         if isinstance(ds_config, str):
-            self.deepspeed = str(load_deepspeed_config_path(ds_config))
+            load_json_config(ds_config, "--deepspeed_config (DS_CONFIG_PATH)")
+            self.deepspeed = ds_config
+        if self.fsdp:
+            self.fsdp_config = self.fsdp_config or str(DEFAULT_FSDP_CONFIG)
+            if isinstance(self.fsdp_config, str):
+                fsdp_settings = load_json_config(self.fsdp_config, "--fsdp_config")
+                if fsdp_settings.get("activation_checkpointing"):
+                    self.gradient_checkpointing = False  # FSDP checkpoints the layers itself, without a re-gather
 
     def _derive_batch_sizes(self) -> None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -167,18 +175,18 @@ def check_readable(path: str, flag: str) -> None:
         raise ConfigError(f"{flag} {path} is not readable by this user. Fix its permissions.")
 
 
-def load_deepspeed_config_path(path: str) -> Path:
-    """The config's path, once it is known to exist and to hold a JSON object."""
-    check_readable(path, "--deepspeed_config (DS_CONFIG_PATH)")
+def load_json_config(path: str, flag: str) -> dict:
+    """A JSON config file's object, or an error that names the flag, the file and where the JSON breaks."""
+    check_readable(path, flag)
     try:
         config = json.loads(Path(path).read_text())
     except json.JSONDecodeError as error:
         raise ConfigError(
-            f"--deepspeed_config {path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}."
+            f"{flag} {path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}."
         ) from None
     if not isinstance(config, dict):
-        raise ConfigError(f"--deepspeed_config {path} must hold a JSON object, not {type(config).__name__}.")
-    return Path(path)
+        raise ConfigError(f"{flag} {path} must hold a JSON object, not {type(config).__name__}.")
+    return config
 
 
 def parse_config(argv: list[str] | None = None) -> TurboTuneConfig:
