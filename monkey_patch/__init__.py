@@ -15,6 +15,8 @@ def preflight(config: TurboTuneConfig) -> None:
     """Reject flags this machine cannot honour before any model is loaded."""
     if config.use_fp8:
         raise ConfigError("--use_fp8: FP8 training is not available in this release yet; drop the flag.")
+    if config.use_liger_kernel and not torch.cuda.is_available():
+        raise ConfigError("--use_liger_kernel needs a CUDA GPU: Liger's kernels do not run on the CPU; drop the flag.")
     if config.use_fast_moe_block and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         os.environ["TRITON_INTERPRET"] = "1"
         logger.warning("--use_fast_moe_block without a GPU: the Triton kernels run in the interpreter (slow).")

@@ -105,8 +105,11 @@ def test_earlier_run_is_never_overwritten(finished_run, capsys):
     (["--global_batch_size", "7", "--micro_batch_size", "2"], "--global_batch_size 7 is not a positive multiple"),
     (["--deepspeed_config", "/nonexistent/zero3.json"], "--deepspeed_config (DS_CONFIG_PATH) /nonexistent"),
     (["--use_fp8"], "--use_fp8: FP8 training is not available"),
+    (["--use_liger_kernel"], "--use_liger_kernel needs a CUDA GPU"),
 ])
 def test_bad_input_stops_before_any_output(tmp_path, capsys, flags, message):
+    if "--use_liger_kernel" in flags and torch.cuda.is_available():
+        pytest.skip("Liger runs on this machine's GPU")
     output_dir = tmp_path / "out"
     assert run(output_dir, "--report_to", "none", *flags) == 2
     err = capsys.readouterr().err
@@ -148,3 +151,9 @@ def test_lora_run_saves_an_adapter_that_peft_restores_and_a_merged_model(tmp_pat
     merged = AutoModelForCausalLM.from_pretrained(output_dir / "merged")
     tokens = torch.tensor([[1, 5, 9, 12]])
     torch.testing.assert_close(merged(tokens).logits, restored.merge_and_unload()(tokens).logits)
+
+
+def test_packed_run_trains(tmp_path):
+    output_dir = tmp_path / "packed"
+    assert run(output_dir, "--report_to", "none", "--use_packing", "--max_length", "256") == 0
+    assert len(losses(output_dir)) == STEPS
