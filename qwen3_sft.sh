@@ -7,14 +7,10 @@
 # Any argument is passed on to qwen3_sft.py, e.g. `bash qwen3_sft.sh --use_fast_moe_block --max_steps 100`.
 set -euo pipefail
 cd "$(dirname "$0")"
-source scripts/ensure_venv.sh && ensure_venv
+source scripts/common.sh && ensure_venv
 
 num_gpus="$(python -c 'import torch; print(torch.cuda.device_count())')"
-output_dir="${CKPT_PREFIX:-outputs}/qwen3-sft-$(date +%Y%m%d-%H%M%S)"
-args=(--output_dir "$output_dir" --use_liger_efficiency_callback)
-[ -n "${MODEL_PATH:-}" ] && args+=(--model_path "$MODEL_PATH")
-[ -n "${DATA_PATH:-}" ] && args+=(--data_path "$DATA_PATH")
-[ -n "${DS_CONFIG_PATH:-}" ] && args+=(--deepspeed_config "$DS_CONFIG_PATH")
+run_args "${CKPT_PREFIX:-outputs}/qwen3-sft-$(date +%Y%m%d-%H%M%S)"
 
 if [ "$num_gpus" -eq 0 ]; then
     launch=(python qwen3_sft.py)
@@ -23,5 +19,5 @@ elif [ -n "${DS_CONFIG_PATH:-}" ]; then
 else
     launch=(torchrun --standalone --nproc_per_node "$num_gpus" qwen3_sft.py)
 fi
-echo "+ ${launch[*]} ${args[*]} $*" >&2
-exec "${launch[@]}" "${args[@]}" "$@"
+echo "+ ${launch[*]} ${RUN_ARGS[*]} $*" >&2
+exec "${launch[@]}" "${RUN_ARGS[@]}" "$@"

@@ -9,16 +9,12 @@ set -euo pipefail
 cd "$(dirname "$0")"
 : "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0}"
 : "${MASTER_PORT:?set MASTER_PORT to a free port on node 0, e.g. 29500}"
-source scripts/ensure_venv.sh && ensure_venv
+source scripts/common.sh && ensure_venv
 
 gpus_per_node="${GPUS_PER_NODE:-$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')}"
-output_dir="${CKPT_PREFIX:-outputs}/${RUN_NAME:-qwen3-sft-multinode}"
-args=(--output_dir "$output_dir" --use_liger_efficiency_callback)
-[ -n "${MODEL_PATH:-}" ] && args+=(--model_path "$MODEL_PATH")
-[ -n "${DATA_PATH:-}" ] && args+=(--data_path "$DATA_PATH")
-[ -n "${DS_CONFIG_PATH:-}" ] && args+=(--deepspeed_config "$DS_CONFIG_PATH")
+run_args "${CKPT_PREFIX:-outputs}/${RUN_NAME:-qwen3-sft-multinode}"
 
 launch=(torchrun --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$gpus_per_node"
         --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" qwen3_sft.py)
-echo "+ ${launch[*]} ${args[*]} $*" >&2
-exec "${launch[@]}" "${args[@]}" "$@"
+echo "+ ${launch[*]} ${RUN_ARGS[*]} $*" >&2
+exec "${launch[@]}" "${RUN_ARGS[@]}" "$@"

@@ -1,4 +1,4 @@
-"""Flag parsing: every flag the product promises exists, batch sizes derive from the world size, bad flags stop early."""
+"""Flag parsing: every promised flag exists, batch sizes derive from the world size, bad flags stop early."""
 
 import json
 

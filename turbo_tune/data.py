@@ -94,9 +94,10 @@ def validate_records(records: Iterable[dict], source: str) -> None:
         kind = record_kind(record)
         where = f"--data_path {source}, row {row}"
         if kind == "unknown":
+            fields = ", ".join(sorted(key for key, value in record.items() if value is not None)) or "no fields"
             raise ConfigError(
-                f"{where}: the record has neither `messages` nor `prompt` and `completion` "
-                f"(it has: {', '.join(sorted(k for k, v in record.items() if v is not None)) or 'no fields'}). Give each record one of those formats."
+                f"{where}: the record has neither `messages` nor `prompt` and `completion` (it has: {fields}). "
+                "Give each record one of those formats."
             )
         if kind == "conversational":
             _validate_messages(record["messages"], where)

@@ -1,6 +1,7 @@
-# Sourced by the launch and test scripts. `ensure_venv [extra requirements file...]` makes .venv and installs each
-# pinned requirements file into it on first use (and again whenever that file changes), then puts the venv first on
-# PATH. TURBO_TUNE_VENV picks another location.
+# Sourced by the launch and test scripts.
+
+# ensure_venv [extra requirements file...]: make .venv and install each pinned requirements file into it on first
+# use (and again whenever that file changes), then put the venv first on PATH. TURBO_TUNE_VENV picks another place.
 ensure_venv() {
     local root venv file stamp
     root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,4 +23,12 @@ ensure_venv() {
     done
     export PATH="$venv/bin:$PATH"
     export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+}
+
+# run_args OUTPUT_DIR: set RUN_ARGS to the qwen3_sft.py flags that the environment variables ask for.
+run_args() {
+    RUN_ARGS=(--output_dir "$1" --use_liger_efficiency_callback)
+    if [ -n "${MODEL_PATH:-}" ]; then RUN_ARGS+=(--model_path "$MODEL_PATH"); fi
+    if [ -n "${DATA_PATH:-}" ]; then RUN_ARGS+=(--data_path "$DATA_PATH"); fi
+    if [ -n "${DS_CONFIG_PATH:-}" ]; then RUN_ARGS+=(--deepspeed_config "$DS_CONFIG_PATH"); fi
 }
