@@ -145,6 +145,9 @@ class TurboTuneConfig(SFTConfig):
 
     def _derive_batch_sizes(self) -> None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size > 1 and not torch.cuda.is_available():
+            self.use_cpu = True  # several CPU processes: distributed over gloo, as on a test machine
+            self.ddp_backend = self.ddp_backend or "gloo"
         if self.micro_batch_size is not None:
             if self.micro_batch_size < 1:
                 raise ConfigError(f"--micro_batch_size must be at least 1, got {self.micro_batch_size}.")
