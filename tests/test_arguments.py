@@ -41,10 +41,9 @@ def test_valued_product_flags_parse(tmp_path):
     assert config.fsdp
 
 
-def test_global_batch_size_divides_over_world_size(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    config = parse(tmp_path, "--global_batch_size", "64", "--micro_batch_size", "2")
-    assert config.gradient_accumulation_steps == 8
+def test_global_batch_size_divides_over_world_size():
+    assert gradient_accumulation_steps(64, 2, 4) == 8
+    assert gradient_accumulation_steps(64, 8, 8) == 1
 
 
 def test_global_batch_size_that_does_not_divide_names_the_numbers():

@@ -1,0 +1,97 @@
+"""``--use_fast_moe_block``: run Qwen3-MoE experts through the ScatterMoE Triton kernels.
+
+The kernels plug into transformers' own experts dispatch (``ALL_EXPERTS_FUNCTIONS``) under the name
+``scattermoe``, so the router, ``norm_topk_prob``, the load-balancing loss and ``output_router_logits`` stay
+transformers' code, and the expert weights keep their layout: checkpoints save and load unchanged.
+"""
+
+import logging
+import os
+
+import torch
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
+
+from .scattermoe.compilable_ops import scattermoe_experts
+
+logger = logging.getLogger(__name__)
+
+IMPLEMENTATION_NAME = "scattermoe"
+
+
+def scattermoe_experts_forward(
+    self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """Experts forward with transformers' signature.
+
+    Weights are read from the module at call time, never cached: DeepSpeed ZeRO-3 and FSDP gather them just
+    before this runs, and peft's parametrizations return the merged tensor on attribute access.
+    """
+    w_gate_up = self.gate_up_proj
+    out = scattermoe_experts(hidden_states.to(w_gate_up.dtype), w_gate_up, self.down_proj, top_k_weights, top_k_index)
+    return out.to(hidden_states.dtype)
+
+
+def register_scattermoe() -> None:
+    """Add ``scattermoe`` to transformers' experts implementations (idempotent)."""
+    if ALL_EXPERTS_FUNCTIONS.get(IMPLEMENTATION_NAME) is not scattermoe_experts_forward:
+        ExpertsInterface.register(IMPLEMENTATION_NAME, scattermoe_experts_forward)
+
+
+def _experts_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "down_proj")]
+
+
+def _check_supported(experts: torch.nn.Module) -> None:
+    """The kernels implement concatenated [gate; up] SwiGLU experts without bias, as in Qwen3-MoE."""
+    layout = {
+        "has_gate": True,
+        "has_bias": False,
+        "is_transposed": False,
+        "is_concatenated": True,
+        "has_post_expert_norm": False,
+    }
+    unsupported = {name: getattr(experts, name, None) for name, want in layout.items()}
+    unsupported = {name: value for name, value in unsupported.items() if value != layout[name]}
+    if unsupported:
+        raise ValueError(f"{type(experts).__name__} has an experts layout scattermoe does not support: {unsupported}")
+    act = getattr(experts.config, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ValueError(f"scattermoe fuses SiLU; {type(experts).__name__} uses hidden_act={act!r}")
+    for name in ("gate_up_proj", "down_proj"):
+        param = getattr(experts, name)
+        if param.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                f"{type(experts).__name__}.{name} is on the CPU: the scattermoe Triton kernels need a GPU. Move the "
+                "model to a GPU, or set TRITON_INTERPRET=1 before importing triton to run them (slowly) on the CPU."
+            )
+
+
+def _set_experts_implementation(model: torch.nn.Module, implementation: str) -> None:
+    experts = _experts_modules(model)
+    if not experts:
+        raise ValueError(
+            f"{type(model).__name__} has no experts modules (with gate_up_proj and down_proj); "
+            "the fast MoE block applies to Qwen3-MoE models only."
+        )
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "set_experts_implementation"):
+        base.set_experts_implementation(implementation)
+    else:
+        for module in experts:
+            module.config._experts_implementation = implementation
+
+
+def apply_fast_moe_block(model: torch.nn.Module) -> None:
+    """Switch every experts module of ``model`` (a PreTrainedModel or a peft wrapper of one) to scattermoe."""
+    register_scattermoe()
+    experts = _experts_modules(model)
+    for module in experts:
+        _check_supported(module)
+    _set_experts_implementation(model, IMPLEMENTATION_NAME)
+    logger.info("scattermoe experts enabled for %d experts modules", len(experts))
+
+
+def revert_fast_moe_block(model: torch.nn.Module, implementation: str = "grouped_mm") -> None:
+    """Switch the experts of ``model`` back to a transformers implementation (default ``grouped_mm``)."""
+    _set_experts_implementation(model, implementation)
+    logger.info("experts implementation reverted to %s", implementation)

@@ -1,0 +1,339 @@
+"""Triton kernels for the Qwen3-MoE expert block in the ScatterMoE style (Tan et al. 2024).
+
+Rows are the (token, expert) pairs of top-k routing, sorted by expert. A kernel never sees a padded or
+permuted copy of its input: it gathers token rows by index (``sorted_pairs // top_k``) and scatters outputs
+to pair order itself. Every weight tensor is passed as a logical (E, K, N) view, so one kernel serves both a
+projection and its transpose through strides. Each launcher below owns exactly one kernel.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
+    """Autotune space: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); one small config in the interpreter."""
+    if INTERPRET:
+        shapes = [(32, 32, 32, 4, 1)]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+        for m, n, k, w, s in shapes
+    ]
+
+
+# Hopper-sized tiles first, then tiles that still fill the GPU when an expert gets few rows.
+_GATE_UP_CONFIGS = _configs(
+    [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3)]
+)
+_MATMUL_CONFIGS = _configs(
+    [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3)]
+)
+_WEIGHT_GRAD_CONFIGS = _configs(
+    [
+        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 128, 8, 2), (128, 128, 64, 8, 4),
+        (128, 128, 64, 8, 5), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3),
+    ]
+)
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs use exact products so fp32 results match torch to 1e-4; bf16/fp16 go to tensor cores."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _rows_bucket(num_rows: int) -> int:
+    """Autotune key for the row count: a power of two, so varying batch sizes do not retune every step."""
+    return triton.next_power_of_2(max(num_rows, 1))
+
+
+def _row_blocks_upper_bound(num_rows: int, num_experts: int, block_m: int) -> int:
+    """Row blocks never exceed this whatever the routing: each expert wastes at most one partial block."""
+    return triton.cdiv(num_rows, block_m) + num_experts
+
+
+@triton.jit
+def _expert_row_block(
+    pid_m, expert_ends_ptr, NUM_EXPERTS, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr
+):
+    """Map row block ``pid_m`` to (expert, first row, end row of the expert) without any host sync."""
+    experts = tl.arange(0, E_POW2)
+    valid = experts < NUM_EXPERTS
+    ends = tl.load(expert_ends_ptr + experts, mask=valid, other=0)
+    starts = tl.load(expert_ends_ptr + experts - 1, mask=valid & (experts > 0), other=0)
+    blocks = (ends - starts + BLOCK_M - 1) // BLOCK_M
+    block_ends = tl.cumsum(blocks, 0)
+    expert = tl.sum((block_ends <= pid_m).to(tl.int32), 0)
+    is_expert = experts == expert
+    first_block = tl.sum(tl.where(is_expert, block_ends - blocks, 0), 0)
+    row_start = tl.sum(tl.where(is_expert, starts, 0), 0) + (pid_m - first_block) * BLOCK_M
+    row_end = tl.sum(tl.where(is_expert, ends, 0), 0)
+    return expert, row_start, row_end
+
+
+@triton.autotune(configs=_GATE_UP_CONFIGS, key=["K", "N", "ROWS_BUCKET"])
+@triton.jit
+def _gather_gate_up_swiglu_kernel(
+    x_ptr, w_ptr, sorted_pairs_ptr, expert_ends_ptr, scale_ptr, gate_up_ptr, h_ptr,
+    NUM_EXPERTS, K, N, TOP_K, ROWS_BUCKET,
+    stride_xm, stride_xk, stride_we, stride_wk, stride_wn,
+    E_POW2: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """gate|up = x[token] @ W[e] for the gate and up halves at once; SwiGLU and routing weight in the epilogue.
+
+    Writes the pre-activations (for backward) and h = scale[pair] * silu(gate) * up, both in grouped row order.
+    Scaling h instead of the down projection's output leaves the down projection and its weight gradient
+    plain grouped matmuls.
+    """
+    pid = tl.program_id(0)
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n_blocks
+    pid_n = pid % num_n_blocks
+    expert, row_start, row_end = _expert_row_block(pid_m, expert_ends_ptr, NUM_EXPERTS, E_POW2, BLOCK_M)
+    if expert >= NUM_EXPERTS:
+        return
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    pairs = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    tokens = pairs // TOP_K
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + tokens[:, None] * stride_xm + ks[None, :] * stride_xk
+    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+    up_offset = N * stride_wn
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = ks < K - k0
+        x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w_mask = k_mask[:, None] & col_mask[None, :]
+        w_gate = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        w_up = tl.load(w_ptrs + up_offset, mask=w_mask, other=0.0)
+        acc_gate = tl.dot(x, w_gate, acc=acc_gate, input_precision=INPUT_PRECISION)
+        acc_up = tl.dot(x, w_up, acc=acc_up, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    scale = tl.load(scale_ptr + pairs, mask=row_mask, other=0.0).to(tl.float32)
+    h = acc_gate * tl.sigmoid(acc_gate) * acc_up * scale[:, None]
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    gate_up_ptrs = gate_up_ptr + rows[:, None].to(tl.int64) * (2 * N) + cols[None, :]
+    tl.store(gate_up_ptrs, acc_gate.to(gate_up_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(gate_up_ptrs + N, acc_up.to(gate_up_ptr.dtype.element_ty), mask=out_mask)
+    h_ptrs = h_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.autotune(configs=_MATMUL_CONFIGS, key=["K", "N", "ROWS_BUCKET", "A_GATHERED"])
+@triton.jit
+def _scatter_matmul_kernel(
+    a_ptr, w_ptr, sorted_pairs_ptr, expert_ends_ptr, y_ptr,
+    NUM_EXPERTS, K, N, TOP_K, ROWS_BUCKET,
+    stride_am, stride_ak, stride_we, stride_wk, stride_wn,
+    A_GATHERED: tl.constexpr, Y_SCATTERED: tl.constexpr,
+    E_POW2: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y = a @ W[e] per expert row block. ``a`` rows are gathered by token or read in grouped order; ``y`` rows
+    are scattered to pair order or written in grouped order."""
+    pid = tl.program_id(0)
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n_blocks
+    pid_n = pid % num_n_blocks
+    expert, row_start, row_end = _expert_row_block(pid_m, expert_ends_ptr, NUM_EXPERTS, E_POW2, BLOCK_M)
+    if expert >= NUM_EXPERTS:
+        return
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    pairs = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    a_rows = pairs // TOP_K if A_GATHERED else rows.to(tl.int64)
+    y_rows = pairs if Y_SCATTERED else rows.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak
+    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = ks < K - k0
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(a, w, acc=acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+    y_ptrs = y_ptr + y_rows[:, None] * N + cols[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _swiglu_backward_kernel(
+    grad_h_ptr, gate_up_ptr, sorted_pairs_ptr, scale_ptr, grad_gate_up_ptr, grad_scale_ptr,
+    N, BLOCK_N: tl.constexpr,
+):
+    """One grouped row: from g = grad_out[token] @ W_down[e] (unweighted), the routing-weight gradient
+    rowsum(g * silu(gate) * up) and the pre-activation gradients of scale * g.
+
+    Kept apart from the matmul: fused, its epilogue forced small tiles and halved the matmul's rate.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    g = tl.load(grad_h_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(gate_up_ptr + row * 2 * N + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_ptr + row * 2 * N + N + cols, mask=mask, other=0.0).to(tl.float32)
+    pair = tl.load(sorted_pairs_ptr + row)
+    scale = tl.load(scale_ptr + pair).to(tl.float32)
+    sig = tl.sigmoid(gate)
+    silu = gate * sig
+    tl.store(grad_scale_ptr + pair, tl.sum(g * silu * up, 0))
+    grad_h = g * scale
+    grad_gate = grad_h * up * sig * (1.0 + gate * (1.0 - sig))
+    tl.store(grad_gate_up_ptr + row * 2 * N + cols, grad_gate.to(grad_gate_up_ptr.dtype.element_ty), mask=mask)
+    tl.store(grad_gate_up_ptr + row * 2 * N + N + cols, (grad_h * silu).to(grad_gate_up_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.autotune(configs=_WEIGHT_GRAD_CONFIGS, key=["M", "N", "ROWS_BUCKET", "A_GATHERED"])
+@triton.jit
+def _grouped_weight_grad_kernel(
+    a_ptr, b_ptr, sorted_pairs_ptr, expert_ends_ptr, dw_ptr,
+    M, N, TOP_K, ROWS_BUCKET,
+    stride_ar, stride_am, stride_br, stride_bn, stride_de, stride_dm, stride_dn,
+    A_GATHERED: tl.constexpr, B_GATHERED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dW[e] = sum over the expert's rows of a[row]^T b[row], accumulated in fp32.
+
+    An operand is gathered by token (``pair // top_k``) or read in grouped order; experts without rows get
+    zeros, since dW is a full tensor.
+    """
+    pid = tl.program_id(0)
+    num_m_blocks = tl.cdiv(M, BLOCK_M)
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    tiles = num_m_blocks * num_n_blocks
+    expert = pid // tiles
+    tile = pid % tiles
+    pid_m = tile // num_n_blocks
+    pid_n = tile % num_n_blocks
+    row_start = tl.load(expert_ends_ptr + expert - 1, mask=expert > 0, other=0)
+    row_end = tl.load(expert_ends_ptr + expert)
+    cols_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = cols_m < M
+    n_mask = cols_n < N
+    a_cols_ptr = a_ptr + cols_m[:, None] * stride_am
+    b_cols_ptr = b_ptr + cols_n[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(row_start, row_end, BLOCK_K):
+        rows = r0 + tl.arange(0, BLOCK_K)
+        row_mask = rows < row_end
+        if A_GATHERED or B_GATHERED:
+            tokens = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0).to(tl.int64) // TOP_K
+        a_rows = tokens if A_GATHERED else rows.to(tl.int64)
+        b_rows = tokens if B_GATHERED else rows.to(tl.int64)
+        a = tl.load(a_cols_ptr + (a_rows * stride_ar)[None, :], mask=m_mask[:, None] & row_mask[None, :], other=0.0)
+        b = tl.load(b_cols_ptr + (b_rows * stride_br)[:, None], mask=row_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc=acc, input_precision=INPUT_PRECISION)
+    dw_ptrs = dw_ptr + expert.to(tl.int64) * stride_de + cols_m[:, None] * stride_dm + cols_n[None, :] * stride_dn
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def gather_gate_up_swiglu(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    row_scale: torch.Tensor,
+    sorted_pairs: torch.Tensor,
+    expert_ends: torch.Tensor,
+    top_k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (T, H), w_gate_up as (E, H, 2I) view -> pre-activations (T*k, 2I) and weighted h (T*k, I), grouped."""
+    num_experts, hidden, two_inter = w_gate_up.shape
+    inter = two_inter // 2
+    num_rows = sorted_pairs.numel()
+    gate_up = torch.empty(num_rows, two_inter, device=x.device, dtype=x.dtype)
+    h = torch.empty(num_rows, inter, device=x.device, dtype=x.dtype)
+
+    def grid(meta):
+        blocks_m = _row_blocks_upper_bound(num_rows, num_experts, meta["BLOCK_M"])
+        return (blocks_m * triton.cdiv(inter, meta["BLOCK_N"]),)
+
+    _gather_gate_up_swiglu_kernel[grid](
+        x, w_gate_up, sorted_pairs, expert_ends, row_scale, gate_up, h,
+        num_experts, hidden, inter, top_k, _rows_bucket(num_rows),
+        x.stride(0), x.stride(1), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2),
+        E_POW2=triton.next_power_of_2(num_experts), INPUT_PRECISION=_input_precision(x.dtype),
+    )
+    return gate_up, h
+
+
+def scatter_matmul(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    sorted_pairs: torch.Tensor,
+    expert_ends: torch.Tensor,
+    top_k: int,
+    a_gathered: bool,
+    y_scattered: bool,
+) -> torch.Tensor:
+    """a @ W[e] for w as (E, K, N) view -> (T*k, N); a is (T, K) gathered by token or (T*k, K) grouped, and the
+    output is in pair order (scattered) or grouped order."""
+    num_experts, k_dim, n_dim = w.shape
+    num_rows = sorted_pairs.numel()
+    y = torch.empty(num_rows, n_dim, device=a.device, dtype=a.dtype)
+
+    def grid(meta):
+        blocks_m = _row_blocks_upper_bound(num_rows, num_experts, meta["BLOCK_M"])
+        return (blocks_m * triton.cdiv(n_dim, meta["BLOCK_N"]),)
+
+    _scatter_matmul_kernel[grid](
+        a, w, sorted_pairs, expert_ends, y,
+        num_experts, k_dim, n_dim, top_k, _rows_bucket(num_rows),
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
+        A_GATHERED=a_gathered, Y_SCATTERED=y_scattered,
+        E_POW2=triton.next_power_of_2(num_experts), INPUT_PRECISION=_input_precision(a.dtype),
+    )
+    return y
+
+
+def swiglu_backward(
+    grad_h: torch.Tensor, gate_up: torch.Tensor, sorted_pairs: torch.Tensor, row_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """grad_h (T*k, I) unweighted, grouped -> grad of pre-activations (T*k, 2I) and of row_scale (T*k,) fp32."""
+    num_rows, inter = grad_h.shape
+    grad_gate_up = torch.empty_like(gate_up)
+    grad_scale = torch.empty(num_rows, device=grad_h.device, dtype=torch.float32)
+    _swiglu_backward_kernel[(num_rows,)](
+        grad_h, gate_up, sorted_pairs, row_scale, grad_gate_up, grad_scale, inter,
+        BLOCK_N=triton.next_power_of_2(inter), num_warps=4,
+    )
+    return grad_gate_up, grad_scale
+
+
+def grouped_weight_grad(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    sorted_pairs: torch.Tensor,
+    expert_ends: torch.Tensor,
+    top_k: int,
+    a_gathered: bool,
+    b_gathered: bool,
+    dw: torch.Tensor,
+) -> torch.Tensor:
+    """Fill dw (E, M, N) with per-expert a^T b over the expert's rows; a is (., M), b is (., N)."""
+    num_experts, m_dim, n_dim = dw.shape
+    num_rows = sorted_pairs.numel()
+
+    def grid(meta):
+        return (num_experts * triton.cdiv(m_dim, meta["BLOCK_M"]) * triton.cdiv(n_dim, meta["BLOCK_N"]),)
+
+    _grouped_weight_grad_kernel[grid](
+        a, b, sorted_pairs, expert_ends, dw,
+        m_dim, n_dim, top_k, _rows_bucket(num_rows),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
+        A_GATHERED=a_gathered, B_GATHERED=b_gathered, INPUT_PRECISION=_input_precision(a.dtype),
+    )
+    return dw

@@ -1,0 +1,109 @@
+"""ScatterMoE kernels and ops against transformers' `eager` Qwen3-MoE experts, in fp32 (Triton interpreter on CPU)."""
+
+import pytest
+import torch
+from transformers import Qwen3MoeConfig
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+from monkey_patch.scattermoe import kernels
+from monkey_patch.scattermoe.compilable_ops import scattermoe_experts
+from monkey_patch.scattermoe.ops import compute_routing, scattermoe_experts_autograd
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = 1e-4
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    assert expected.abs().max() > 0, "never compare against zeros"
+    assert torch.isfinite(actual).all()
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def make_eager_experts(hidden: int, inter: int, num_experts: int, top_k: int) -> Qwen3MoeExperts:
+    config = Qwen3MoeConfig(
+        hidden_size=hidden, moe_intermediate_size=inter, num_experts=num_experts, num_experts_per_tok=top_k
+    )
+    config._experts_implementation = "eager"
+    experts = Qwen3MoeExperts(config).to(DEVICE)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 0.2)
+        experts.down_proj.normal_(0, 0.2)
+    return experts
+
+
+def make_routing(tokens: int, num_experts: int, top_k: int, routing: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router-like (T, k) weights and distinct expert ids; `skewed` leaves experts empty or with one token."""
+    logits = torch.randn(tokens, num_experts, device=DEVICE)
+    if routing == "skewed":
+        logits[:, : max(top_k, 2)] += 6.0
+        logits[:, -1] = -1e4
+        logits[0, -1] = 1e4
+    weights, index = logits.softmax(-1).topk(top_k, dim=-1)
+    return weights, index
+
+
+CASES = [
+    # tokens, hidden, inter, experts, top_k, routing
+    pytest.param(37, 48, 40, 6, 2, "skewed", id="ragged-sizes-empty-and-one-token-experts"),
+    pytest.param(29, 64, 32, 4, 1, "uniform", id="top1"),
+    pytest.param(13, 40, 24, 8, 8, "uniform", id="top8-all-experts"),
+    pytest.param(50, 32, 48, 16, 3, "skewed", id="many-empty-experts"),
+]
+
+
+@pytest.mark.parametrize("op", [scattermoe_experts, scattermoe_experts_autograd], ids=["custom-op", "autograd"])
+@pytest.mark.parametrize("tokens,hidden,inter,num_experts,top_k,routing", CASES)
+def test_outputs_and_gradients_match_eager_experts(op, tokens, hidden, inter, num_experts, top_k, routing):
+    torch.manual_seed(tokens * 7 + top_k)
+    experts = make_eager_experts(hidden, inter, num_experts, top_k)
+    weights, index = make_routing(tokens, num_experts, top_k, routing)
+    weights.requires_grad_(True)
+    x = torch.randn(tokens, hidden, device=DEVICE, requires_grad=True)
+    grad_out = torch.randn(tokens, hidden, device=DEVICE)
+    inputs = (x, experts.gate_up_proj, experts.down_proj, weights)
+
+    expected = experts(x, index, weights)
+    expected_grads = torch.autograd.grad(expected, inputs, grad_out)
+    actual = op(x, experts.gate_up_proj, experts.down_proj, weights, index)
+    actual_grads = torch.autograd.grad(actual, inputs, grad_out)
+
+    assert relative_error(actual, expected) <= TOLERANCE
+    for name, got, want in zip(["x", "gate_up_proj", "down_proj", "routing_weights"], actual_grads, expected_grads,
+                               strict=True):
+        assert relative_error(got, want) <= TOLERANCE, name
+
+
+def test_routing_groups_pairs_by_expert_and_counts_empty_experts():
+    index = torch.tensor([[2, 0], [2, 3], [0, 2]], device=DEVICE)
+    sorted_pairs, expert_ends = compute_routing(index, num_experts=5)
+    assert index.reshape(-1)[sorted_pairs].tolist() == [0, 0, 2, 2, 2, 3]
+    assert expert_ends.tolist() == [2, 2, 5, 6, 6]
+
+
+def test_weight_grad_kernel_writes_zeros_for_experts_without_rows():
+    torch.manual_seed(0)
+    index = torch.tensor([[0], [0], [2]], device=DEVICE)
+    sorted_pairs, expert_ends = compute_routing(index, num_experts=3)
+    a = torch.randn(3, 20, device=DEVICE)
+    b = torch.randn(3, 36, device=DEVICE)
+    dw = torch.full((3, 20, 36), float("nan"), device=DEVICE)
+    kernels.grouped_weight_grad(a, b, sorted_pairs, expert_ends, 1, a_gathered=True, b_gathered=False, dw=dw)
+    assert (dw[1] == 0).all()
+    b_grouped = b[sorted_pairs]
+    assert relative_error(dw[0], a[:2].T @ b_grouped[:2]) <= TOLERANCE
+    assert relative_error(dw[2], a[2:].T @ b_grouped[2:]) <= TOLERANCE
+
+
+def test_frozen_expert_weights_skip_weight_grads_and_still_give_input_and_routing_grads():
+    torch.manual_seed(1)
+    experts = make_eager_experts(32, 32, 4, 2)
+    experts.requires_grad_(False)
+    weights, index = make_routing(9, 4, 2, "uniform")
+    weights.requires_grad_(True)
+    x = torch.randn(9, 32, device=DEVICE, requires_grad=True)
+    grad_out = torch.randn(9, 32, device=DEVICE)
+    out = scattermoe_experts(x, experts.gate_up_proj, experts.down_proj, weights, index)
+    actual = torch.autograd.grad(out, (x, weights), grad_out)
+    expected = torch.autograd.grad(experts(x, index, weights), (x, weights), grad_out)
+    for got, want in zip(actual, expected, strict=True):
+        assert relative_error(got, want) <= TOLERANCE
