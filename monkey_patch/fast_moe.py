@@ -26,6 +26,11 @@ def scattermoe_experts_forward(
     Weights are read from the module at call time, never cached: DeepSpeed ZeRO-3 and FSDP gather them just
     before this runs, and peft's parametrizations return the merged tensor on attribute access.
     """
+    if hidden_states.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "scattermoe got CPU tensors: its Triton kernels need a GPU. Move the model to a GPU, or set "
+            "TRITON_INTERPRET=1 before importing triton to run them (slowly) on the CPU."
+        )
     w_gate_up = self.gate_up_proj
     out = scattermoe_experts(hidden_states.to(w_gate_up.dtype), w_gate_up, self.down_proj, top_k_weights, top_k_index)
     return out.to(hidden_states.dtype)
@@ -57,13 +62,6 @@ def _check_supported(experts: torch.nn.Module) -> None:
     act = getattr(experts.config, "hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ValueError(f"scattermoe fuses SiLU; {type(experts).__name__} uses hidden_act={act!r}")
-    for name in ("gate_up_proj", "down_proj"):
-        param = getattr(experts, name)
-        if param.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError(
-                f"{type(experts).__name__}.{name} is on the CPU: the scattermoe Triton kernels need a GPU. Move the "
-                "model to a GPU, or set TRITON_INTERPRET=1 before importing triton to run them (slowly) on the CPU."
-            )
 
 
 def _set_experts_implementation(model: torch.nn.Module, implementation: str) -> None:

@@ -95,11 +95,13 @@ def test_apply_rejects_a_model_without_experts():
         apply_fast_moe_block(torch.nn.Linear(4, 4))
 
 
-def test_apply_on_cpu_without_interpreter_says_to_use_a_gpu(monkeypatch):
+def test_cpu_forward_without_interpreter_says_to_use_a_gpu(monkeypatch):
+    """Applying works on a CPU-resident model (the Trainer moves it to the GPU later); running there does not."""
     model = tiny_model().cpu()
+    apply_fast_moe_block(model)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="GPU"):
-        apply_fast_moe_block(model)
+    with pytest.raises(RuntimeError, match="need a GPU"):
+        model(torch.tensor([[1, 2, 3]]))
 
 
 def test_checkpoint_round_trip_keeps_transformers_layout(tmp_path):
