@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+import torch.distributed as dist
 import transformers
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -117,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"qwen3_sft.py: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()  # gloo aborts at interpreter exit when its group is still alive
     return 0
 
 
