@@ -54,7 +54,7 @@ def experts_backward(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Gradients of x, w_gate_up, w_down (None when frozen, e.g. LoRA elsewhere) and routing_weights."""
     num_tokens, top_k = routing_weights.shape
-    grad_out = grad_out.contiguous()
+    grad_out = grad_out.to(x.dtype).contiguous()  # autocast can hand back an fp32 gradient for a bf16 output
     grad_h = kernels.scatter_matmul(grad_out, w_down, sorted_pairs, expert_ends, top_k, a_gathered=True,
                                     y_scattered=False)
     grad_gate_up, grad_scale = kernels.swiglu_backward(grad_h, gate_up, sorted_pairs, routing_weights.reshape(-1))
