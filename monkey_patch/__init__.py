@@ -14,7 +14,9 @@ logger = logging.getLogger(__name__)
 def preflight(config: TurboTuneConfig) -> None:
     """Reject flags this machine cannot honour before any model is loaded."""
     if config.use_fp8:
-        raise ConfigError("--use_fp8: FP8 training is not available in this release yet; drop the flag.")
+        from monkey_patch.fp8 import check_fp8_supported
+
+        check_fp8_supported(config)
     if config.use_liger_kernel and not torch.cuda.is_available():
         raise ConfigError("--use_liger_kernel needs a CUDA GPU: Liger's kernels do not run on the CPU; drop the flag.")
     if config.use_fast_moe_block and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -29,12 +31,18 @@ def apply_patches(model: torch.nn.Module, config: TurboTuneConfig) -> torch.nn.M
 
         apply_fast_moe_block(model)
         logger.info("Experts run through the ScatterMoE Triton kernels.")
+    if config.use_fp8:
+        from monkey_patch.fp8 import apply_fp8
+
+        apply_fp8(model, config.fp8_recipe, config.fp8_modules, experts=config.fp8_experts)
     return model
 
 
 def revert_patches(model: torch.nn.Module) -> torch.nn.Module:
     """Undo apply_patches, so the model runs exactly as transformers ships it."""
     from monkey_patch.fast_moe import revert_fast_moe_block
+    from monkey_patch.fp8 import revert_fp8
 
+    revert_fp8(model)
     revert_fast_moe_block(model)
     return model

@@ -6,6 +6,7 @@ is loaded or written.
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from turbo_tune.errors import ConfigError
 DEFAULT_FSDP_CONFIG = Path(__file__).resolve().parents[1] / "config" / "fsdp.json"
 EMBEDDED_MODEL_LEARNING_RATE = 2e-3
 CHECKPOINT_LEARNING_RATE = 1e-5
+FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+FP8_MODULE_PRESETS = ("brief", "routers", "edge_layers", "lm_head", "all_linear")
 
 
 @dataclass
@@ -50,7 +53,22 @@ class TurboTuneConfig(SFTConfig):
     use_fast_moe_block: bool = field(
         default=False, metadata={"help": "Run the experts through Turbo-Tune's Triton ScatterMoE kernels."}
     )
-    use_fp8: bool = field(default=False, metadata={"help": "FP8 training of selected linear layers (torchao)."})
+    use_fp8: bool = field(
+        default=False, metadata={"help": "FP8 training (torchao float8) of the layers --fp8_modules selects."}
+    )
+    fp8_recipe: str = field(
+        default="tensorwise",
+        metadata={"help": f"torchao float8 scaling recipe: {', '.join(FP8_RECIPES)}."},
+    )
+    fp8_modules: str = field(
+        default="brief",
+        metadata={"help": f"Comma list of presets ({', '.join(FP8_MODULE_PRESETS)}) or regexes matched against "
+                  "whole module names (e.g. model\\.layers\\.\\d+\\.self_attn\\.o_proj)."},
+    )
+    fp8_experts: bool = field(
+        default=False,
+        metadata={"help": "With --use_fp8, also run the expert matmuls as torchao FP8 rowwise grouped GEMMs (SM90+)."},
+    )
     use_packing: bool = field(
         default=False,
         metadata={"help": "Pack examples into full rows, with no attention across examples (padding-free)."},
@@ -102,6 +120,7 @@ class TurboTuneConfig(SFTConfig):
 
     def __post_init__(self) -> None:
         self._check_engine_flags()
+        self._check_fp8_flags()
         self._derive_batch_sizes()
         if self.model_path is not None:
             check_readable(self.model_path, "--model_path (MODEL_PATH)")
@@ -143,6 +162,17 @@ class TurboTuneConfig(SFTConfig):
                 if fsdp_settings.get("activation_checkpointing"):
                     self.gradient_checkpointing = False  # FSDP checkpoints the layers itself, without a re-gather
 
+    def _check_fp8_flags(self) -> None:
+        if self.fp8_recipe not in FP8_RECIPES:
+            raise ConfigError(f"--fp8_recipe {self.fp8_recipe!r} is not one of {', '.join(FP8_RECIPES)}.")
+        fp8_module_selectors(self.fp8_modules)
+        if self.fp8_experts and not self.use_fp8:
+            raise ConfigError("--fp8_experts needs --use_fp8: add it, or drop --fp8_experts.")
+        if self.fp8_experts and self.use_fast_moe_block:
+            raise ConfigError(
+                "--fp8_experts and --use_fast_moe_block both choose the experts kernels: pass only one of them."
+            )
+
     def _derive_batch_sizes(self) -> None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size > 1 and not torch.cuda.is_available():
@@ -169,6 +199,24 @@ def gradient_accumulation_steps(global_batch_size: int, micro_batch_size: int, w
             f"(e.g. {max(per_pass, global_batch_size // per_pass * per_pass)}) or change --micro_batch_size."
         )
     return global_batch_size // per_pass
+
+
+def fp8_module_selectors(text: str) -> list[str]:
+    """The items of --fp8_modules: preset names or regular expressions (checked here, so typos stop early)."""
+    selectors = [item.strip() for item in text.split(",") if item.strip()]
+    if not selectors:
+        raise ConfigError(f"--fp8_modules is empty; use a preset ({', '.join(FP8_MODULE_PRESETS)}) or a regex.")
+    for item in selectors:
+        if item in FP8_MODULE_PRESETS:
+            continue
+        try:
+            re.compile(item)
+        except re.error as error:
+            raise ConfigError(
+                f"--fp8_modules '{item}' is neither a preset ({', '.join(FP8_MODULE_PRESETS)}) nor a valid "
+                f"regular expression ({error})."
+            ) from None
+    return selectors
 
 
 def check_readable(path: str, flag: str) -> None:
