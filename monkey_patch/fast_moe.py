@@ -12,10 +12,42 @@ import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
 from .scattermoe.compilable_ops import scattermoe_experts
+from .scattermoe.lora_ops import LowRank, scattermoe_lora_experts
+
+try:  # peft's parametrization for one unmerged adapter on a 3D parameter (peft >= 0.21); absent: fold fallback
+    from peft.tuners.lora.layer import _LoraFactorsProxy
+except ImportError:
+    _LoraFactorsProxy = None
 
 logger = logging.getLogger(__name__)
 
 IMPLEMENTATION_NAME = "scattermoe"
+_warned_folded_lora = False
+
+
+def _weight_and_lora(experts: torch.nn.Module, name: str) -> tuple[torch.Tensor, LowRank | None]:
+    """The base weight and, when peft's LoRA is active on it, its low-rank factors.
+
+    peft's ``ParamWrapper`` (``target_parameters``) registers a parametrization on the experts module for the
+    length of its forward; with one enabled, unmerged adapter it is a ``_LoraFactorsProxy`` holding the factors.
+    Reading them (and the parametrization's ``original``) instead of the attribute skips peft's fold of
+    ``W + s·B·A`` into a new expert stack. Any other parametrization falls back to the folded attribute.
+    """
+    global _warned_folded_lora
+    parametrizations = getattr(experts, "parametrizations", None)
+    if parametrizations is None or name not in parametrizations:
+        return getattr(experts, name), None
+    chain = parametrizations[name]
+    if _LoraFactorsProxy is not None and len(chain) == 1 and isinstance(chain[0], _LoraFactorsProxy):
+        proxy = chain[0]
+        return chain.original, LowRank(a=proxy.rhs, b=proxy.lhs, scale=proxy.scaling)
+    if not _warned_folded_lora:
+        logger.warning(
+            "scattermoe: %s carries a parametrization other than one peft LoRA adapter (several adapters, FP8 "
+            "weights or a newer peft); the experts use the folded weight, which costs a full expert stack.", name
+        )
+        _warned_folded_lora = True
+    return getattr(experts, name), None
 
 
 def scattermoe_experts_forward(
@@ -24,15 +56,20 @@ def scattermoe_experts_forward(
     """Experts forward with transformers' signature.
 
     Weights are read from the module at call time, never cached: DeepSpeed ZeRO-3 and FSDP gather them just
-    before this runs, and peft's parametrizations return the merged tensor on attribute access.
+    before this runs, and peft's LoRA on them is active only then (see ``_weight_and_lora``).
     """
     if hidden_states.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             "scattermoe got CPU tensors: its Triton kernels need a GPU. Move the model to a GPU, or set "
             "TRITON_INTERPRET=1 before importing triton to run them (slowly) on the CPU."
         )
-    w_gate_up = self.gate_up_proj
-    out = scattermoe_experts(hidden_states.to(w_gate_up.dtype), w_gate_up, self.down_proj, top_k_weights, top_k_index)
+    w_gate_up, gate_up_lora = _weight_and_lora(self, "gate_up_proj")
+    w_down, down_lora = _weight_and_lora(self, "down_proj")
+    x = hidden_states.to(w_gate_up.dtype)
+    if gate_up_lora is None and down_lora is None:
+        out = scattermoe_experts(x, w_gate_up, w_down, top_k_weights, top_k_index)
+    else:
+        out = scattermoe_lora_experts(x, w_gate_up, w_down, top_k_weights, top_k_index, gate_up_lora, down_lora)
     return out.to(hidden_states.dtype)
 
 

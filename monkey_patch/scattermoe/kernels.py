@@ -30,12 +30,16 @@ _GATE_UP_CONFIGS = _configs(
     [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3)]
 )
 _MATMUL_CONFIGS = _configs(
-    [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3)]
+    [
+        (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3),
+        (128, 32, 64, 4, 4),  # LoRA's rank-sized outputs (N = r)
+    ]
 )
 _WEIGHT_GRAD_CONFIGS = _configs(
     [
         (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 128, 8, 2), (128, 128, 64, 8, 4),
         (128, 128, 64, 8, 5), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3),
+        (32, 128, 64, 4, 4), (128, 32, 64, 4, 4),  # LoRA factor gradients: one side is the rank
     ]
 )
 
@@ -74,20 +78,22 @@ def _expert_row_block(
     return expert, row_start, row_end
 
 
-@triton.autotune(configs=_GATE_UP_CONFIGS, key=["K", "N", "ROWS_BUCKET"])
+@triton.autotune(configs=_GATE_UP_CONFIGS, key=["K", "N", "ROWS_BUCKET", "HAS_A2"])
 @triton.jit
 def _gather_gate_up_swiglu_kernel(
-    x_ptr, w_ptr, sorted_pairs_ptr, expert_ends_ptr, scale_ptr, gate_up_ptr, h_ptr,
-    NUM_EXPERTS, K, N, TOP_K, ROWS_BUCKET,
+    x_ptr, w_ptr, a2_ptr, w2_ptr, sorted_pairs_ptr, expert_ends_ptr, scale_ptr, gate_up_ptr, h_ptr,
+    NUM_EXPERTS, K, K2, N, TOP_K, ROWS_BUCKET,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn,
-    E_POW2: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
+    HAS_A2: tl.constexpr, E_POW2: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """gate|up = x[token] @ W[e] for the gate and up halves at once; SwiGLU and routing weight in the epilogue.
 
     Writes the pre-activations (for backward) and h = scale[pair] * silu(gate) * up, both in grouped row order.
     Scaling h instead of the down projection's output leaves the down projection and its weight gradient
-    plain grouped matmuls.
+    plain grouped matmuls. With HAS_A2, grouped rows a2 @ W2[e] join the same accumulators before the
+    activation: LoRA's low-rank path (u @ B^T) without a pre-activation-sized buffer.
     """
     pid = tl.program_id(0)
     num_n_blocks = tl.cdiv(N, BLOCK_N)
@@ -118,6 +124,19 @@ def _gather_gate_up_swiglu_kernel(
         acc_up = tl.dot(x, w_up, acc=acc_up, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
+    if HAS_A2:
+        a2_ptrs = a2_ptr + rows[:, None].to(tl.int64) * stride_a2m + ks[None, :] * stride_a2k
+        w2_ptrs = w2_ptr + expert.to(tl.int64) * stride_w2e + ks[:, None] * stride_w2k + cols[None, :] * stride_w2n
+        for k0 in range(0, K2, BLOCK_K):
+            k_mask = ks < K2 - k0
+            a2 = tl.load(a2_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w2_mask = k_mask[:, None] & col_mask[None, :]
+            w2_gate = tl.load(w2_ptrs, mask=w2_mask, other=0.0)
+            w2_up = tl.load(w2_ptrs + N * stride_w2n, mask=w2_mask, other=0.0)
+            acc_gate = tl.dot(a2, w2_gate, acc=acc_gate, input_precision=INPUT_PRECISION)
+            acc_up = tl.dot(a2, w2_up, acc=acc_up, input_precision=INPUT_PRECISION)
+            a2_ptrs += BLOCK_K * stride_a2k
+            w2_ptrs += BLOCK_K * stride_w2k
     scale = tl.load(scale_ptr + pairs, mask=row_mask, other=0.0).to(tl.float32)
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up * scale[:, None]
     out_mask = row_mask[:, None] & col_mask[None, :]
@@ -128,18 +147,20 @@ def _gather_gate_up_swiglu_kernel(
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.autotune(configs=_MATMUL_CONFIGS, key=["K", "N", "ROWS_BUCKET", "A_GATHERED"])
+@triton.autotune(configs=_MATMUL_CONFIGS, key=["K", "N", "ROWS_BUCKET", "A_GATHERED", "HAS_A2"])
 @triton.jit
 def _scatter_matmul_kernel(
-    a_ptr, w_ptr, sorted_pairs_ptr, expert_ends_ptr, y_ptr,
-    NUM_EXPERTS, K, N, TOP_K, ROWS_BUCKET,
+    a_ptr, w_ptr, a2_ptr, w2_ptr, sorted_pairs_ptr, expert_ends_ptr, y_ptr,
+    NUM_EXPERTS, K, K2, N, TOP_K, ROWS_BUCKET,
     stride_am, stride_ak, stride_we, stride_wk, stride_wn,
-    A_GATHERED: tl.constexpr, Y_SCATTERED: tl.constexpr,
+    stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
+    A_GATHERED: tl.constexpr, Y_SCATTERED: tl.constexpr, HAS_A2: tl.constexpr,
     E_POW2: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y = a @ W[e] per expert row block. ``a`` rows are gathered by token or read in grouped order; ``y`` rows
-    are scattered to pair order or written in grouped order."""
+    are scattered to pair order or written in grouped order. With HAS_A2, y += a2 @ W2[e] over grouped rows of
+    a2 in the same accumulator (LoRA's low-rank term, added without a second output buffer)."""
     pid = tl.program_id(0)
     num_n_blocks = tl.cdiv(N, BLOCK_N)
     pid_m = pid // num_n_blocks
@@ -165,6 +186,16 @@ def _scatter_matmul_kernel(
         acc = tl.dot(a, w, acc=acc, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
+    if HAS_A2:
+        a2_ptrs = a2_ptr + rows[:, None].to(tl.int64) * stride_a2m + ks[None, :] * stride_a2k
+        w2_ptrs = w2_ptr + expert.to(tl.int64) * stride_w2e + ks[:, None] * stride_w2k + cols[None, :] * stride_w2n
+        for k0 in range(0, K2, BLOCK_K):
+            k_mask = ks < K2 - k0
+            a2 = tl.load(a2_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w2 = tl.load(w2_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            acc = tl.dot(a2, w2, acc=acc, input_precision=INPUT_PRECISION)
+            a2_ptrs += BLOCK_K * stride_a2k
+            w2_ptrs += BLOCK_K * stride_w2k
     y_ptrs = y_ptr + y_rows[:, None] * N + cols[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
@@ -242,6 +273,15 @@ def _grouped_weight_grad_kernel(
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+def _second_operand(
+    a2: torch.Tensor | None, w2: torch.Tensor | None, fallback: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int, tuple[int, ...]]:
+    """Pointers, K2 and strides for the optional grouped ``a2 @ W2[e]`` term; ``fallback`` fills unused slots."""
+    if a2 is None or w2 is None:
+        return fallback, fallback, 0, (0, 0, 0, 0, 0)
+    return a2, w2, w2.shape[1], (a2.stride(0), a2.stride(1), w2.stride(0), w2.stride(1), w2.stride(2))
+
+
 def gather_gate_up_swiglu(
     x: torch.Tensor,
     w_gate_up: torch.Tensor,
@@ -249,8 +289,13 @@ def gather_gate_up_swiglu(
     sorted_pairs: torch.Tensor,
     expert_ends: torch.Tensor,
     top_k: int,
+    a2: torch.Tensor | None = None,
+    w2: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (T, H), w_gate_up as (E, H, 2I) view -> pre-activations (T*k, 2I) and weighted h (T*k, I), grouped."""
+    """x (T, H), w_gate_up as (E, H, 2I) view -> pre-activations (T*k, 2I) and weighted h (T*k, I), grouped.
+
+    ``a2`` (T*k, K2) grouped with ``w2`` as (E, K2, 2I) view adds a2 @ W2[e] to the pre-activations.
+    """
     num_experts, hidden, two_inter = w_gate_up.shape
     inter = two_inter // 2
     num_rows = sorted_pairs.numel()
@@ -261,11 +306,12 @@ def gather_gate_up_swiglu(
         blocks_m = _row_blocks_upper_bound(num_rows, num_experts, meta["BLOCK_M"])
         return (blocks_m * triton.cdiv(inter, meta["BLOCK_N"]),)
 
+    a2, w2, k2, a2_strides = _second_operand(a2, w2, x)
     _gather_gate_up_swiglu_kernel[grid](
-        x, w_gate_up, sorted_pairs, expert_ends, row_scale, gate_up, h,
-        num_experts, hidden, inter, top_k, _rows_bucket(num_rows),
-        x.stride(0), x.stride(1), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2),
-        E_POW2=triton.next_power_of_2(num_experts), INPUT_PRECISION=_input_precision(x.dtype),
+        x, w_gate_up, a2, w2, sorted_pairs, expert_ends, row_scale, gate_up, h,
+        num_experts, hidden, k2, inter, top_k, _rows_bucket(num_rows),
+        x.stride(0), x.stride(1), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), *a2_strides,
+        HAS_A2=k2 > 0, E_POW2=triton.next_power_of_2(num_experts), INPUT_PRECISION=_input_precision(x.dtype),
     )
     return gate_up, h
 
@@ -278,9 +324,12 @@ def scatter_matmul(
     top_k: int,
     a_gathered: bool,
     y_scattered: bool,
+    a2: torch.Tensor | None = None,
+    w2: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """a @ W[e] for w as (E, K, N) view -> (T*k, N); a is (T, K) gathered by token or (T*k, K) grouped, and the
-    output is in pair order (scattered) or grouped order."""
+    output is in pair order (scattered) or grouped order. ``a2`` (T*k, K2) grouped with ``w2`` as (E, K2, N)
+    view adds a2 @ W2[e]."""
     num_experts, k_dim, n_dim = w.shape
     num_rows = sorted_pairs.numel()
     y = torch.empty(num_rows, n_dim, device=a.device, dtype=a.dtype)
@@ -289,11 +338,12 @@ def scatter_matmul(
         blocks_m = _row_blocks_upper_bound(num_rows, num_experts, meta["BLOCK_M"])
         return (blocks_m * triton.cdiv(n_dim, meta["BLOCK_N"]),)
 
+    a2, w2, k2, a2_strides = _second_operand(a2, w2, a)
     _scatter_matmul_kernel[grid](
-        a, w, sorted_pairs, expert_ends, y,
-        num_experts, k_dim, n_dim, top_k, _rows_bucket(num_rows),
-        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
-        A_GATHERED=a_gathered, Y_SCATTERED=y_scattered,
+        a, w, a2, w2, sorted_pairs, expert_ends, y,
+        num_experts, k_dim, k2, n_dim, top_k, _rows_bucket(num_rows),
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), *a2_strides,
+        A_GATHERED=a_gathered, Y_SCATTERED=y_scattered, HAS_A2=k2 > 0,
         E_POW2=triton.next_power_of_2(num_experts), INPUT_PRECISION=_input_precision(a.dtype),
     )
     return y
