@@ -76,10 +76,18 @@ class TurboTuneConfig(SFTConfig):
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft) instead of all weights."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_dropout: float = field(
+        default=0.0,
+        metadata={"help": "Dropout on the LoRA input; must be 0 with --lora_target_parameters (peft has none there)."},
+    )
     lora_target_modules: str = field(
         default="q_proj,k_proj,v_proj,o_proj",
         metadata={"help": "Comma-separated module names that get LoRA adapters."},
+    )
+    lora_target_parameters: str = field(
+        default="mlp.experts.gate_up_proj,mlp.experts.down_proj",
+        metadata={"help": "Comma-separated 3D expert parameters that get per-expert LoRA (peft target_parameters); "
+                  "'' for none. With --use_fast_moe_block they run through scattermoe's low-rank path."},
     )
     merge_lora: bool = field(
         default=False, metadata={"help": "With --use_lora, also write the merged full model to OUTPUT_DIR/merged."}

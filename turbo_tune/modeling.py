@@ -8,6 +8,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from monkey_patch.attention import VARLEN_SDPA, register_varlen_sdpa, torch_varlen_available
 from turbo_tune.arguments import TurboTuneConfig
 from turbo_tune.errors import ConfigError
 
@@ -46,11 +47,16 @@ def weight_dtype(config: TurboTuneConfig) -> torch.dtype:
 
 
 def attention_implementation(config: TurboTuneConfig) -> str:
-    """flash-attn when it is installed and there is a GPU; PyTorch SDPA otherwise."""
+    """flash-attn when it is installed on a GPU; for packed rows without it, our padding-free ``varlen_sdpa``
+    (monkey_patch/attention.py), which spares SDPA the dense block-diagonal mask; PyTorch SDPA otherwise."""
+    if config.attn_implementation == VARLEN_SDPA:
+        return register_varlen_sdpa()
     if config.attn_implementation != "auto":
         return config.attn_implementation
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
+    if config.use_packing and (not torch.cuda.is_available() or torch_varlen_available()):
+        return register_varlen_sdpa()
     return "sdpa"
 
 
@@ -86,14 +92,49 @@ def apply_lora(model: PreTrainedModel, config: TurboTuneConfig) -> PeftModel:
             f"--lora_target_modules names {', '.join(missing)}, which this model does not have. "
             f"Linear layers it has include: {', '.join(sorted(n for n in present if n.endswith('proj')))}."
         )
+    parameters = expert_lora_parameters(model, config)
     lora_config = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=targets,
+        target_parameters=parameters or None,
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora_config)
     trainable, total = model.get_nb_trainable_parameters()
-    logger.info("LoRA on %s: %d of %d parameters train (%.3f%%).", targets, trainable, total, 100 * trainable / total)
+    logger.info("LoRA on %s: %d of %d parameters train (%.3f%%).", targets + parameters, trainable, total,
+                100 * trainable / total)
     return model
+
+
+def expert_lora_parameters(model: PreTrainedModel, config: TurboTuneConfig) -> list[str]:
+    """--lora_target_parameters, checked against the model (peft matches a suffix of the full parameter name).
+
+    peft's LoRA on a 3D expert parameter has no dropout, and without scattermoe it folds B·A into every
+    expert's weight on every forward; the log says which path the experts take.
+    """
+    parameters = [name.strip() for name in config.lora_target_parameters.split(",") if name.strip()]
+    if not parameters:
+        return []
+    names = [name for name, _ in model.named_parameters()]
+    missing = [p for p in parameters if not any(n == p or n.endswith(f".{p}") for n in names)]
+    if missing:
+        raise ConfigError(
+            f"--lora_target_parameters names {', '.join(missing)}, which this model does not have; Qwen3-MoE's "
+            "expert parameters are mlp.experts.gate_up_proj and mlp.experts.down_proj."
+        )
+    if config.lora_dropout:
+        raise ConfigError(
+            f"--lora_dropout {config.lora_dropout}: peft's LoRA on expert parameters has no dropout (the input "
+            "cannot be factored out of B·A·dropout(x) per expert). Pass --lora_dropout 0, or "
+            "--lora_target_parameters '' to keep LoRA off the experts."
+        )
+    if getattr(model.config, "_experts_implementation", None) == "scattermoe":
+        logger.info("expert LoRA: scattermoe low-rank path (x·Aᵀ·Bᵀ over routed tokens, no per-expert delta).")
+    else:
+        logger.info(
+            "expert LoRA: peft's target_parameters path, which folds B·A into every expert weight on each forward; "
+            "--use_fast_moe_block keeps the factors apart."
+        )
+    return parameters
