@@ -66,7 +66,8 @@ def check_fp8_supported(config: TurboTuneConfig) -> None:
     if not torch.cuda.is_available():
         raise ConfigError(
             f"{flag} needs a CUDA GPU with FP8 tensor cores ({need_text}, e.g. H100/H200) and this machine has "
-            "none: torchao's FP8 matmuls do not run on the CPU. Drop --use_fp8 to train in full precision."
+            "none: elsewhere FP8 matmuls are emulated, slower than full precision. Drop --use_fp8 to train in "
+            "full precision."
         )
     capability = torch.cuda.get_device_capability()
     if capability < need:
