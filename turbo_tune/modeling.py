@@ -8,6 +8,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from monkey_patch.attention import VARLEN_SDPA, register_varlen_sdpa, torch_varlen_available
 from turbo_tune.arguments import TurboTuneConfig
 from turbo_tune.errors import ConfigError
 
@@ -46,11 +47,16 @@ def weight_dtype(config: TurboTuneConfig) -> torch.dtype:
 
 
 def attention_implementation(config: TurboTuneConfig) -> str:
-    """flash-attn when it is installed and there is a GPU; PyTorch SDPA otherwise."""
+    """flash-attn when it is installed on a GPU; for packed rows without it, our padding-free ``varlen_sdpa``
+    (monkey_patch/attention.py), which spares SDPA the dense block-diagonal mask; PyTorch SDPA otherwise."""
+    if config.attn_implementation == VARLEN_SDPA:
+        return register_varlen_sdpa()
     if config.attn_implementation != "auto":
         return config.attn_implementation
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
+    if config.use_packing and (not torch.cuda.is_available() or torch_varlen_available()):
+        return register_varlen_sdpa()
     return "sdpa"
 
 

@@ -1,0 +1,122 @@
+"""``varlen_sdpa``: padding-free attention for packed rows without the flash-attn package.
+
+Registered in transformers' ``AttentionInterface`` (and, with transformers' flash-attention mask function, in its
+mask interface), so the model never builds the dense (tokens × tokens) block-diagonal mask that ``sdpa`` needs for
+packed rows. Sequence boundaries come the way flash_attention_2 gets them: TRL's padding-free collator passes
+``cu_seq_lens_q``/``max_length_q``; otherwise they are derived from ``position_ids`` (or unpadded from a 2D
+padding mask) with transformers' own helpers.
+
+On a GPU each sequence runs through PyTorch's ``torch.nn.attention.varlen.varlen_attn`` (flash kernels, torch >=
+2.10); on the CPU, where that op has no kernel, each sequence goes through ``scaled_dot_product_attention`` with
+``is_causal`` on its own rows — exact, and linear rather than quadratic in the packed row length.
+"""
+
+import inspect
+import logging
+from itertools import pairwise
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+from transformers.modeling_flash_attention_utils import (
+    _pad_input,
+    _unpad_input,
+    _upad_input,
+    prepare_fa_kwargs_from_position_ids,
+)
+
+logger = logging.getLogger(__name__)
+
+VARLEN_SDPA = "varlen_sdpa"
+
+
+def torch_varlen_available() -> bool:
+    """Whether this torch ships ``torch.nn.attention.varlen`` (2.10 and later)."""
+    try:
+        import torch.nn.attention.varlen  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _cuda_varlen(q, k, v, cu_seqlens, max_len: int, scale: float | None) -> torch.Tensor:
+    """PyTorch's flash varlen kernel; its keyword names moved between torch 2.10 and 2.13, so ask the signature."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    kwargs = {"scale": scale} if "scale" in params else {}
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0)  # causal
+    else:
+        kwargs["is_causal"] = True
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    dtype = q.dtype
+    if dtype == torch.float32:  # the flash kernels take half precision only
+        half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
+        q, k, v = q.to(half), k.to(half), v.to(half)
+    cu_seqlens = cu_seqlens.to(torch.int32)
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **kwargs).to(dtype)
+
+
+def _per_sequence_sdpa(q, k, v, cu_seqlens, scale: float | None) -> torch.Tensor:
+    """Causal SDPA on each packed sequence separately: (T, H, D) in, (T, H, D) out."""
+    bounds = cu_seqlens.tolist()
+    outputs = []
+    for start, end in pairwise(bounds):
+        if end == start:
+            continue
+        seq = [t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
+        out = F.scaled_dot_product_attention(*seq, is_causal=True, scale=scale, enable_gqa=True)
+        outputs.append(out.squeeze(0).transpose(0, 1))
+    return torch.cat(outputs, dim=0)
+
+
+def varlen(q, k, v, cu_seqlens: torch.Tensor, max_len: int, scale: float | None) -> torch.Tensor:
+    """Causal attention over packed sequences; q (T, Hq, D), k and v (T, Hkv, D)."""
+    if q.is_cuda:
+        return _cuda_varlen(q, k, v, cu_seqlens, max_len, scale)
+    return _per_sequence_sdpa(q, k, v, cu_seqlens, scale)
+
+
+def varlen_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention-function signature: q, k, v (B, H, S, D) in, (B, S, H, D) out."""
+    if dropout:
+        raise ValueError(f"{VARLEN_SDPA} has no attention dropout; the model asks for {dropout}.")
+    if sliding_window is not None:
+        raise ValueError(f"{VARLEN_SDPA} implements full causal attention; this model uses a sliding window.")
+    batch, _, seq_len, _ = query.shape
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, S, H, D)
+    if attention_mask is not None:  # padded rows: transformers' flash mask leaves a 2D mask only when there is padding
+        q, k, v, indices, (cu_seqlens, _), (max_len, _) = _upad_input(q, k, v, attention_mask, seq_len, _unpad_input)
+        out = varlen(q, k, v, cu_seqlens, int(max_len), scaling)
+        return _pad_input(out, indices, batch, seq_len), None
+    cu_seqlens, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if cu_seqlens is None or batch != 1:
+        (cu_seqlens, _), (max_len, _) = prepare_fa_kwargs_from_position_ids(kwargs["position_ids"].expand(batch, -1))
+    flat = [t.reshape(batch * seq_len, t.shape[2], t.shape[3]) for t in (q, k, v)]
+    out = varlen(*flat, cu_seqlens, int(max_len), scaling)
+    return out.view(batch, seq_len, *out.shape[1:]), None
+
+
+def register_varlen_sdpa() -> str:
+    """Add ``varlen_sdpa`` to transformers' attention and mask interfaces (idempotent); returns its name."""
+    if AttentionInterface._global_mapping.get(VARLEN_SDPA) is not varlen_sdpa_attention:
+        AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_SDPA, flash_attention_mask)
+    return VARLEN_SDPA
