@@ -2,7 +2,8 @@
 
 The kernels plug into transformers' own experts dispatch (``ALL_EXPERTS_FUNCTIONS``) under the name
 ``scattermoe``, so the router, ``norm_topk_prob``, the load-balancing loss and ``output_router_logits`` stay
-transformers' code, and the expert weights keep their layout: checkpoints save and load unchanged.
+transformers' code, and the expert weights keep their layout: checkpoints save and load unchanged. peft LoRA on
+the experts (``target_parameters``) runs through a low-rank path that never forms the per-expert delta.
 """
 
 import logging
