@@ -1,5 +1,8 @@
 """LoRA on the experts through scattermoe's low-rank path against peft's own `target_parameters` path, in fp32."""
 
+import json
+import re
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -206,7 +209,23 @@ def test_training_run_with_expert_lora_and_fast_block(tmp_path, capfd):
     assert qwen3_sft.main([
         "--output_dir", str(output_dir), "--bundled_examples", "4", "--max_steps", "1", "--max_length", "32",
         "--micro_batch_size", "1", "--gradient_checkpointing", "false", "--save_strategy", "no", "--report_to", "none",
-        "--use_lora", "--use_fast_moe_block", "--lora_r", "4",
+        "--use_lora", "--use_fast_moe_block", "--lora_r", "4", "--merge_lora",
     ]) == 0
     assert "expert LoRA: scattermoe low-rank path" in capfd.readouterr().err
-    assert (output_dir / "adapter_config.json").is_file()
+    adapter = json.loads((output_dir / "adapter_config.json").read_text())
+    assert sorted(adapter["target_parameters"]) == sorted(EXPERT_TARGETS)
+    assert (output_dir / "merged" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lora_dropout", "0.1"], "--lora_dropout 0.1: peft's LoRA on expert parameters has no dropout"),
+    (["--lora_target_parameters", "mlp.experts.up_proj"], "names mlp.experts.up_proj, which this model does not have"),
+])
+def test_expert_lora_flags_are_checked(tmp_path, flags, message):
+    from turbo_tune.arguments import parse_config
+    from turbo_tune.errors import ConfigError
+    from turbo_tune.modeling import apply_lora, load_model
+
+    config = parse_config(["--output_dir", str(tmp_path), "--use_lora", *flags])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        apply_lora(load_model(config), config)
