@@ -18,7 +18,10 @@ def preflight(config: TurboTuneConfig) -> None:
 
         check_fp8_supported(config)
     if config.use_liger_kernel and not torch.cuda.is_available():
-        raise ConfigError("--use_liger_kernel needs a CUDA GPU: Liger's kernels do not run on the CPU; drop the flag.")
+        raise ConfigError(
+            "--use_liger_kernel needs a CUDA GPU: Liger's kernels do not run on the CPU, not even in Triton's "
+            "interpreter (liger-kernel 0.8.5's RMSNorm kernel fails there); drop the flag."
+        )
     if config.use_fast_moe_block and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         os.environ["TRITON_INTERPRET"] = "1"
         logger.warning("--use_fast_moe_block without a GPU: the Triton kernels run in the interpreter (slow).")
@@ -35,6 +38,14 @@ def apply_patches(model: torch.nn.Module, config: TurboTuneConfig) -> torch.nn.M
         from monkey_patch.fp8 import apply_fp8
 
         apply_fp8(model, config.fp8_recipe, config.fp8_modules, experts=config.fp8_experts)
+    if config.use_liger_kernel:
+        from monkey_patch.liger import configure_liger
+
+        configure_liger(config)  # the Trainer applies Liger with this config when training starts, once
+    if config.torch_compile:
+        from monkey_patch.torch_compile import compile_decoder_layers
+
+        compile_decoder_layers(model, config)
     return model
 
 

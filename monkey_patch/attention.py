@@ -40,24 +40,37 @@ def torch_varlen_available() -> bool:
     return True
 
 
+_CUDA_VARLEN_KWARGS: dict = {}
+
+
+def _varlen_kwargs() -> dict:
+    """Keyword arguments of ``varlen_attn`` for causal GQA attention, read once from its signature (they changed
+    between torch 2.10 and 2.13), outside the traced code so torch.compile sees plain constants."""
+    if not _CUDA_VARLEN_KWARGS:
+        from torch.nn.attention.varlen import varlen_attn
+
+        params = inspect.signature(varlen_attn).parameters
+        _CUDA_VARLEN_KWARGS.update(
+            window_size=(-1, 0) if "window_size" in params else None,  # causal
+            is_causal=None if "window_size" in params else True,
+            enable_gqa=True if "enable_gqa" in params else None,
+            takes_scale="scale" in params,  # without it the kernel uses 1/sqrt(head_dim), as Qwen3-MoE does
+        )
+    return {name: value for name, value in _CUDA_VARLEN_KWARGS.items() if value is not None and name != "takes_scale"}
+
+
 def _cuda_varlen(q, k, v, cu_seqlens, max_len: int, scale: float | None) -> torch.Tensor:
-    """PyTorch's flash varlen kernel; its keyword names moved between torch 2.10 and 2.13, so ask the signature."""
+    """PyTorch's flash varlen kernel, in half precision (the only one it takes)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
-    kwargs = {"scale": scale} if "scale" in params else {}
-    if "window_size" in params:
-        kwargs["window_size"] = (-1, 0)  # causal
-    else:
-        kwargs["is_causal"] = True
-    if q.shape[1] != k.shape[1]:
-        if "enable_gqa" in params:
-            kwargs["enable_gqa"] = True
-        else:
-            groups = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    kwargs = _varlen_kwargs()
+    if _CUDA_VARLEN_KWARGS["takes_scale"]:
+        kwargs["scale"] = scale
+    if q.shape[1] != k.shape[1] and "enable_gqa" not in kwargs:
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     dtype = q.dtype
-    if dtype == torch.float32:  # the flash kernels take half precision only
+    if dtype == torch.float32:
         half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
         q, k, v = q.to(half), k.to(half), v.to(half)
     cu_seqlens = cu_seqlens.to(torch.int32)
@@ -119,4 +132,6 @@ def register_varlen_sdpa() -> str:
     if AttentionInterface._global_mapping.get(VARLEN_SDPA) is not varlen_sdpa_attention:
         AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
         ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_SDPA, flash_attention_mask)
+    if torch.cuda.is_available() and torch_varlen_available():
+        _varlen_kwargs()
     return VARLEN_SDPA

@@ -10,6 +10,7 @@ from peft import PeftModel
 from trl import SFTTrainer
 
 from callback import EfficiencyCallback
+from monkey_patch.torch_compile import is_compiled_per_layer
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +21,13 @@ class TurboSFTTrainer(SFTTrainer):
         if efficiency is not None:
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), efficiency]
         super().__init__(*args, **kwargs)
+
+    def _build_accelerator_args(self, **kwargs) -> dict:
+        """No whole-model torch.compile when monkey_patch already compiled the decoder layers (with its fallback)."""
+        args = super()._build_accelerator_args(**kwargs)
+        if is_compiled_per_layer(self.model):
+            args.pop("dynamo_plugin", None)
+        return args
 
     def training_step(self, model: torch.nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
         if self.efficiency is not None:

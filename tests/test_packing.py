@@ -124,3 +124,21 @@ def test_packing_chooses_the_padding_free_attention(tmp_path, flags, expected):
         pytest.skip("the CPU choice is pinned here; on a GPU flash-attn may win")
     config = TurboTuneConfig(output_dir=str(tmp_path), report_to="none", **flags)
     assert attention_implementation(config) == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="PyTorch's varlen_attn has CUDA kernels only")
+def test_cuda_varlen_matches_masked_sdpa_forward_and_backward():
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    lengths = [700, 1300, 64, 2032]
+    doc = torch.repeat_interleave(torch.arange(len(lengths), device="cuda"), torch.tensor(lengths, device="cuda"))
+    position_ids = torch.cat([torch.arange(n, device="cuda") for n in lengths])[None]
+    q, k, v = (torch.randn(1, h, sum(lengths), 128, device="cuda", dtype=torch.bfloat16, generator=generator)
+               .requires_grad_() for h in (32, 4, 4))
+    mask = (doc[:, None] == doc[None, :]) & torch.ones(len(doc), len(doc), dtype=torch.bool, device="cuda").tril()
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    expected_grads = torch.autograd.grad(expected.float().square().sum(), (q, k, v))
+    actual, _ = varlen_sdpa_attention(torch.nn.Module(), q, k, v, None, position_ids=position_ids)
+    actual_grads = torch.autograd.grad(actual.float().square().sum(), (q, k, v))
+    assert rel_err(actual.transpose(1, 2).float(), expected.float()) < 1e-2
+    for a, e in zip(actual_grads, expected_grads, strict=True):
+        assert rel_err(a.float(), e.float()) < 2e-2

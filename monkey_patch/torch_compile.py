@@ -1,0 +1,74 @@
+"""``--torch_compile``: compile each decoder layer, and fall back to eager with one warning if compilation fails.
+
+Per layer rather than the whole model: the layers are identical, so Dynamo compiles one graph and reuses it; the
+ScatterMoE experts are ``torch.library`` custom ops, so a layer traces without a graph break; and TRL's fused LM head
+and the data-dependent loss masking stay eager. torch.compile is lazy, so a failure (Dynamo or Inductor) surfaces at
+the first forward: the guard catches it there, logs its cause, and runs every layer eagerly from then on, instead of
+stopping the run. The Trainer's own whole-model compile is switched off (``TurboSFTTrainer``), so nothing is compiled
+twice.
+"""
+
+import logging
+
+import torch
+from torch._dynamo.exc import TorchDynamoException
+
+from turbo_tune.arguments import TurboTuneConfig
+
+logger = logging.getLogger(__name__)
+
+COMPILED_MARK = "_turbo_tune_compiled_layers"
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers of a Qwen3-MoE model, through a peft wrapper if there is one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.layers
+
+
+def root_cause(error: BaseException) -> str:
+    """The innermost exception of a Dynamo/Inductor failure, on one line: that is what names the culprit."""
+    while (inner := getattr(error, "inner_exception", None) or error.__cause__) is not None:
+        error = inner
+    message = next((line for line in str(error).splitlines() if line.strip()), "")
+    return f"{type(error).__name__}: {message[:300]}"
+
+
+class _Fallback:
+    """Shared by the layers of one model: once compilation failed, every layer runs eagerly."""
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    def guard(self, layer: torch.nn.Module, compiled):
+        def call(*args, **kwargs):
+            if not self.failed:
+                try:
+                    return compiled(*args, **kwargs)
+                except TorchDynamoException as error:
+                    self.failed = True
+                    logger.warning(
+                        "--torch_compile: compiling the decoder layers failed (%s); continuing uncompiled.",
+                        root_cause(error),
+                    )
+            return layer._call_impl(*args, **kwargs)
+
+        return call
+
+
+def compile_decoder_layers(model: torch.nn.Module, config: TurboTuneConfig) -> None:
+    """Compile every decoder layer with the Trainer's backend and mode flags (idempotent)."""
+    if getattr(model, COMPILED_MARK, False):
+        return
+    fallback = _Fallback()
+    options = {"backend": config.torch_compile_backend or "inductor", "mode": config.torch_compile_mode}
+    layers = decoder_layers(model)
+    for layer in layers:
+        # What nn.Module.compile() does, with the guard around the compiled call
+        layer._compiled_call_impl = fallback.guard(layer, torch.compile(layer._call_impl, **options))
+    setattr(model, COMPILED_MARK, True)
+    logger.info("torch.compile (%s) on each of the %d decoder layers.", options["backend"], len(layers))
+
+
+def is_compiled_per_layer(model: torch.nn.Module) -> bool:
+    return bool(getattr(model, COMPILED_MARK, False))

@@ -1,0 +1,129 @@
+"""--torch_compile and --use_liger_kernel: what gets compiled or patched, and how they compose with ScatterMoE.
+
+Liger's kernels do not run on the CPU (not even in Triton's interpreter), so for Liger the wiring is pinned here:
+the config the Trainer hands to Liger, and what Liger's patch then replaces on a model with ScatterMoE experts.
+"""
+
+import logging
+
+import pytest
+import torch
+from accelerate.utils import DynamoBackend
+from liger_kernel.transformers.rms_norm import LigerRMSNorm
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.integrations.liger import apply_liger_kernel
+from transformers.models.qwen3_moe import modeling_qwen3_moe
+
+import qwen3_sft
+from monkey_patch import apply_patches, preflight
+from monkey_patch.fast_moe import IMPLEMENTATION_NAME, apply_fast_moe_block
+from monkey_patch.sft_trainer import TurboSFTTrainer
+from monkey_patch.torch_compile import compile_decoder_layers, is_compiled_per_layer
+from turbo_tune.arguments import TurboTuneConfig
+from turbo_tune.errors import ConfigError
+from turbo_tune.modeling import EMBEDDED_MODEL_DIR, load_tokenizer
+from turbo_tune.toy_task import bundled_dataset
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(EMBEDDED_MODEL_DIR)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+
+
+def layer_inputs(model: torch.nn.Module, tokens: int = 12) -> tuple[torch.Tensor, dict]:
+    hidden = torch.randn(1, tokens, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    position_ids = torch.arange(tokens)[None]
+    cos_sin = model.model.rotary_emb(hidden, position_ids)
+    return hidden, {"position_embeddings": cos_sin, "position_ids": position_ids, "attention_mask": None}
+
+
+def test_decoder_layer_with_scattermoe_compiles_without_graph_breaks():
+    """fullgraph=True raises at any graph break; aot_eager traces forward and backward like Inductor would, without
+    generating code around the Triton-interpreter custom ops on the CPU."""
+    model = tiny_model()
+    apply_fast_moe_block(model)
+    layer = model.model.layers[0]
+    hidden, kwargs = layer_inputs(model)
+    expected = layer(hidden, **kwargs)
+    backend = "inductor" if torch.cuda.is_available() else "aot_eager"
+    torch._dynamo.reset()
+    actual = torch.compile(layer, fullgraph=True, backend=backend)(hidden, **kwargs)
+    assert rel_err(actual, expected) < 1e-5
+    actual.square().sum().backward()
+    assert layer.mlp.experts.gate_up_proj.grad is not None
+
+
+def test_failed_compile_falls_back_to_eager_with_a_warning(caplog):
+    def broken_backend(graph_module, example_inputs):
+        raise RuntimeError("backend exploded on purpose")
+
+    torch._dynamo.reset()
+    model = tiny_model()
+    tokens = torch.randint(3, 300, (1, 10))
+    expected = model(tokens, use_cache=False).logits
+    config = TurboTuneConfig(output_dir="unused", report_to="none", torch_compile=True)
+    config.torch_compile_backend = broken_backend
+    compile_decoder_layers(model, config)
+    with caplog.at_level(logging.WARNING, logger="monkey_patch.torch_compile"):
+        actual = model(tokens, use_cache=False).logits
+    assert rel_err(actual, expected) < 1e-6
+    warnings = [r.getMessage() for r in caplog.records if "continuing uncompiled" in r.getMessage()]
+    assert len(warnings) == 1 and "backend exploded on purpose" in warnings[0]
+
+
+@pytest.mark.parametrize(("flags", "rope", "swiglu"), [
+    ({}, None, None),
+    ({"use_fast_moe_block": True}, None, False),
+    ({"torch_compile": True, "torch_compile_backend": "aot_eager"}, False, None),
+    ({"use_fast_moe_block": True, "torch_compile": True, "torch_compile_backend": "aot_eager"}, False, False),
+])
+def test_liger_config_keeps_scattermoe_and_compile_working(tmp_path, monkeypatch, flags, rope, swiglu):
+    """The config is built as qwen3_sft.py builds it; Liger's patch then runs as Trainer.train runs it."""
+    for name in ("apply_rotary_pos_emb", "Qwen3MoeRMSNorm", "Qwen3MoeExperts"):  # Liger patches these module-wide
+        monkeypatch.setattr(modeling_qwen3_moe, name, getattr(modeling_qwen3_moe, name))
+    config = TurboTuneConfig(output_dir=str(tmp_path), report_to="none", use_liger_kernel=True, max_length=64, **flags)
+    model = apply_patches(tiny_model(), config)
+    trainer = TurboSFTTrainer(model=model, args=config, train_dataset=bundled_dataset(8, seed=0),
+                              processing_class=load_tokenizer(config))
+    liger_config = trainer.args.liger_kernel_config
+    assert liger_config.get("rope") is rope and liger_config.get("swiglu") is swiglu
+    assert liger_config["fused_linear_cross_entropy"] is False  # TRL's fused LM head: no logits, token accuracy kept
+    assert trainer.accelerator.state.dynamo_plugin.backend == DynamoBackend.NO  # layers compiled once, by us
+    assert is_compiled_per_layer(trainer.model) == bool(flags.get("torch_compile"))
+
+    apply_liger_kernel(trainer.model, liger_config)
+    layer = trainer.model.model.layers[0]
+    assert layer.input_layernorm.forward.__func__ is LigerRMSNorm.forward
+    experts_forward = layer.mlp.experts.forward.__func__.__qualname__
+    if swiglu is False:
+        assert experts_forward.startswith("Qwen3MoeExperts")  # transformers' dispatch, which routes to scattermoe
+        assert layer.mlp.experts.config._experts_implementation == IMPLEMENTATION_NAME
+    else:
+        assert experts_forward.startswith("LigerExperts")
+    rope_name = modeling_qwen3_moe.apply_rotary_pos_emb.__name__
+    assert (rope_name == "liger_rotary_pos_emb") == (rope is None)
+
+
+def test_liger_is_refused_on_the_cpu_with_the_reason(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only refusal")
+    config = TurboTuneConfig(output_dir=str(tmp_path), report_to="none", use_liger_kernel=True)
+    with pytest.raises(ConfigError, match="interpreter"):
+        preflight(config)
+
+
+def test_compiled_packed_scattermoe_run_with_gradient_checkpointing(tmp_path, caplog):
+    """The flags together through the entry point, with gradient checkpointing on (the default), compiled for real."""
+    torch._dynamo.reset()
+    output_dir = tmp_path / "run"
+    assert qwen3_sft.main([
+        "--output_dir", str(output_dir), "--bundled_examples", "64", "--max_steps", "3", "--logging_steps", "1",
+        "--save_strategy", "no", "--report_to", "none", "--max_length", "128", "--micro_batch_size", "4",
+        "--use_packing", "--use_fast_moe_block", "--torch_compile", "--torch_compile_backend", "aot_eager",
+    ]) == 0
+    assert not [r for r in caplog.records if "continuing uncompiled" in r.getMessage()]
