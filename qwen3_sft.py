@@ -41,6 +41,16 @@ def configure_logging(config: TurboTuneConfig) -> None:
     transformers.utils.logging.set_verbosity(level)
 
 
+def join_process_group(config: TurboTuneConfig) -> None:
+    """Set up devices and the process group now, not in the Trainer: ZeRO-3 partitions the weights while they load
+    (deepspeed.zero.Init needs the world size), and only the main process should log at INFO."""
+    config.device  # noqa: B018 (TrainingArguments sets up accelerate's PartialState on first access)
+    if config.deepspeed and dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed()  # DeepSpeed's comm adopts the group (accelerate does this itself on GPUs only)
+
+
 def configure_mlflow() -> None:
     """A local store in ./mlruns (SQLite: MLflow's file store is retired) unless MLFLOW_TRACKING_URI says otherwise."""
     if "MLFLOW_TRACKING_URI" not in os.environ:
@@ -98,13 +108,10 @@ def train(config: TurboTuneConfig) -> Path:
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer, efficiency=efficiency
     )
     trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(config.output_dir)
+    trainer.save_final_model(config.output_dir)
     trainer.save_state()
-    if config.merge_lora and trainer.is_world_process_zero():
-        merged_dir = Path(config.output_dir) / "merged"
-        trainer.model.merge_and_unload().save_pretrained(merged_dir)
-        tokenizer.save_pretrained(merged_dir)
-        logger.info("Merged model written to %s.", merged_dir)
+    if config.merge_lora:
+        trainer.save_merged_model(Path(config.output_dir) / "merged", tokenizer)
     logger.info("Final model written to %s.", config.output_dir)
     return Path(config.output_dir)
 
@@ -112,6 +119,7 @@ def train(config: TurboTuneConfig) -> Path:
 def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_config(argv)
+        join_process_group(config)
         configure_logging(config)
         configure_mlflow()
         train(config)

@@ -3,21 +3,21 @@
 #   MODEL_PATH      local Qwen3-MoE checkpoint        (unset: the embedded tiny model)
 #   DATA_PATH       local data file or folder         (unset: the bundled chat task)
 #   CKPT_PREFIX     folder that receives run folders  (unset: outputs)
-#   DS_CONFIG_PATH  DeepSpeed config, e.g. config/zero3.json (unset: no DeepSpeed)
+#   DS_CONFIG_PATH  DeepSpeed config, e.g. config/zero3.json (unset: no DeepSpeed; add --fsdp for FSDP2)
+#   TURBO_TUNE_NO_VENV=1  use the python3 on PATH instead of creating .venv (see scripts/common.sh)
 # Any argument is passed on to qwen3_sft.py, e.g. `bash qwen3_sft.sh --use_fast_moe_block --max_steps 100`.
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/common.sh && ensure_venv
 
-num_gpus="$(python -c 'import torch; print(torch.cuda.device_count())')"
+num_gpus="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')"
 run_args "${CKPT_PREFIX:-outputs}/qwen3-sft-$(date +%Y%m%d-%H%M%S)"
 
+# torchrun (as `python -m torch.distributed.run`) for every engine: the Trainer builds DeepSpeed from the config.
 if [ "$num_gpus" -eq 0 ]; then
-    launch=(python qwen3_sft.py)
-elif [ -n "${DS_CONFIG_PATH:-}" ]; then
-    launch=(deepspeed --num_gpus "$num_gpus" qwen3_sft.py)
+    launch=("$PYTHON" qwen3_sft.py)
 else
-    launch=(torchrun --standalone --nproc_per_node "$num_gpus" qwen3_sft.py)
+    launch=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$num_gpus" qwen3_sft.py)
 fi
 echo "+ ${launch[*]} ${RUN_ARGS[*]} $*" >&2
 exec "${launch[@]}" "${RUN_ARGS[@]}" "$@"

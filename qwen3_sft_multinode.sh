@@ -4,6 +4,7 @@
 #   NNODES (default 1), NODE_RANK (default 0), GPUS_PER_NODE (default: all GPUs of this node)
 #   RUN_NAME        run folder name, the same on every node (default qwen3-sft-multinode); use a new one per job
 #   MODEL_PATH DATA_PATH CKPT_PREFIX DS_CONFIG_PATH  as in qwen3_sft.sh; CKPT_PREFIX should be shared storage.
+#   TURBO_TUNE_NO_VENV=1  use the python3 on PATH instead of creating .venv (see scripts/common.sh)
 # Any argument is passed on to qwen3_sft.py.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -11,10 +12,10 @@ cd "$(dirname "$0")"
 : "${MASTER_PORT:?set MASTER_PORT to a free port on node 0, e.g. 29500}"
 source scripts/common.sh && ensure_venv
 
-gpus_per_node="${GPUS_PER_NODE:-$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')}"
+gpus_per_node="${GPUS_PER_NODE:-$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')}"
 run_args "${CKPT_PREFIX:-outputs}/${RUN_NAME:-qwen3-sft-multinode}"
 
-launch=(torchrun --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$gpus_per_node"
+launch=("$PYTHON" -m torch.distributed.run --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$gpus_per_node"
         --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" qwen3_sft.py)
 echo "+ ${launch[*]} ${RUN_ARGS[*]} $*" >&2
 exec "${launch[@]}" "${RUN_ARGS[@]}" "$@"

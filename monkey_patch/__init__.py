@@ -17,6 +17,11 @@ def preflight(config: TurboTuneConfig) -> None:
         from monkey_patch.fp8 import check_fp8_supported
 
         check_fp8_supported(config)
+    if config.fsdp and not torch.cuda.is_available():
+        raise ConfigError(
+            "--fsdp needs CUDA GPUs: accelerate applies FSDP only on accelerators, so on the CPU the model would "
+            "silently train unsharded. Drop --fsdp, or shard on the CPU with --deepspeed_config config/zero3.json."
+        )
     if config.use_liger_kernel and not torch.cuda.is_available():
         raise ConfigError(
             "--use_liger_kernel needs a CUDA GPU: Liger's kernels do not run on the CPU, not even in Triton's "

@@ -6,7 +6,9 @@ from pathlib import Path
 import pyarrow.compute as pc
 import torch
 from datasets import Dataset
-from peft import PeftModel
+from peft import PeftModel, get_peft_model
+from transformers import PreTrainedTokenizerBase
+from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import SFTTrainer
 
 from callback import EfficiencyCallback
@@ -76,3 +78,40 @@ class TurboSFTTrainer(SFTTrainer):
         saved = type(target).from_pretrained(resume_from_checkpoint, dtype=dtype, device_map="cpu")
         target.load_state_dict(saved.state_dict(), strict=True)
         logger.info("Weights restored from %s.", resume_from_checkpoint)
+
+    def weights_are_sharded(self) -> bool:
+        """Whether no single rank holds whole weights (ZeRO-3, FSDP), so saving or merging needs the engine's gather."""
+        return self.is_fsdp_enabled or (self.is_deepspeed_enabled and is_deepspeed_zero3_enabled())
+
+    def save_final_model(self, output_dir: str) -> None:
+        """The trained model as one Hugging Face checkpoint, whatever the engine.
+
+        FSDP checkpoints stay sharded (fast to write, and resumable on the same world size); for the final model the
+        engine gathers the full state dict onto rank 0 instead. ZeRO-3 gathers through
+        `stage3_gather_16bit_weights_on_model_save` inside `save_model`.
+        """
+        if self.is_fsdp_enabled:
+            self.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        self.save_model(output_dir)
+
+    def save_merged_model(self, output_dir: Path, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Merge the LoRA adapters into the base weights and write the full model from rank 0.
+
+        Under ZeRO-3 and FSDP every rank holds only a shard, so merging the live model would merge shards: the engine
+        first gathers the full state dict onto rank 0's CPU, where a weightless (meta) copy of the model takes it
+        over and merges. Every rank must call this, since the gather is collective.
+        """
+        peft_model = self.accelerator.unwrap_model(self.model)
+        if not isinstance(peft_model, PeftModel):
+            raise TypeError(f"save_merged_model needs a peft model, got {type(peft_model).__name__}.")
+        if self.weights_are_sharded():
+            state_dict = self.accelerator.get_state_dict(self.deepspeed if self.is_deepspeed_enabled else self.model)
+            if self.is_world_process_zero():
+                base = peft_model.get_base_model()
+                with torch.device("meta"):
+                    peft_model = get_peft_model(type(base)(base.config), peft_model.peft_config["default"])
+                peft_model.load_state_dict(state_dict, strict=True, assign=True)
+        if self.is_world_process_zero():
+            peft_model.merge_and_unload().save_pretrained(output_dir)
+            tokenizer.save_pretrained(output_dir)
+            logger.info("Merged model written to %s.", output_dir)

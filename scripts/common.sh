@@ -1,10 +1,17 @@
 # Sourced by the launch and test scripts.
 
 # ensure_venv [extra requirements file...]: make .venv and install each pinned requirements file into it on first
-# use (and again whenever that file changes), then put the venv first on PATH. TURBO_TUNE_VENV picks another place.
+# use (and again whenever that file changes), then put the venv first on PATH. TURBO_TUNE_VENV picks another place;
+# TURBO_TUNE_NO_VENV=1 skips the venv and uses the python3 on PATH (an image that already has the requirements).
+# Sets PYTHON to the interpreter to launch with.
 ensure_venv() {
     local root venv file stamp
     root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+    export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+    if [ "${TURBO_TUNE_NO_VENV:-0}" = 1 ]; then
+        PYTHON=python3
+        return
+    fi
     venv="${TURBO_TUNE_VENV:-$root/.venv}"
     if [ ! -x "$venv/bin/python" ]; then
         echo "Creating $venv (first run: a few minutes)..." >&2
@@ -22,7 +29,7 @@ ensure_venv() {
         fi
     done
     export PATH="$venv/bin:$PATH"
-    export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+    PYTHON=python
 }
 
 # run_args OUTPUT_DIR: set RUN_ARGS to the qwen3_sft.py flags that the environment variables ask for.

@@ -1,4 +1,9 @@
-"""Two CPU processes over gloo train exactly like one process on the same global batch (FSDP2 and plain DDP)."""
+"""Two CPU processes over gloo train exactly like one process on the same global batch.
+
+Plain DDP and DeepSpeed ZeRO-2/ZeRO-3 (DeepSpeed's CPU accelerator) run here; ZeRO-3 also resumes from its sharded
+checkpoint, writes one consolidated Hugging Face model and merges LoRA from the gathered weights. accelerate applies
+FSDP only on GPUs, so FSDP's runs are in benchmarks/distributed.py; here `--fsdp` must refuse the CPU.
+"""
 
 import json
 import os
@@ -8,11 +13,23 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from monkey_patch import preflight
+from turbo_tune.arguments import parse_config
+from turbo_tune.errors import ConfigError
+from turbo_tune.modeling import EMBEDDED_MODEL_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
 COMMON = ["--bundled_examples", "96", "--max_steps", str(STEPS), "--logging_steps", "1", "--report_to", "none",
-          "--global_batch_size", "8", "--gradient_checkpointing", "false", "--save_steps", str(STEPS // 2)]
+          "--global_batch_size", "8", "--micro_batch_size", "4", "--gradient_checkpointing", "false",
+          "--save_steps", str(STEPS // 2), "--learning_rate", "2e-3"]
+ZERO2 = ["--deepspeed_config", "config/zero2.json"]
+ZERO3 = ["--deepspeed_config", "config/zero3.json"]
 
 
 def free_port() -> int:
@@ -21,37 +38,124 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def train(output_dir: Path, processes: int, *flags: str) -> dict[int, float]:
+def launch(processes: int, *args: str) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                 "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    command = [*launcher, str(ROOT / "qwen3_sft.py"), "--output_dir", str(output_dir), *COMMON, *flags]
-    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run([*launcher, *args], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def train(output_dir: Path, processes: int, model_path: Path, *flags: str) -> dict[int, float]:
+    launch(processes, str(ROOT / "qwen3_sft.py"), "--output_dir", str(output_dir), "--model_path", str(model_path),
+           *COMMON, *flags)
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
 
 
 @pytest.fixture(scope="module")
-def single_process_losses(tmp_path_factory):
-    return train(tmp_path_factory.mktemp("single") / "out", 1, "--micro_batch_size", "4")
+def checkpoint(tmp_path_factory) -> Path:
+    """The embedded tiny model saved as a checkpoint, so that every engine starts from the same weights: under ZeRO-3
+    a randomly initialised model is built already partitioned and draws different random numbers."""
+    path = tmp_path_factory.mktemp("tiny-checkpoint")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(EMBEDDED_MODEL_DIR)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(EMBEDDED_MODEL_DIR).save_pretrained(path)
+    return path
 
 
-@pytest.mark.parametrize("engine", [["--fsdp"], []], ids=["fsdp2", "ddp"])
-def test_two_processes_match_one_on_the_same_global_batch(tmp_path, single_process_losses, engine):
-    losses = train(tmp_path / "out", 2, "--micro_batch_size", "4", *engine)
-    assert sorted(losses) == sorted(single_process_losses) == list(range(1, STEPS + 1))
-    for step, loss in single_process_losses.items():
-        assert losses[step] == pytest.approx(loss, rel=1e-4), step
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory, checkpoint) -> tuple[Path, dict[int, float]]:
+    output_dir = tmp_path_factory.mktemp("single") / "out"
+    return output_dir, train(output_dir, 1, checkpoint)
 
 
-def test_fsdp_run_saves_a_consolidated_model_and_resumes_from_sharded_state(tmp_path):
-    first = tmp_path / "first"
-    expected = train(first, 2, "--micro_batch_size", "4", "--fsdp")
-    assert (first / "model.safetensors").is_file()
-    checkpoint = first / f"checkpoint-{STEPS // 2}"
-    assert checkpoint.is_dir()
-    resumed = train(tmp_path / "resumed", 2, "--micro_batch_size", "4", "--fsdp",
-                    "--resume_from_checkpoint", str(checkpoint))
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory, checkpoint) -> tuple[Path, dict[int, float]]:
+    output_dir = tmp_path_factory.mktemp("zero3") / "out"
+    return output_dir, train(output_dir, 2, checkpoint, *ZERO3)
+
+
+def assert_same_losses(losses: dict[int, float], expected: dict[int, float], rel: float = 1e-4) -> None:
+    assert sorted(losses) == sorted(expected) == list(range(1, STEPS + 1))
+    for step, loss in expected.items():
+        assert losses[step] == pytest.approx(loss, rel=rel), step
+
+
+@pytest.mark.parametrize("engine", [[], ZERO2], ids=["ddp", "zero2"])
+def test_two_processes_match_one_on_the_same_global_batch(tmp_path, checkpoint, single_process, engine):
+    assert_same_losses(train(tmp_path / "out", 2, checkpoint, *engine), single_process[1])
+
+
+def test_zero3_matches_one_process_and_saves_one_consolidated_model(single_process, zero3_run):
+    (single_dir, expected), (zero3_dir, losses) = single_process, zero3_run
+    assert_same_losses(losses, expected)
+    assert (zero3_dir / f"checkpoint-{STEPS // 2}" / f"global_step{STEPS // 2}").is_dir()  # sharded engine state
+    consolidated, reference = load_file(zero3_dir / "model.safetensors"), load_file(single_dir / "model.safetensors")
+    assert consolidated.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(consolidated[name], tensor, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_zero3_resume_from_sharded_state_continues_the_losses(tmp_path, checkpoint, zero3_run):
+    first, expected = zero3_run
+    resumed = train(tmp_path / "resumed", 2, checkpoint, *ZERO3,
+                    "--resume_from_checkpoint", str(first / f"checkpoint-{STEPS // 2}"))
     for step in range(STEPS // 2 + 1, STEPS + 1):
         assert resumed[step] == pytest.approx(expected[step], rel=1e-5), step
+
+
+def test_zero3_merge_lora_merges_the_gathered_weights(tmp_path, checkpoint):
+    output_dir = tmp_path / "out"
+    train(output_dir, 2, checkpoint, *ZERO3, "--use_lora", "--merge_lora", "--save_strategy", "no")
+    merged = AutoModelForCausalLM.from_pretrained(output_dir / "merged").state_dict()  # experts saved per expert
+    base = AutoModelForCausalLM.from_pretrained(checkpoint)
+    original = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+    reference = PeftModel.from_pretrained(base, output_dir).merge_and_unload().state_dict()
+    assert merged.keys() == reference.keys()
+    changed = [name for name in reference if not torch.equal(reference[name], original[name])]
+    assert "model.layers.0.self_attn.q_proj.weight" in changed  # the adapters trained, so the merge shows
+    for name, tensor in reference.items():
+        torch.testing.assert_close(merged[name], tensor, msg=name)
+
+
+LEAF_PROBE = """
+import json, sys
+from deepspeed.utils import z3_leaf_module
+from qwen3_sft import join_process_group
+from monkey_patch.sft_trainer import TurboSFTTrainer
+from turbo_tune.arguments import parse_config
+from turbo_tune.modeling import load_model, load_tokenizer
+from turbo_tune.toy_task import bundled_dataset
+
+config = parse_config(sys.argv[1:])
+join_process_group(config)
+trainer = TurboSFTTrainer(model=load_model(config), args=config, train_dataset=bundled_dataset(16, seed=0),
+                          processing_class=load_tokenizer(config))
+trainer.train()
+blocks = [m for m in trainer.model_wrapped.module.modules() if type(m).__name__ == "Qwen3MoeSparseMoeBlock"]
+print("PROBE", json.dumps({
+    "blocks": len(blocks),
+    "leaf": [z3_leaf_module(block) for block in blocks],
+    "owned": [all(getattr(p, "ds_z3_leaf_module", None) is block for p in block.parameters()) for block in blocks],
+}))
+"""
+
+
+def test_zero3_gathers_each_moe_block_as_one_leaf(tmp_path, checkpoint):
+    """The experts' 3D weights and the router are fetched together at the MoE block, with no hooks inside it."""
+    result = launch(1, "--no-python", sys.executable, "-c", LEAF_PROBE, "--output_dir", str(tmp_path / "out"),
+                    "--model_path", str(checkpoint), "--report_to", "none", "--max_steps", "1",
+                    "--save_strategy", "no", *ZERO3)
+    probe = json.loads(result.stdout.split("PROBE ", 1)[1])
+    assert probe["blocks"] == AutoConfig.from_pretrained(checkpoint).num_hidden_layers
+    assert all(probe["leaf"]) and all(probe["owned"])
+
+
+def test_fsdp_refuses_the_cpu_instead_of_training_unsharded(tmp_path):
+    config = parse_config(["--output_dir", str(tmp_path / "out"), "--report_to", "none", "--fsdp"])
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine runs FSDP")
+    with pytest.raises(ConfigError, match="--fsdp needs CUDA GPUs"):
+        preflight(config)

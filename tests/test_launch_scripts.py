@@ -55,6 +55,17 @@ def test_multinode_script_runs_torchrun_with_the_rendezvous(tmp_path):
            "CKPT_PREFIX": str(tmp_path), "RUN_NAME": "job1"}
     result = launch("qwen3_sft_multinode.sh", env, *SHORT_RUN)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (f"+ torchrun --nnodes 1 --node_rank 0 --nproc_per_node 1 --master_addr 127.0.0.1 --master_port {port} "
-            f"qwen3_sft.py --output_dir {tmp_path}/job1") in result.stderr
+    assert (f"+ python -m torch.distributed.run --nnodes 1 --node_rank 0 --nproc_per_node 1 --master_addr 127.0.0.1 "
+            f"--master_port {port} qwen3_sft.py --output_dir {tmp_path}/job1") in result.stderr
     assert (tmp_path / "job1" / "model.safetensors").is_file()
+
+
+def test_no_venv_mode_runs_the_python3_on_path_and_creates_no_venv(tmp_path):
+    venv = tmp_path / "venv"
+    env = {"TURBO_TUNE_NO_VENV": "1", "TURBO_TUNE_VENV": str(venv), "CKPT_PREFIX": str(tmp_path / "runs"),
+           "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"}  # stands in for an image with the requirements
+    result = launch("qwen3_sft.sh", env, "--model_dtype", "float13")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"+ python3 qwen3_sft.py --output_dir {tmp_path}/runs/qwen3-sft-" in result.stderr
+    assert "--model_dtype 'float13' is not one of" in result.stderr
+    assert not venv.exists()

@@ -161,8 +161,14 @@ class TurboTuneConfig(SFTConfig):
                 "(unset DS_CONFIG_PATH to use FSDP)."
             )
         if isinstance(ds_config, str):
-            load_json_config(ds_config, "--deepspeed_config (DS_CONFIG_PATH)")
+            zero = load_json_config(ds_config, "--deepspeed_config (DS_CONFIG_PATH)").get("zero_optimization", {})
             self.deepspeed = ds_config
+            if self.merge_lora and zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save"):
+                raise ConfigError(
+                    f"--merge_lora with ZeRO-3 needs \"stage3_gather_16bit_weights_on_model_save\": true in "
+                    f"{ds_config}: merging needs the full weights, which ZeRO-3 only gathers with it "
+                    "(see config/zero3.json)."
+                )
         if self.fsdp:
             self.fsdp_config = self.fsdp_config or str(DEFAULT_FSDP_CONFIG)
             if isinstance(self.fsdp_config, str):
