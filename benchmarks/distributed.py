@@ -156,7 +156,8 @@ def stages(runner: Runner, models: dict[str, Path], args: argparse.Namespace) ->
             gpus = 1 if engine == "single" else 2
             output_dir = args.out / "runs" / f"{model}-{engine}"
             command = [*launch_command(gpus), "--output_dir", str(output_dir), *train_flags(path, model, args), *flags]
-            ok = runner.run(f"{model}-{engine}", command)
+            # One visible GPU, or the Trainer would spread a plain process over both with nn.DataParallel.
+            ok = runner.run(f"{model}-{engine}", command, {"CUDA_VISIBLE_DEVICES": "0"} if gpus == 1 else None)
             entries = history(output_dir)
             row = {"model": model, "engine": engine, "gpus": gpus, "ok": ok and len(entries) == args.steps}
             if entries:
