@@ -9,8 +9,10 @@ the model reached its device and through a peft wrapper. Turbo-Tune only chooses
   ``is_top1``, from which ``mean_token_accuracy`` is logged.
 * ``swiglu`` is off with ``--use_fast_moe_block``: in liger-kernel 0.8.5 it rebinds every experts module's
   ``forward`` to ``LigerExperts.forward``, which would bypass transformers' experts dispatch and so ScatterMoE.
-* ``rope`` is off with ``--torch_compile``: Liger's RoPE Triton kernel does not trace under Dynamo on triton 3.6
-  ("'float' object has no attribute 'to'"), so the compiled layers use transformers' RoPE instead.
+* ``rope`` and ``rms_norm`` are off with ``--torch_compile``: Liger's kernels inside the compiled layers failed to
+  trace under Dynamo on triton 3.6 with "'float' object has no attribute 'to'" (reported for the RoPE/norm pair).
+  That message is RMSNorm's ``eps.to(tl.float32)`` on a Python float, the same error Triton's CPU interpreter
+  raises, so both stay out and Inductor fuses transformers' RMSNorm and RoPE instead.
 """
 
 import logging
@@ -26,18 +28,19 @@ def liger_kernel_config(config: TurboTuneConfig) -> dict[str, bool]:
     if config.use_fast_moe_block:
         chosen["swiglu"] = False
     if config.torch_compile:
-        chosen["rope"] = False
+        chosen.update(rope=False, rms_norm=False)
     return chosen
 
 
 def configure_liger(config: TurboTuneConfig) -> None:
     """Set ``config.liger_kernel_config``, which the Trainer hands to Liger when training starts."""
     config.liger_kernel_config = liger_kernel_config(config)
-    off = [name for name in ("rope", "swiglu") if config.liger_kernel_config.get(name) is False]
-    reasons = {"rope": "transformers' RoPE under --torch_compile", "swiglu": "ScatterMoE experts"}
+    names = {"rms_norm": "RMSNorm", "rope": "RoPE", "swiglu": "SwiGLU experts"}
+    reasons = {"rms_norm": "compiled by Inductor (--torch_compile)", "rope": "compiled by Inductor (--torch_compile)",
+               "swiglu": "the experts run through ScatterMoE (--use_fast_moe_block)"}
+    on = [names[k] for k in names if config.liger_kernel_config.get(k) is not False]
+    off = [f"{names[k]}: {reasons[k]}" for k in names if config.liger_kernel_config.get(k) is False]
     logger.info(
-        "Liger kernels for Qwen3-MoE: RMSNorm%s%s; loss and token accuracy from TRL's fused LM head.%s",
-        "" if "rope" in off else ", RoPE",
-        "" if "swiglu" in off else ", SwiGLU experts",
-        "".join(f" Not Liger's {name}: {reasons[name]}." for name in off),
+        "Liger kernels for Qwen3-MoE: %s; loss and token accuracy come from TRL's fused LM head.%s",
+        ", ".join(on) or "none", "".join(f" Not Liger's {item}." for item in off),
     )

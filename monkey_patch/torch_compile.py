@@ -58,7 +58,7 @@ class _Fallback:
 
 def compile_decoder_layers(model: torch.nn.Module, config: TurboTuneConfig) -> None:
     """Compile every decoder layer with the Trainer's backend and mode flags (idempotent)."""
-    if getattr(model, COMPILED_MARK, False):
+    if is_compiled_per_layer(model):
         return
     fallback = _Fallback()
     options = {"backend": config.torch_compile_backend or "inductor", "mode": config.torch_compile_mode}
@@ -66,9 +66,15 @@ def compile_decoder_layers(model: torch.nn.Module, config: TurboTuneConfig) -> N
     for layer in layers:
         # What nn.Module.compile() does, with the guard around the compiled call
         layer._compiled_call_impl = fallback.guard(layer, torch.compile(layer._call_impl, **options))
-    setattr(model, COMPILED_MARK, True)
+    setattr(model, COMPILED_MARK, fallback)
     logger.info("torch.compile (%s) on each of the %d decoder layers.", options["backend"], len(layers))
 
 
 def is_compiled_per_layer(model: torch.nn.Module) -> bool:
-    return bool(getattr(model, COMPILED_MARK, False))
+    return getattr(model, COMPILED_MARK, None) is not None
+
+
+def compile_fell_back(model: torch.nn.Module) -> bool:
+    """Whether the compiled layers hit a compilation failure and now run eagerly."""
+    fallback = getattr(model, COMPILED_MARK, None)
+    return fallback is not None and fallback.failed

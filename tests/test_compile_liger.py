@@ -18,7 +18,7 @@ import qwen3_sft
 from monkey_patch import apply_patches, preflight
 from monkey_patch.fast_moe import IMPLEMENTATION_NAME, apply_fast_moe_block
 from monkey_patch.sft_trainer import TurboSFTTrainer
-from monkey_patch.torch_compile import compile_decoder_layers, is_compiled_per_layer
+from monkey_patch.torch_compile import compile_decoder_layers, compile_fell_back, is_compiled_per_layer
 from turbo_tune.arguments import TurboTuneConfig
 from turbo_tune.errors import ConfigError
 from turbo_tune.modeling import EMBEDDED_MODEL_DIR, load_tokenizer
@@ -74,6 +74,7 @@ def test_failed_compile_falls_back_to_eager_with_a_warning(caplog):
     assert rel_err(actual, expected) < 1e-6
     warnings = [r.getMessage() for r in caplog.records if "continuing uncompiled" in r.getMessage()]
     assert len(warnings) == 1 and "backend exploded on purpose" in warnings[0]
+    assert compile_fell_back(model)
 
 
 @pytest.mark.parametrize(("flags", "rope", "swiglu"), [
@@ -91,14 +92,16 @@ def test_liger_config_keeps_scattermoe_and_compile_working(tmp_path, monkeypatch
     trainer = TurboSFTTrainer(model=model, args=config, train_dataset=bundled_dataset(8, seed=0),
                               processing_class=load_tokenizer(config))
     liger_config = trainer.args.liger_kernel_config
-    assert liger_config.get("rope") is rope and liger_config.get("swiglu") is swiglu
+    assert liger_config.get("rope") is rope and liger_config.get("rms_norm") is rope
+    assert liger_config.get("swiglu") is swiglu
     assert liger_config["fused_linear_cross_entropy"] is False  # TRL's fused LM head: no logits, token accuracy kept
     assert trainer.accelerator.state.dynamo_plugin.backend == DynamoBackend.NO  # layers compiled once, by us
     assert is_compiled_per_layer(trainer.model) == bool(flags.get("torch_compile"))
 
     apply_liger_kernel(trainer.model, liger_config)
     layer = trainer.model.model.layers[0]
-    assert layer.input_layernorm.forward.__func__ is LigerRMSNorm.forward
+    norm_forward = getattr(layer.input_layernorm.forward, "__func__", None)
+    assert (norm_forward is LigerRMSNorm.forward) == (rope is None)  # both stay out under --torch_compile
     experts_forward = layer.mlp.experts.forward.__func__.__qualname__
     if swiglu is False:
         assert experts_forward.startswith("Qwen3MoeExperts")  # transformers' dispatch, which routes to scattermoe

@@ -1,0 +1,289 @@
+"""End-to-end SFT training steps of a random-init Qwen3-MoE, one variant per flag set, through TurboSFTTrainer.
+
+    python benchmarks/e2e.py [--layers 4] [--seq 4096] [--batch 2] [--variants defaults fast_moe ...] [--out DIR]
+
+The model has Qwen3-30B-A3B's shape (hidden 2048, 128 experts, top-8, moe_intermediate 768, 32/4 heads of 128,
+vocab 151,936) with --layers decoder layers, built from its config (no download). Each variant runs in its own
+process, built the way qwen3_sft.py builds a run (preflight, attention choice, apply_patches, TurboSFTTrainer), and
+times full optimizer steps: forward, backward and AdamW, data loading included. Unpacked variants train on rows of
+exactly --seq tokens; packing variants on examples of a realistic length spread, packed into rows of --seq tokens
+(padding-free); both data sets are the same for every variant of their kind, so their losses are comparable.
+
+Reported per variant: real tokens/s per GPU, MFU (callback.py's FLOP count over the GPU's dense bf16 peak), median
+step time after --warmup steps, peak allocated memory, and the loss and token accuracy of the first and last step.
+A failing variant (an error, an OOM, a timeout) becomes a row with the reason; its log is in OUT/<variant>.log.
+The markdown table is printed last; OUT/e2e.json holds the rows, OUT/e2e.png a chart if matplotlib is installed.
+--hidden small shrinks every dimension so that the whole path runs on a CPU in seconds (a smoke test, not a benchmark).
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere; child processes get it through PYTHONPATH
+
+from callback import EfficiencyCallback, ModelFlops, device_peak_tflops, sequence_lengths  # noqa: E402
+
+VARIANTS = {
+    "defaults": [],
+    "fast_moe": ["use_fast_moe_block"],
+    "liger": ["use_liger_kernel"],
+    "compile": ["torch_compile"],
+    "packing": ["use_packing"],
+    "fp8": ["use_fp8"],
+    "all": ["use_fast_moe_block", "use_liger_kernel", "torch_compile", "use_packing"],
+    "all_fp8": ["use_fast_moe_block", "use_liger_kernel", "torch_compile", "use_packing", "use_fp8"],
+}
+
+SHAPES = {
+    # Qwen3-30B-A3B
+    "full": {"hidden_size": 2048, "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+             "intermediate_size": 6144, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+             "vocab_size": 151936},
+    "small": {"hidden_size": 64, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+              "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+              "vocab_size": 512},
+}
+TIME_BUDGET_S = 9 * 60
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", choices=sorted(SHAPES), default="full", help="model shape (small: CPU smoke test)")
+    parser.add_argument("--seq", type=int, default=4096, help="tokens per row")
+    parser.add_argument("--batch", type=int, default=2, help="rows per step (per GPU)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps; the median is reported")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="as qwen3_sft.py does by default")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--timeout", type=int, default=180, help="seconds per variant before it counts as failed")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "e2e_out"))
+    parser.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def packed_lengths(total_tokens: int, seq: int, seed: int) -> list[int]:
+    """Example lengths like an SFT mix: log-normal around ~600 tokens, a long tail, clipped to [32, seq]."""
+    import random
+
+    rng = random.Random(seed)
+    lengths = []
+    while sum(lengths) < total_tokens:
+        lengths.append(int(min(max(rng.lognormvariate(math.log(600), 0.9), 32), seq)))
+    return lengths
+
+
+def make_dataset(args: argparse.Namespace, packing: bool, vocab: int):
+    """Random token rows: exactly --seq long, or examples to pack (about 10% more tokens than the steps need)."""
+    from datasets import Dataset
+
+    rows = args.batch * (args.warmup + args.steps)
+    generator = torch.Generator().manual_seed(0)
+    if packing:
+        lengths = packed_lengths(int(rows * args.seq * 1.1), args.seq, seed=0)
+    else:
+        lengths = [args.seq] * rows
+    rows = [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in lengths]
+    return Dataset.from_dict({"input_ids": rows})
+
+
+def run_child(args: argparse.Namespace) -> dict:
+    """One variant in this process: build, patch, train --warmup + --steps steps, return the measurements."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    from monkey_patch import apply_patches, preflight
+    from monkey_patch.sft_trainer import TurboSFTTrainer
+    from monkey_patch.torch_compile import compile_fell_back
+    from turbo_tune.arguments import TurboTuneConfig
+    from turbo_tune.modeling import attention_implementation, load_tokenizer, weight_dtype
+
+    flags = {flag: True for flag in VARIANTS[args.child]}
+    work = tempfile.mkdtemp(prefix=f"e2e-{args.child}-")
+    config = TurboTuneConfig(
+        output_dir=work, report_to="none", save_strategy="no", logging_steps=1, max_steps=args.warmup + args.steps,
+        per_device_train_batch_size=args.batch, max_length=args.seq, gradient_checkpointing=args.gradient_checkpointing,
+        learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, dataloader_num_workers=0, seed=0,
+        train_on_all_tokens=True, disable_tqdm=True, **flags,
+    )
+    preflight(config)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model_config = Qwen3MoeConfig(
+        num_hidden_layers=args.layers, max_position_embeddings=max(args.seq, 4096), norm_topk_prob=True,
+        output_router_logits=True, use_cache=False, tie_word_embeddings=False, **SHAPES[args.hidden],
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(
+            model_config, dtype=weight_dtype(config), attn_implementation=attention_implementation(config)
+        )
+    model = apply_patches(model, config)
+
+    recorder = StepRecorder(ModelFlops.from_config(model_config), device_peak_tflops())
+    tokenizer = load_tokenizer(config)  # only its pad token matters: the data is token ids already
+    dataset = make_dataset(args, config.use_packing, model_config.vocab_size)
+    trainer = TurboSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                              efficiency=recorder)
+    trainer.train()
+    notes = [f"attention {model.config._attn_implementation}"]
+    if config.use_liger_kernel:
+        liger = [k for k in ("rms_norm", "rope", "swiglu") if config.liger_kernel_config.get(k) is not False]
+        notes.append(f"Liger {'+'.join(liger) or 'none'}")
+    if config.torch_compile:
+        notes.append("compile FELL BACK to eager (see log)" if compile_fell_back(model) else "compiled per layer")
+    return recorder.summary(args.warmup, ", ".join(notes))
+
+
+class StepRecorder(EfficiencyCallback):
+    """Per optimizer step: wall time (synchronized), real tokens, attention FLOPs, loss and token accuracy."""
+
+    def __init__(self, model_flops: ModelFlops, peak_tflops: float | None) -> None:
+        super().__init__(model_flops, peak_tflops)
+        self.steps: list[dict] = []
+
+    @staticmethod
+    def _sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def observe_batch(self, inputs: dict) -> None:
+        lengths = sequence_lengths(inputs).double()
+        self.steps[-1]["tokens"] += int(lengths.sum())
+        self.steps[-1]["sum_sq"] += float(lengths.square().sum())
+
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        self._sync()
+        self.steps.append({"start": time.perf_counter(), "tokens": 0, "sum_sq": 0.0})
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        self._sync()
+        self.steps[-1]["time"] = time.perf_counter() - self.steps[-1]["start"]
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        if logs and "loss" in logs and self.steps:
+            self.steps[-1].update(loss=logs["loss"], accuracy=logs.get("mean_token_accuracy"))
+
+    def summary(self, warmup: int, notes: str) -> dict:
+        timed = self.steps[warmup:] or self.steps
+        step_time = statistics.median(s["time"] for s in timed)
+        tokens = statistics.median(s["tokens"] for s in timed)
+        tflops = statistics.median(self.model_flops.flops(s["tokens"], s["sum_sq"]) for s in timed) / step_time / 1e12
+        return {
+            "ok": True, "notes": notes, "step_time_s": step_time, "tokens_per_step": tokens,
+            "tokens_per_s": tokens / step_time, "tflops": tflops,
+            "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+            "first_loss": self.steps[0].get("loss"), "last_loss": self.steps[-1].get("loss"),
+            "first_accuracy": self.steps[0].get("accuracy"), "last_accuracy": self.steps[-1].get("accuracy"),
+        }
+
+
+def child_argv(args: argparse.Namespace, name: str) -> list[str]:
+    argv = ["--layers", args.layers, "--hidden", args.hidden, "--seq", args.seq, "--batch", args.batch,
+            "--warmup", args.warmup, "--steps", args.steps, "--out", args.out, "--child", name]
+    return [str(a) for a in argv] + (["--gradient_checkpointing"] if args.gradient_checkpointing else [])
+
+
+def run_variant(name: str, args: argparse.Namespace, timeout: float) -> dict:
+    """The variant in a fresh process, so an OOM or a crash costs one row; its log goes to OUT/<name>.log."""
+    result_file = args.out / f"{name}.json"
+    result_file.unlink(missing_ok=True)
+    command = [sys.executable, str(Path(__file__).resolve()), *child_argv(args, name)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    start = time.perf_counter()
+    with open(args.out / f"{name}.log", "w") as log:
+        log.write("+ " + " ".join(command) + "\n")
+        log.flush()
+        try:
+            returncode = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            returncode = None
+    row = {"variant": name, "flags": " ".join(f"--{f}" for f in VARIANTS[name]) or "(transformers defaults)",
+           "wall_s": time.perf_counter() - start}
+    if returncode == 0 and result_file.is_file():
+        return {**row, **json.loads(result_file.read_text())}
+    if returncode is None:
+        reason = f"timed out after {timeout:.0f} s"
+    else:
+        reason = f"exit {returncode}: {last_error(name, args)}"
+    return {**row, "ok": False, "error": reason}
+
+
+def last_error(name: str, args: argparse.Namespace) -> str:
+    lines = [line.strip() for line in (args.out / f"{name}.log").read_text(errors="replace").splitlines()]
+    errors = [line for line in lines if "Error" in line or "error:" in line]
+    return (errors[-1] if errors else (lines[-1] if lines else "no output"))[:200]
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| variant | flags | notes | tokens/s/GPU | MFU | step s | peak GiB | loss first → last | "
+           "token acc first → last |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if not r["ok"]:
+            out.append(f"| {r['variant']} | `{r['flags']}` | **failed**: {r['error']} | | | | | | |")
+            continue
+        out.append(
+            f"| {r['variant']} | `{r['flags']}` | {r['notes']} | {r['tokens_per_s']:,.0f} | "
+            f"{'-' if r['mfu'] is None else format(r['mfu'], '.1%')} | {r['step_time_s']:.3f} | "
+            f"{fmt(r['peak_gib'], '.1f')} | {fmt(r['first_loss'], '.4f')} → {fmt(r['last_loss'], '.4f')} | "
+            f"{fmt(r['first_accuracy'], '.4f')} → {fmt(r['last_accuracy'], '.4f')} |"
+        )
+    return "\n".join(out)
+
+
+def chart(rows: list[dict], path: Path) -> None:
+    """A bar chart of tokens/s when matplotlib is installed; nothing otherwise."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    ok = [r for r in rows if r["ok"]]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.barh([r["variant"] for r in ok], [r["tokens_per_s"] for r in ok])
+    ax.set_xlabel("tokens/s per GPU")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.child:
+        result = run_child(args)
+        (args.out / f"{args.child}.json").write_text(json.dumps(result))
+        return 0
+    start = time.perf_counter()
+    rows = []
+    for name in args.variants:
+        left = TIME_BUDGET_S - (time.perf_counter() - start)
+        if left < 30:
+            rows.append({"variant": name, "flags": "", "ok": False, "error": "not run: time budget spent"})
+        else:
+            rows.append(run_variant(name, args, min(args.timeout, left)))
+        print(f"{name}: {'ok' if rows[-1]['ok'] else rows[-1]['error']}", flush=True)
+    (args.out / "e2e.json").write_text(json.dumps(rows, indent=1))
+    chart(rows, args.out / "e2e.png")
+    print(table(rows))
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
