@@ -136,12 +136,36 @@ def run_child(args: argparse.Namespace) -> dict:
                               efficiency=recorder)
     trainer.train()
     notes = [f"attention {model.config._attn_implementation}"]
+    if model.config._attn_implementation == "varlen_sdpa":
+        notes.append(f"varlen vs masked SDPA rel err out/grad {varlen_check(model_config, weight_dtype(config))}")
     if config.use_liger_kernel:
         liger = [k for k in ("rms_norm", "rope", "swiglu") if config.liger_kernel_config.get(k) is not False]
         notes.append(f"Liger {'+'.join(liger) or 'none'}")
     if config.torch_compile:
         notes.append("compile FELL BACK to eager (see log)" if compile_fell_back(model) else "compiled per layer")
     return recorder.summary(args.warmup, ", ".join(notes))
+
+
+def varlen_check(model_config, dtype: torch.dtype) -> str:
+    """varlen_sdpa against SDPA with the block-diagonal mask, on this device and the model's heads: output and
+    query-gradient relative errors (a wrong boundary shows up as an error near 1, bf16 rounding near 1e-2)."""
+    from monkey_patch.attention import varlen_sdpa_attention
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    lengths = torch.tensor([700, 1300, 64, 2032], device=device)
+    doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+    position_ids = torch.cat([torch.arange(n, device=device) for n in lengths.tolist()])[None]
+    mask = (doc[:, None] == doc[None, :]) & torch.ones(len(doc), len(doc), dtype=torch.bool, device=device).tril()
+    heads = (model_config.num_attention_heads, model_config.num_key_value_heads, model_config.num_key_value_heads)
+    q, k, v = (torch.randn(1, h, len(doc), model_config.head_dim, device=device, dtype=dtype).requires_grad_()
+               for h in heads)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    (expected_grad,) = torch.autograd.grad(expected.float().square().sum(), q)
+    actual, _ = varlen_sdpa_attention(torch.nn.Module(), q, k, v, None, position_ids=position_ids)
+    (actual_grad,) = torch.autograd.grad(actual.float().square().sum(), q)
+    errors = [((a.float() - e.float()).norm() / e.float().norm()).item()
+              for a, e in ((actual.transpose(1, 2), expected), (actual_grad, expected_grad))]
+    return "/".join(f"{e:.1e}" for e in errors)
 
 
 class StepRecorder(EfficiencyCallback):

@@ -25,6 +25,8 @@ def test_tiny_variants_run_and_a_failure_is_a_row(tmp_path):
     assert rows["packing"]["ok"], (tmp_path / "packing.log").read_text()[-2000:]
     assert rows["packing"]["tokens_per_s"] > 0 and rows["packing"]["first_loss"] > 0
     assert "varlen_sdpa" in rows["packing"]["notes"]
+    errors = rows["packing"]["notes"].split("rel err out/grad ")[1].split(",")[0].split("/")
+    assert all(float(e) < 1e-5 for e in errors)  # fp32 on the CPU
     assert not rows["liger"]["ok"] and "--use_liger_kernel needs a CUDA GPU" in rows["liger"]["error"]
     assert result.returncode == 1
     assert result.stdout.rstrip().splitlines()[-1].startswith("| liger |")  # the table comes last
