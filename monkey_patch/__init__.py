@@ -58,7 +58,9 @@ def revert_patches(model: torch.nn.Module) -> torch.nn.Module:
     """Undo apply_patches, so the model runs exactly as transformers ships it."""
     from monkey_patch.fast_moe import revert_fast_moe_block
     from monkey_patch.fp8 import revert_fp8
+    from monkey_patch.torch_compile import uncompile_decoder_layers
 
+    uncompile_decoder_layers(model)
     revert_fp8(model)
     revert_fast_moe_block(model)
     return model

@@ -78,3 +78,12 @@ def compile_fell_back(model: torch.nn.Module) -> bool:
     """Whether the compiled layers hit a compilation failure and now run eagerly."""
     fallback = getattr(model, COMPILED_MARK, None)
     return fallback is not None and fallback.failed
+
+
+def uncompile_decoder_layers(model: torch.nn.Module) -> None:
+    """Undo compile_decoder_layers: the layers run eagerly again (Liger's patches, applied by the Trainer, stay)."""
+    if not is_compiled_per_layer(model):
+        return
+    for layer in decoder_layers(model):
+        layer._compiled_call_impl = None
+    delattr(model, COMPILED_MARK)

@@ -15,7 +15,7 @@ from transformers.integrations.liger import apply_liger_kernel
 from transformers.models.qwen3_moe import modeling_qwen3_moe
 
 import qwen3_sft
-from monkey_patch import apply_patches, preflight
+from monkey_patch import apply_patches, preflight, revert_patches
 from monkey_patch.fast_moe import IMPLEMENTATION_NAME, apply_fast_moe_block
 from monkey_patch.sft_trainer import TurboSFTTrainer
 from monkey_patch.torch_compile import compile_decoder_layers, compile_fell_back, is_compiled_per_layer
@@ -75,6 +75,8 @@ def test_failed_compile_falls_back_to_eager_with_a_warning(caplog):
     warnings = [r.getMessage() for r in caplog.records if "continuing uncompiled" in r.getMessage()]
     assert len(warnings) == 1 and "backend exploded on purpose" in warnings[0]
     assert compile_fell_back(model)
+    revert_patches(model)
+    assert not is_compiled_per_layer(model) and all(layer._compiled_call_impl is None for layer in model.model.layers)
 
 
 @pytest.mark.parametrize(("flags", "rope", "swiglu"), [
