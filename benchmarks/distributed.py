@@ -152,7 +152,8 @@ def summarize(entries: list[dict], reference: list[dict]) -> dict:
 def stages(runner: Runner, models: dict[str, Path], args: argparse.Namespace) -> dict:
     results = {}
     for model, path in models.items():
-        for engine, flags in ENGINES.items():
+        for engine in args.engines:
+            flags = ENGINES[engine]
             gpus = 1 if engine == "single" else 2
             output_dir = args.out / "runs" / f"{model}-{engine}"
             command = [*launch_command(gpus), "--output_dir", str(output_dir), *train_flags(path, model, args), *flags]
@@ -279,6 +280,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--phases", nargs="+", choices=["stages", "resume", "multinode", "compat"],
                         default=["stages", "resume", "multinode"])
     parser.add_argument("--models", nargs="+", choices=["tiny", "a3b"], default=["tiny", "a3b"])
+    parser.add_argument("--engines", nargs="+", choices=list(ENGINES), default=list(ENGINES),
+                        help="engines of the stages phase (resume needs zero3 and fsdp, multinode zero3)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--global_batch", type=int, default=16, help="sequences per optimizer step, every engine")
     parser.add_argument("--accumulation", type=int, default=2, help="gradient accumulation steps on two GPUs")
