@@ -13,7 +13,7 @@ import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
 from .scattermoe.compilable_ops import scattermoe_experts
-from .scattermoe.lora_ops import LowRank, scattermoe_lora_experts
+from .scattermoe.ops import LowRank
 
 try:  # peft's parametrization for one unmerged adapter on a 3D parameter (peft >= 0.21); absent: fold fallback
     from peft.tuners.lora.layer import _LoraFactorsProxy
@@ -67,10 +67,7 @@ def scattermoe_experts_forward(
     w_gate_up, gate_up_lora = _weight_and_lora(self, "gate_up_proj")
     w_down, down_lora = _weight_and_lora(self, "down_proj")
     x = hidden_states.to(w_gate_up.dtype)
-    if gate_up_lora is None and down_lora is None:
-        out = scattermoe_experts(x, w_gate_up, w_down, top_k_weights, top_k_index)
-    else:
-        out = scattermoe_lora_experts(x, w_gate_up, w_down, top_k_weights, top_k_index, gate_up_lora, down_lora)
+    out = scattermoe_experts(x, w_gate_up, w_down, top_k_weights, top_k_index, gate_up_lora, down_lora)
     return out.to(hidden_states.dtype)
 
 

@@ -98,6 +98,11 @@ def test_zero3_matches_one_process_and_saves_one_consolidated_model(single_proce
         torch.testing.assert_close(consolidated[name], tensor, atol=1e-4, rtol=1e-3, msg=name)
 
 
+def test_zero3_runs_the_scattermoe_experts_on_the_gathered_weights(tmp_path, checkpoint, single_process):
+    """The Triton experts (CPU interpreter) read each MoE block's weights after ZeRO-3 gathers them."""
+    assert_same_losses(train(tmp_path / "out", 2, checkpoint, *ZERO3, "--use_fast_moe_block"), single_process[1])
+
+
 def test_zero3_resume_from_sharded_state_continues_the_losses(tmp_path, checkpoint, zero3_run):
     first, expected = zero3_run
     resumed = train(tmp_path / "resumed", 2, checkpoint, *ZERO3,

@@ -10,8 +10,8 @@ from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from monkey_patch.fast_moe import apply_fast_moe_block, register_scattermoe
-from monkey_patch.scattermoe.lora_ops import LowRank, scattermoe_lora_experts
-from monkey_patch.scattermoe.ops import compute_routing
+from monkey_patch.scattermoe.compilable_ops import scattermoe_experts
+from monkey_patch.scattermoe.ops import LowRank, compute_routing
 from tests.test_fast_moe import DEVICE, batch, relative_error, tiny_model
 
 TOLERANCE = 1e-4
@@ -190,7 +190,7 @@ def test_lora_op_compiles_without_graph_breaks():
 
     def block(x):
         gate_up, down = LowRank(*factors[:2], 2.0), LowRank(*factors[2:], 0.5)
-        return scattermoe_lora_experts(x, w_gate_up, w_down, weights, index, gate_up, down)
+        return scattermoe_experts(x, w_gate_up, w_down, weights, index, gate_up, down)
 
     compiled = torch.compile(block, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager")
     expected = block(x)

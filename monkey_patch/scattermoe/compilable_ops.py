@@ -1,12 +1,21 @@
 """The expert block as ``torch.library`` custom ops, so ``torch.compile(fullgraph=True)`` traces it unbroken.
 
-Forward and backward are opaque ops with fake (meta) implementations; routing metadata is plain torch and
-traces normally. Kernels and their composition are shared with the eager autograd path in ops.py.
+Forward and backward are opaque ops with fake (meta) implementations over ops.experts_forward/experts_backward;
+routing metadata is plain torch and traces normally. LoRA factors are optional inputs; custom ops cannot
+return None, so an absent result (no adapter, frozen weights) travels as an empty tensor.
 """
 
 import torch
 
-from .ops import compute_routing, experts_backward, experts_forward
+from .ops import LowRank, compute_routing, experts_backward, experts_forward
+
+
+def _or_empty(tensor: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0) if tensor is None else tensor
+
+
+def _low_rank(a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> LowRank | None:
+    return None if a is None else LowRank(a, b, scale)
 
 
 @torch.library.custom_op("turbo_tune::scattermoe_experts_forward", mutates_args=())
@@ -17,18 +26,35 @@ def _forward_op(
     routing_weights: torch.Tensor,
     sorted_pairs: torch.Tensor,
     expert_ends: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return experts_forward(x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends)
+    a_gate_up: torch.Tensor | None,
+    b_gate_up: torch.Tensor | None,
+    scale_gate_up: float,
+    a_down: torch.Tensor | None,
+    b_down: torch.Tensor | None,
+    scale_down: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, gate_up, h, su, sv = experts_forward(
+        x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends,
+        _low_rank(a_gate_up, b_gate_up, scale_gate_up), _low_rank(a_down, b_down, scale_down),
+    )
+    return out, gate_up, h, _or_empty(su, x), _or_empty(sv, x)
 
 
 @_forward_op.register_fake
-def _forward_fake(x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends):
+def _forward_fake(x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends,
+                  a_gate_up, b_gate_up, scale_gate_up, a_down, b_down, scale_down):
     num_rows = sorted_pairs.shape[0]
     two_inter = w_gate_up.shape[1]
+
+    def low_rank(a):
+        return x.new_empty(0) if a is None else x.new_empty(num_rows, a.shape[1])
+
     return (
         x.new_empty(x.shape),
         x.new_empty(num_rows, two_inter),
         x.new_empty(num_rows, two_inter // 2),
+        low_rank(a_gate_up),
+        low_rank(a_down),
     )
 
 
@@ -44,41 +70,67 @@ def _backward_op(
     gate_up: torch.Tensor,
     h: torch.Tensor,
     needs_weight_grads: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad_x, grad_w_gate_up, grad_w_down, grad_weights = experts_backward(
-        grad_out, x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends, gate_up, h, needs_weight_grads
+    a_gate_up: torch.Tensor | None,
+    b_gate_up: torch.Tensor | None,
+    scale_gate_up: float,
+    a_down: torch.Tensor | None,
+    b_down: torch.Tensor | None,
+    scale_down: float,
+    su: torch.Tensor | None,
+    sv: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    grads = experts_backward(
+        grad_out, x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends, gate_up, h, needs_weight_grads,
+        _low_rank(a_gate_up, b_gate_up, scale_gate_up), _low_rank(a_down, b_down, scale_down), su, sv,
     )
-    if not needs_weight_grads:
-        grad_w_gate_up, grad_w_down = w_gate_up.new_empty(0), w_down.new_empty(0)
-    return grad_x, grad_w_gate_up, grad_w_down, grad_weights
+    return tuple(_or_empty(grad, x) for grad in grads)
 
 
 @_backward_op.register_fake
 def _backward_fake(grad_out, x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends, gate_up, h,
-                   needs_weight_grads):
-    weight_grads = (
-        (w_gate_up.new_empty(w_gate_up.shape), w_down.new_empty(w_down.shape))
-        if needs_weight_grads
-        else (w_gate_up.new_empty(0), w_down.new_empty(0))
+                   needs_weight_grads, a_gate_up, b_gate_up, scale_gate_up, a_down, b_down, scale_down, su, sv):
+    def like(tensor, dtype_of, present=True):
+        return dtype_of.new_empty(tensor.shape) if tensor is not None and present else x.new_empty(0)
+
+    return (
+        like(x, x), like(w_gate_up, w_gate_up, needs_weight_grads), like(w_down, w_down, needs_weight_grads),
+        routing_weights.new_empty(routing_weights.shape),
+        like(a_gate_up, x), like(b_gate_up, x), like(a_down, x), like(b_down, x),
     )
-    return x.new_empty(x.shape), *weight_grads, routing_weights.new_empty(routing_weights.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends = inputs
-    _, gate_up, h = output
-    ctx.mark_non_differentiable(gate_up, h)
-    ctx.save_for_backward(x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends, gate_up, h)
+    (x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends,
+     a_gate_up, b_gate_up, scale_gate_up, a_down, b_down, scale_down) = inputs
+    _, gate_up, h, su, sv = output
+    ctx.mark_non_differentiable(gate_up, h, su, sv)
+    ctx.scales = (scale_gate_up, scale_down)
+    ctx.has_lora = (a_gate_up is not None, a_down is not None)
+    ctx.save_for_backward(x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends, gate_up, h,
+                          a_gate_up, b_gate_up, a_down, b_down, su, sv)
 
 
-def _backward(ctx, grad_out, _grad_gate_up, _grad_h):
+def _backward(ctx, grad_out, _grad_gate_up, _grad_h, _grad_su, _grad_sv):
+    (x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends, gate_up, h,
+     a_gate_up, b_gate_up, a_down, b_down, su, sv) = ctx.saved_tensors
+    scale_gate_up, scale_down = ctx.scales
+    has_gate_up, has_down = ctx.has_lora
     needs_weight_grads = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-    grad_x, grad_w_gate_up, grad_w_down, grad_weights = torch.ops.turbo_tune.scattermoe_experts_backward(
-        grad_out, *ctx.saved_tensors, needs_weight_grads
+    grads = torch.ops.turbo_tune.scattermoe_experts_backward(
+        grad_out, x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends, gate_up, h, needs_weight_grads,
+        a_gate_up, b_gate_up, scale_gate_up, a_down, b_down, scale_down,
+        su if has_gate_up else None, sv if has_down else None,
     )
+    grad_x, grad_w_gate_up, grad_w_down, grad_weights, grad_a_gu, grad_b_gu, grad_a_down, grad_b_down = grads
     if not needs_weight_grads:
         grad_w_gate_up = grad_w_down = None
-    return grad_x, grad_w_gate_up, grad_w_down, grad_weights, None, None
+    if not has_gate_up:
+        grad_a_gu = grad_b_gu = None
+    if not has_down:
+        grad_a_down = grad_b_down = None
+    return (grad_x, grad_w_gate_up, grad_w_down, grad_weights, None, None,
+            grad_a_gu, grad_b_gu, None, grad_a_down, grad_b_down, None)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -90,10 +142,21 @@ def scattermoe_experts(
     w_down: torch.Tensor,
     routing_weights: torch.Tensor,
     top_k_index: torch.Tensor,
+    gate_up_lora: LowRank | None = None,
+    down_lora: LowRank | None = None,
 ) -> torch.Tensor:
-    """Expert block output (T, H) for x (T, H) routed to ``top_k_index`` (T, k) with ``routing_weights`` (T, k)."""
+    """Expert block output (T, H) for x (T, H) routed to ``top_k_index`` (T, k) with ``routing_weights`` (T, k),
+    with optional LoRA on either projection; factors are cast to the weights' dtype (as peft does) and laid out
+    contiguously per expert, which the kernels read in tiles."""
+
+    def factors(lora: LowRank | None, weight: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+        if lora is None:
+            return None, None, 0.0
+        return lora.a.to(weight.dtype).contiguous(), lora.b.to(weight.dtype).contiguous(), float(lora.scale)
+
     sorted_pairs, expert_ends = compute_routing(top_k_index, w_gate_up.shape[0])
-    out, _, _ = torch.ops.turbo_tune.scattermoe_experts_forward(
-        x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends
+    out, *_ = torch.ops.turbo_tune.scattermoe_experts_forward(
+        x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends,
+        *factors(gate_up_lora, w_gate_up), *factors(down_lora, w_down),
     )
     return out

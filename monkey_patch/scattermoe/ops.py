@@ -1,12 +1,33 @@
-"""The expert block's forward and hand-written backward, composed from the Triton launchers in kernels.py.
+"""The expert block's forward and hand-written backward, composed from the Triton launchers in kernels.py, with
+optional LoRA on either projection.
 
 Shapes: T tokens, H hidden, I intermediate, E experts, k experts per token. Weights keep the transformers
 layout: ``w_gate_up`` (E, 2I, H) with [gate; up] concatenated, ``w_down`` (E, H, I).
+
+LoRA factors are kept apart from the weights. peft's ``target_parameters`` folds ``W + s·B·A`` into a new
+(E, out, in) tensor on every forward, so its cost grows with the expert count. Here each routed (token, expert)
+row computes ``x·Wᵀ + s·(x·Aᵀ)·Bᵀ`` instead: two rank-r grouped matmuls over the routed rows, with the
+``(x·Aᵀ)·Bᵀ`` term accumulated into the base matmul's tile (no delta, no extra activation-sized buffer). Backward
+gives the factors' gradients and, for frozen base weights, nothing for them. Without LoRA the same functions
+issue exactly the base kernel calls.
+
+Factors use peft's per-expert layout (see ``ParamWrapper.get_delta_factors``): for a weight (E, N, K),
+``a`` is (E, r, K) and ``b`` is (E, N, r), so the delta is ``scale * b @ a``.
 """
+
+from typing import NamedTuple
 
 import torch
 
 from . import kernels
+
+
+class LowRank(NamedTuple):
+    """One projection's LoRA: delta = scale * b @ a, with a (E, r, K) and b (E, N, r)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
 
 
 def compute_routing(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,17 +48,52 @@ def experts_forward(
     routing_weights: torch.Tensor,
     sorted_pairs: torch.Tensor,
     expert_ends: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns the block output (T, H) and what backward needs: pre-activations (T*k, 2I) and the
-    routing-weighted activations h (T*k, I), both grouped by expert."""
+    gate_up_lora: LowRank | None = None,
+    down_lora: LowRank | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Returns the block output (T, H) and what backward needs: pre-activations (T*k, 2I), the routing-weighted
+    activations h (T*k, I), and the scaled rank-r inputs of B: su = s·x·A_guᵀ and sv = s·h·A_downᵀ (T*k, r),
+    all grouped by expert (su, sv None without that adapter)."""
     num_tokens, top_k = routing_weights.shape
+    su = sv = None
+    if gate_up_lora is not None:
+        su = kernels.scatter_matmul(
+            x, gate_up_lora.a.transpose(1, 2), sorted_pairs, expert_ends, top_k, a_gathered=True, y_scattered=False
+        ).mul_(gate_up_lora.scale)
     gate_up, h = kernels.gather_gate_up_swiglu(
-        x, w_gate_up.transpose(1, 2), routing_weights.reshape(-1), sorted_pairs, expert_ends, top_k
+        x, w_gate_up.transpose(1, 2), routing_weights.reshape(-1), sorted_pairs, expert_ends, top_k,
+        a2=su, w2=None if su is None else gate_up_lora.b.transpose(1, 2),
     )
+    if down_lora is not None:
+        sv = kernels.scatter_matmul(
+            h, down_lora.a.transpose(1, 2), sorted_pairs, expert_ends, top_k, a_gathered=False, y_scattered=False
+        ).mul_(down_lora.scale)
     out_pairs = kernels.scatter_matmul(
-        h, w_down.transpose(1, 2), sorted_pairs, expert_ends, top_k, a_gathered=False, y_scattered=True
+        h, w_down.transpose(1, 2), sorted_pairs, expert_ends, top_k, a_gathered=False, y_scattered=True,
+        a2=sv, w2=None if sv is None else down_lora.b.transpose(1, 2),
     )
-    return out_pairs.view(num_tokens, top_k, -1).sum(1), gate_up, h
+    return out_pairs.view(num_tokens, top_k, -1).sum(1), gate_up, h, su, sv
+
+
+def _factor_grads(
+    grad_p: torch.Tensor,
+    grad_p_gathered: bool,
+    inputs: torch.Tensor,
+    inputs_gathered: bool,
+    lora: LowRank,
+    low_rank_inputs: torch.Tensor,
+    routing: tuple[torch.Tensor, torch.Tensor, int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For P = inputs·Wᵀ + low_rank_inputs·Bᵀ (low_rank_inputs = s·inputs·Aᵀ): ds = s·dP·B (grouped), dA, dB.
+    ``*_gathered``: that tensor is in pair/token order and is read through the routing, else grouped."""
+    ds = kernels.scatter_matmul(grad_p, lora.b, *routing, a_gathered=grad_p_gathered, y_scattered=False)
+    ds.mul_(lora.scale)
+    grad_b = torch.empty(lora.b.shape, device=lora.b.device, dtype=inputs.dtype)
+    kernels.grouped_weight_grad(grad_p, low_rank_inputs, *routing, a_gathered=grad_p_gathered, b_gathered=False,
+                                dw=grad_b)
+    grad_a = torch.empty(lora.a.shape, device=lora.a.device, dtype=inputs.dtype)
+    kernels.grouped_weight_grad(ds, inputs, *routing, a_gathered=False, b_gathered=inputs_gathered, dw=grad_a)
+    return ds, grad_a, grad_b
 
 
 def experts_backward(
@@ -51,56 +107,48 @@ def experts_backward(
     gate_up: torch.Tensor,
     h: torch.Tensor,
     needs_weight_grads: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """Gradients of x, w_gate_up, w_down (None when frozen, e.g. LoRA elsewhere) and routing_weights."""
+    gate_up_lora: LowRank | None = None,
+    down_lora: LowRank | None = None,
+    su: torch.Tensor | None = None,
+    sv: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of x, w_gate_up, w_down (None unless needs_weight_grads, e.g. frozen under LoRA),
+    routing_weights, and of the factors a_gate_up, b_gate_up, a_down, b_down (None without that adapter).
+
+    With P = x·Wᵀ + s·(x·Aᵀ)·Bᵀ: dB = dPᵀ·su, ds_u = s·dP·B, dA = ds_uᵀ·x and dx = dP·W + ds_u·A, per expert.
+    """
     num_tokens, top_k = routing_weights.shape
     grad_out = grad_out.to(x.dtype).contiguous()  # autocast can hand back an fp32 gradient for a bf16 output
-    grad_h = kernels.scatter_matmul(grad_out, w_down, sorted_pairs, expert_ends, top_k, a_gathered=True,
-                                    y_scattered=False)
+    routing = (sorted_pairs, expert_ends, top_k)
+    grad_a_gu = grad_b_gu = grad_a_down = grad_b_down = grad_w_gate_up = grad_w_down = None
+
+    dsv = a_down = None
+    if down_lora is not None:
+        a_down = down_lora.a
+        dsv, grad_a_down, grad_b_down = _factor_grads(grad_out, True, h, False, down_lora, sv, routing)
+    grad_h = kernels.scatter_matmul(grad_out, w_down, *routing, a_gathered=True, y_scattered=False, a2=dsv, w2=a_down)
+    del dsv
     grad_gate_up, grad_scale = kernels.swiglu_backward(grad_h, gate_up, sorted_pairs, routing_weights.reshape(-1))
     del grad_h
-    grad_x = kernels.scatter_matmul(grad_gate_up, w_gate_up, sorted_pairs, expert_ends, top_k, a_gathered=False,
-                                    y_scattered=True)
+
+    dsu = a_gate_up = None
+    if gate_up_lora is not None:
+        a_gate_up = gate_up_lora.a
+        dsu, grad_a_gu, grad_b_gu = _factor_grads(grad_gate_up, False, x, True, gate_up_lora, su, routing)
+    grad_x = kernels.scatter_matmul(grad_gate_up, w_gate_up, *routing, a_gathered=False, y_scattered=True,
+                                    a2=dsu, w2=a_gate_up)
+    del dsu
     grad_x = grad_x.view(num_tokens, top_k, -1).sum(1)
-    grad_w_gate_up = grad_w_down = None
     if needs_weight_grads:
         # dW_gate_up first, so grad_gate_up is freed before dW_down is allocated: lower peak memory.
         grad_w_gate_up = kernels.grouped_weight_grad(
-            grad_gate_up, x, sorted_pairs, expert_ends, top_k, a_gathered=False, b_gathered=True,
+            grad_gate_up, x, *routing, a_gathered=False, b_gathered=True,
             dw=torch.empty_like(w_gate_up, memory_format=torch.contiguous_format),
         )
         del grad_gate_up
         grad_w_down = kernels.grouped_weight_grad(
-            grad_out, h, sorted_pairs, expert_ends, top_k, a_gathered=True, b_gathered=False,
+            grad_out, h, *routing, a_gathered=True, b_gathered=False,
             dw=torch.empty_like(w_down, memory_format=torch.contiguous_format),
         )
-    return grad_x, grad_w_gate_up, grad_w_down, grad_scale.view(num_tokens, top_k).to(routing_weights.dtype)
-
-
-class ScatterMoEExperts(torch.autograd.Function):
-    """Eager autograd path over the same kernels as the torch.library ops (see compilable_ops.py)."""
-
-    @staticmethod
-    def forward(ctx, x, w_gate_up, w_down, routing_weights, top_k_index):
-        sorted_pairs, expert_ends = compute_routing(top_k_index, w_gate_up.shape[0])
-        out, gate_up, h = experts_forward(x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends)
-        ctx.save_for_backward(x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends, gate_up, h)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        saved = ctx.saved_tensors
-        needs_weight_grads = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        grad_x, grad_w_gate_up, grad_w_down, grad_weights = experts_backward(grad_out, *saved, needs_weight_grads)
-        return grad_x, grad_w_gate_up, grad_w_down, grad_weights, None
-
-
-def scattermoe_experts_autograd(
-    x: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
-    routing_weights: torch.Tensor,
-    top_k_index: torch.Tensor,
-) -> torch.Tensor:
-    """Expert block output (T, H) through the autograd Function (no torch.compile support)."""
-    return ScatterMoEExperts.apply(x, w_gate_up, w_down, routing_weights, top_k_index)
+    grad_weights = grad_scale.view(num_tokens, top_k).to(routing_weights.dtype)
+    return grad_x, grad_w_gate_up, grad_w_down, grad_weights, grad_a_gu, grad_b_gu, grad_a_down, grad_b_down
