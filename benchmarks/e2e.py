@@ -1,6 +1,7 @@
 """End-to-end SFT training steps of a random-init Qwen3-MoE, one variant per flag set, through TurboSFTTrainer.
 
     python benchmarks/e2e.py [--layers 4] [--seq 4096] [--batch 2] [--variants defaults fast_moe ...] [--out DIR]
+    python benchmarks/e2e.py --max_seq_search [--variants lora all_lora] [--budget_s 420] [--start_seq 4096]
 
 The model has Qwen3-30B-A3B's shape (hidden 2048, 128 experts, top-8, moe_intermediate 768, 32/4 heads of 128,
 vocab 151,936) with --layers decoder layers, built from its config (no download). Each variant runs in its own
@@ -14,6 +15,14 @@ step time after --warmup steps, peak allocated memory, and the loss and token ac
 A failing variant (an error, an OOM, a timeout) becomes a row with the reason; its log is in OUT/<variant>.log.
 The markdown table is printed last; OUT/e2e.json holds the rows, OUT/e2e.png a chart if matplotlib is installed.
 --hidden small shrinks every dimension so that the whole path runs on a CPU in seconds (a smoke test, not a benchmark).
+
+--max_seq_search asks how long a sequence fits instead: per variant (default: LoRA on transformers' defaults against
+LoRA with our kernels, full depth, batch 1, gradient checkpointing on), the longest multiple of --seq_step tokens
+that completes --warmup + --steps training steps, found by doubling from --start_seq and then bisection, each probe
+in a fresh process (a CUDA OOM, a killed process or a probe past --timeout counts as "does not fit"), all within
+--budget_s. Every probe trains on rows of one document of exactly that length, packing variants included, so both
+variants do the same attention work. Reported: the longest fitting length with its tokens/s and peak memory, the
+first failing length, and whether the budget cut the search short; OUT/max_seq.json, OUT/max_seq.png, table last.
 """
 
 import argparse
@@ -25,12 +34,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere; child processes get it through PYTHONPATH
+
+from common import QWEN3_30B_A3B, QWEN3_30B_A3B_LAYERS, child_env, is_oom  # noqa: E402
 
 from callback import EfficiencyCallback, ModelFlops, device_peak_tflops, sequence_lengths  # noqa: E402
 
@@ -43,34 +55,61 @@ VARIANTS = {
     "fp8": ["use_fp8"],
     "all": ["use_fast_moe_block", "use_liger_kernel", "torch_compile", "use_packing"],
     "all_fp8": ["use_fast_moe_block", "use_liger_kernel", "torch_compile", "use_packing", "use_fp8"],
+    # LoRA (attention and experts, qwen3_sft.py's --use_lora defaults): peft's folded experts against ours;
+    # no --torch_compile, which would recompile in every probe of --max_seq_search
+    "lora": ["use_lora"],
+    "all_lora": ["use_fast_moe_block", "use_liger_kernel", "use_packing", "use_lora"],
 }
+SEARCH_VARIANTS = ("lora", "all_lora")  # the defaults' and ours, in that order (the ratio is ours / defaults)
 
 SHAPES = {
-    # Qwen3-30B-A3B
-    "full": {"hidden_size": 2048, "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
-             "intermediate_size": 6144, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
-             "vocab_size": 151936},
+    "full": QWEN3_30B_A3B,
     "small": {"hidden_size": 64, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
               "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
               "vocab_size": 512},
 }
 TIME_BUDGET_S = 9 * 60
+MIN_PROBE_S = 30  # a probe needs at least this long (start, build, two steps); less budget left ends the search
+# Defaults that differ between the flag-by-flag comparison and --max_seq_search (full depth, batch 1, short probes)
+MODE_DEFAULTS = {"layers": (4, QWEN3_30B_A3B_LAYERS), "batch": (2, 1), "warmup": (3, 1), "steps": (6, 2),
+                 "timeout": (180, 300)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--layers", type=int, help="decoder layers (default 4; 48 with --max_seq_search)")
     parser.add_argument("--hidden", choices=sorted(SHAPES), default="full", help="model shape (small: CPU smoke test)")
     parser.add_argument("--seq", type=int, default=4096, help="tokens per row")
-    parser.add_argument("--batch", type=int, default=2, help="rows per step (per GPU)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps; the median is reported")
-    parser.add_argument("--gradient_checkpointing", action="store_true", help="as qwen3_sft.py does by default")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    parser.add_argument("--timeout", type=int, default=180, help="seconds per variant before it counts as failed")
+    parser.add_argument("--batch", type=int, help="rows per step per GPU (default 2; 1 with --max_seq_search)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first, where compilation happens (default 3; 1)")
+    parser.add_argument("--steps", type=int, help="timed steps; the median is reported (default 6; 2)")
+    parser.add_argument("--gradient_checkpointing", action="store_true",
+                        help="as qwen3_sft.py does by default (always on with --max_seq_search)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                        help=f"default: all but {' '.join(SEARCH_VARIANTS)}; those two with --max_seq_search")
+    parser.add_argument("--timeout", type=int, help="seconds per variant, or per probe with --max_seq_search, "
+                        "before it counts as failed (default 180; 300)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "e2e_out"))
+    search = parser.add_argument_group("--max_seq_search: the longest sequence that trains")
+    search.add_argument("--max_seq_search", action="store_true", help="search each variant's longest --seq")
+    search.add_argument("--start_seq", type=int, default=4096, help="first length probed (a multiple of --seq_step)")
+    search.add_argument("--seq_step", type=int, default=1024, help="lengths probed are multiples of this")
+    search.add_argument("--budget_s", type=float, default=420, help="wall-clock seconds for the whole search")
+    search.add_argument("--max_tokens_cap", type=int,
+                        help="fail any probe above this many tokens per step as if out of memory (tests the search "
+                        "on a CPU)")
     parser.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name, defaults in MODE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[args.max_seq_search])
+    args.gradient_checkpointing = args.gradient_checkpointing or args.max_seq_search
+    if args.variants is None:
+        args.variants = list(SEARCH_VARIANTS) if args.max_seq_search else [v for v in VARIANTS
+                                                                           if v not in SEARCH_VARIANTS]
+    if args.start_seq <= 0 or args.seq_step <= 0 or args.start_seq % args.seq_step:
+        parser.error(f"--start_seq {args.start_seq} must be a positive multiple of --seq_step {args.seq_step}")
+    return args
 
 
 def packed_lengths(total_tokens: int, seq: int, seed: int) -> list[int]:
@@ -85,12 +124,13 @@ def packed_lengths(total_tokens: int, seq: int, seed: int) -> list[int]:
 
 
 def make_dataset(args: argparse.Namespace, packing: bool, vocab: int):
-    """Random token rows: exactly --seq long, or examples to pack (about 10% more tokens than the steps need)."""
+    """Random token rows: exactly --seq long, or examples to pack (about 10% more tokens than the steps need).
+    --max_seq_search probes always get rows of exactly --seq: one document as long as the probe asks for."""
     from datasets import Dataset
 
     rows = args.batch * (args.warmup + args.steps)
     generator = torch.Generator().manual_seed(0)
-    if packing:
+    if packing and not args.max_seq_search:
         lengths = packed_lengths(int(rows * args.seq * 1.1), args.seq, seed=0)
     else:
         lengths = [args.seq] * rows
@@ -106,7 +146,7 @@ def run_child(args: argparse.Namespace) -> dict:
     from monkey_patch.sft_trainer import TurboSFTTrainer
     from monkey_patch.torch_compile import compile_fell_back
     from turbo_tune.arguments import TurboTuneConfig
-    from turbo_tune.modeling import attention_implementation, load_tokenizer, weight_dtype
+    from turbo_tune.modeling import apply_lora, attention_implementation, load_tokenizer, weight_dtype
 
     flags = {flag: True for flag in VARIANTS[args.child]}
     work = tempfile.mkdtemp(prefix=f"e2e-{args.child}-")
@@ -128,6 +168,8 @@ def run_child(args: argparse.Namespace) -> dict:
             model_config, dtype=weight_dtype(config), attn_implementation=attention_implementation(config)
         )
     model = apply_patches(model, config)
+    if config.use_lora:
+        model = apply_lora(model, config)  # after the patches, as qwen3_sft.py does
 
     recorder = StepRecorder(ModelFlops.from_config(model_config), device_peak_tflops())
     tokenizer = load_tokenizer(config)  # only its pad token matters: the data is token ids already
@@ -215,15 +257,19 @@ class StepRecorder(EfficiencyCallback):
 def child_argv(args: argparse.Namespace, name: str) -> list[str]:
     argv = ["--layers", args.layers, "--hidden", args.hidden, "--seq", args.seq, "--batch", args.batch,
             "--warmup", args.warmup, "--steps", args.steps, "--out", args.out, "--child", name]
-    return [str(a) for a in argv] + (["--gradient_checkpointing"] if args.gradient_checkpointing else [])
+    if args.max_tokens_cap is not None:
+        argv += ["--max_tokens_cap", args.max_tokens_cap]
+    flags = [flag for flag in ("gradient_checkpointing", "max_seq_search") if getattr(args, flag)]
+    return [str(a) for a in argv] + [f"--{flag}" for flag in flags]
 
 
 def run_variant(name: str, args: argparse.Namespace, timeout: float) -> dict:
-    """The variant in a fresh process, so an OOM or a crash costs one row; its log goes to OUT/<name>.log."""
+    """The variant in a fresh process, so an OOM or a crash costs one row; its log goes to OUT/<name>.log.
+    A failed row says why in "failure": oom, killed (by a signal, e.g. the kernel's OOM killer), timeout or error."""
     result_file = args.out / f"{name}.json"
     result_file.unlink(missing_ok=True)
     command = [sys.executable, str(Path(__file__).resolve()), *child_argv(args, name)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = child_env()
     start = time.perf_counter()
     with open(args.out / f"{name}.log", "w") as log:
         log.write("+ " + " ".join(command) + "\n")
@@ -238,10 +284,12 @@ def run_variant(name: str, args: argparse.Namespace, timeout: float) -> dict:
     if returncode == 0 and result_file.is_file():
         return {**row, **json.loads(result_file.read_text())}
     if returncode is None:
-        reason = f"timed out after {timeout:.0f} s"
+        return {**row, "ok": False, "failure": "timeout", "error": f"timed out after {timeout:.0f} s"}
+    if returncode < 0:
+        failure = "killed"
     else:
-        reason = f"exit {returncode}: {last_error(name, args)}"
-    return {**row, "ok": False, "error": reason}
+        failure = "oom" if is_oom((args.out / f"{name}.log").read_text(errors="replace")[-20000:]) else "error"
+    return {**row, "ok": False, "failure": failure, "error": f"exit {returncode}: {last_error(name, args)}"}
 
 
 def last_error(name: str, args: argparse.Namespace) -> str:
@@ -270,30 +318,134 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def chart(rows: list[dict], path: Path) -> None:
-    """A bar chart of tokens/s when matplotlib is installed; nothing otherwise."""
+def chart(path: Path, labels: list[str], panels: dict[str, list[float]]) -> None:
+    """Horizontal bars, one panel per quantity, when matplotlib is installed (an optional dependency)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print(f"matplotlib is not installed: no chart {path}", flush=True)
         return
-    ok = [r for r in rows if r["ok"]]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.barh([r["variant"] for r in ok], [r["tokens_per_s"] for r in ok])
-    ax.set_xlabel("tokens/s per GPU")
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 1.5 + 0.5 * len(labels)), squeeze=False)
+    for ax, (xlabel, values) in zip(axes[0], panels.items(), strict=True):
+        ax.barh(labels, values)
+        ax.set_xlabel(xlabel)
     fig.tight_layout()
     fig.savefig(path)
+    plt.close(fig)
+
+
+def search_max_seq(probe: Callable[[int, float], dict], start: int, step: int, budget_s: float, timeout: float,
+                   clock: Callable[[], float] = time.monotonic, min_probe_s: float = MIN_PROBE_S) -> dict:
+    """The longest multiple of `step` that fits: double from `start` until a probe fails, then bisect between the
+    longest fit and the shortest failure down to `step`. probe(seq, timeout) returns a run_variant row; an OOM, a
+    killed process or a timeout means "does not fit". An error (a bug is not a memory limit) or the end of
+    `budget_s` stops the search, and "stopped" says so; "longest" is then a lower bound."""
+    deadline = clock() + budget_s
+    fit, fail, probes, stopped = 0, None, [], None  # fit 0: nothing has fit yet
+    while fail is None or fail - fit > step:
+        seq = (fit * 2 if fit else start) if fail is None else (fit + fail) // 2 // step * step
+        left = deadline - clock()
+        if left < min_probe_s:
+            stopped = f"time budget ({budget_s:.0f} s) spent"
+            break
+        row = probe(seq, min(timeout, left))
+        probes.append({"seq": seq, **row})
+        if row["ok"]:
+            fit = seq
+        elif row["failure"] == "timeout" and left < timeout:
+            stopped = f"time budget ({budget_s:.0f} s) spent during the probe at {seq:,}"
+            break
+        elif row["failure"] in ("oom", "killed", "timeout"):
+            fail = seq
+        else:
+            stopped = f"error at {seq:,}: {row['error']}"
+            break
+    first_fail = next((p for p in probes if p["seq"] == fail), None)
+    return {"longest": fit, "at_longest": next((p for p in probes if p["seq"] == fit), None),
+            "first_fail": fail, "fail_reason": first_fail and first_fail["failure"], "stopped": stopped,
+            "probes": probes}
+
+
+def run_search(args: argparse.Namespace) -> list[dict]:
+    """search_max_seq for each variant, each probe a fresh process under OUT/probes/<variant>-<seq>/; the variants
+    share --budget_s evenly, a variant's unused time going to the next."""
+    deadline = time.monotonic() + args.budget_s
+    results = []
+    for index, name in enumerate(args.variants):
+
+        def probe(seq: int, timeout: float, name: str = name) -> dict:
+            probe_args = argparse.Namespace(**{**vars(args), "seq": seq, "out": args.out / "probes" / f"{name}-{seq}"})
+            probe_args.out.mkdir(parents=True, exist_ok=True)
+            row = run_variant(name, probe_args, timeout)
+            done = f"fits, {row['tokens_per_s']:,.0f} tokens/s" if row["ok"] else f"{row['failure']}: {row['error']}"
+            print(f"{name} seq {seq:,}: {done} ({row['wall_s']:.0f} s)", flush=True)
+            return row
+
+        share = (deadline - time.monotonic()) / (len(args.variants) - index)
+        result = search_max_seq(probe, args.start_seq, args.seq_step, share, args.timeout)
+        flags = " ".join(f"--{f}" for f in VARIANTS[name]) or "(transformers defaults)"
+        results.append({"variant": name, "flags": flags, **result})
+    return results
+
+
+def search_summary(results: list[dict], args: argparse.Namespace) -> str:
+    """The setting, and ours / the defaults: longest trainable length, and tokens/s at a length both trained."""
+    lines = [f"Longest --seq (multiples of {args.seq_step}, batch {args.batch}) that trains {args.warmup + args.steps} "
+             f"steps: --layers {args.layers} --hidden {args.hidden}, gradient checkpointing, LoRA; tokens/s is the "
+             f"median of {args.steps} steps after {args.warmup}."]
+    by_name = {r["variant"]: r for r in results}
+    if not all(name in by_name and by_name[name]["longest"] for name in SEARCH_VARIANTS):
+        return "\n".join(lines)
+    base, ours = (by_name[name] for name in SEARCH_VARIANTS)
+    bound = " (a lower bound: no failure seen)" if ours["first_fail"] is None else ""
+    bound += " (the defaults' is a lower bound, so this overstates)" if base["first_fail"] is None else ""
+    lines.append(f"{ours['variant']} / {base['variant']} longest trainable sequence: "
+                 f"{ours['longest']:,} / {base['longest']:,} = {ours['longest'] / base['longest']:.2f}×{bound} "
+                 "(target ≥ 2×).")
+    ours_at_base = next((p for p in ours["probes"] if p["seq"] == base["longest"] and p["ok"]), None)
+    if ours_at_base:
+        lines.append(f"At {base['longest']:,} tokens (the defaults' longest): {ours['variant']} "
+                     f"{ours_at_base['tokens_per_s']:,.0f} tokens/s against {base['at_longest']['tokens_per_s']:,.0f}"
+                     f" = {ours_at_base['tokens_per_s'] / base['at_longest']['tokens_per_s']:.2f}×.")
+    return "\n".join(lines)
+
+
+def search_table(results: list[dict]) -> str:
+    out = ["| variant | flags | longest seq that trains | tokens/s at it | step s | peak GiB | first failing seq | "
+           "probes (seq: outcome) | search |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        fit = r["at_longest"]
+        longest = f"{'≥ ' if r['first_fail'] is None and fit else ''}{r['longest']:,}" if fit else "none"
+        measured = (f"{fit['tokens_per_s']:,.0f} | {fit['step_time_s']:.2f} | {fmt(fit['peak_gib'], '.1f')}"
+                    if fit else "| |")
+        first_fail = "-" if r["first_fail"] is None else f"{r['first_fail']:,} ({r['fail_reason']})"
+        probes = ", ".join(f"{p['seq']:,}: {'fit' if p['ok'] else p['failure']}" for p in r["probes"])
+        out.append(f"| {r['variant']} | `{r['flags']}` | {longest} | {measured} | {first_fail} | {probes} | "
+                   f"{'stopped: ' + r['stopped'] if r['stopped'] else 'done'} |")
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.child:
+        if args.max_tokens_cap is not None and args.batch * args.seq > args.max_tokens_cap:
+            raise torch.OutOfMemoryError(f"{args.batch * args.seq} tokens > --max_tokens_cap {args.max_tokens_cap}")
         result = run_child(args)
         (args.out / f"{args.child}.json").write_text(json.dumps(result))
         return 0
+    if args.max_seq_search:
+        results = run_search(args)
+        (args.out / "max_seq.json").write_text(json.dumps(results, indent=1))
+        chart(args.out / "max_seq.png", [r["variant"] for r in results],
+              {"longest sequence that trains (tokens)": [r["longest"] for r in results],
+               "tokens/s at it": [r["at_longest"]["tokens_per_s"] if r["at_longest"] else 0 for r in results]})
+        print(search_summary(results, args))
+        print(search_table(results))
+        return 0 if all(r["longest"] and not (r["stopped"] or "").startswith("error") for r in results) else 1
     start = time.perf_counter()
     rows = []
     for name in args.variants:
@@ -304,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(run_variant(name, args, min(args.timeout, left)))
         print(f"{name}: {'ok' if rows[-1]['ok'] else rows[-1]['error']}", flush=True)
     (args.out / "e2e.json").write_text(json.dumps(rows, indent=1))
-    chart(rows, args.out / "e2e.png")
+    ok = [r for r in rows if r["ok"]]
+    chart(args.out / "e2e.png", [r["variant"] for r in ok], {"tokens/s per GPU": [r["tokens_per_s"] for r in ok]})
     print(table(rows))
     return 0 if all(r["ok"] for r in rows) else 1
 

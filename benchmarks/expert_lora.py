@@ -25,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import QWEN3_30B_A3B, ROOT, child_env, is_oom
+
 GIB = 1024**3
 RESULT = "RESULT "
 PATHS = ("peft", "scattermoe")
@@ -35,9 +36,7 @@ def qwen3_30b_a3b(layers: int):
     from transformers import Qwen3MoeConfig
 
     return Qwen3MoeConfig(
-        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
-        num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-        num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, output_router_logits=True,
+        **QWEN3_30B_A3B, num_hidden_layers=layers, norm_topk_prob=True, output_router_logits=True,
         router_aux_loss_coef=0.001, max_position_embeddings=40960, rope_parameters={"rope_type": "default",
         "rope_theta": 1e6}, rms_norm_eps=1e-6, tie_word_embeddings=False, use_cache=False,
     )
@@ -107,7 +106,7 @@ def run_one(args: argparse.Namespace, path: str, checkpointing: bool, timeout: f
     row = {"path": path, "checkpointing": checkpointing}
     log_path = args.out / f"{name}.log"
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(command)} (log {log_path})", flush=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = child_env()
     try:
         with open(log_path, "w") as log:
             completed = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
@@ -121,8 +120,7 @@ def run_one(args: argparse.Namespace, path: str, checkpointing: bool, timeout: f
     if completed.returncode == 0 and results:
         return {**row, "status": "ok", **json.loads(results[-1])}
     tail = log_path.read_text()[-4000:]
-    return {**row, "status": "OOM" if "OutOfMemoryError" in tail or "out of memory" in tail
-            else f"failed (exit {completed.returncode})"}
+    return {**row, "status": "OOM" if is_oom(tail) else f"failed (exit {completed.returncode})"}
 
 
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:

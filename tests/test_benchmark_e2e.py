@@ -30,3 +30,76 @@ def test_tiny_variants_run_and_a_failure_is_a_row(tmp_path):
     assert not rows["liger"]["ok"] and "--use_liger_kernel needs a CUDA GPU" in rows["liger"]["error"]
     assert result.returncode == 1
     assert result.stdout.rstrip().splitlines()[-1].startswith("| liger |")  # the table comes last
+
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import e2e  # noqa: E402
+
+
+def fake_probe(cap: int, clock: list[float] | None = None, seconds: float = 0, errors_at: int | None = None):
+    """A probe that fits up to `cap` tokens and takes `seconds` of a fake clock (a timeout when it is given less)."""
+    def probe(seq: int, timeout: float) -> dict:
+        if clock is not None:
+            clock[0] += min(seconds, timeout)
+        if seconds > timeout:
+            return {"ok": False, "failure": "timeout", "error": "timed out"}
+        if seq == errors_at:
+            return {"ok": False, "failure": "error", "error": "exit 1: ValueError: a bug"}
+        if seq > cap:
+            return {"ok": False, "failure": "oom", "error": "exit 1: torch.OutOfMemoryError"}
+        return {"ok": True, "tokens_per_s": 1e6 / seq, "step_time_s": seq / 1e6, "peak_gib": seq / 1024}
+    return probe
+
+
+def search(probe, budget_s: float = 1e9, clock=None) -> dict:
+    kwargs = {"clock": lambda: clock[0]} if clock else {}
+    return e2e.search_max_seq(probe, start=4096, step=1024, budget_s=budget_s, timeout=300, **kwargs)
+
+
+def test_search_doubles_then_bisects_to_the_boundary():
+    result = search(fake_probe(cap=37_000))
+    assert [p["seq"] for p in result["probes"]] == [4096, 8192, 16384, 32768, 65536, 49152, 40960, 36864, 38912,
+                                                   37888]
+    assert (result["longest"], result["first_fail"], result["fail_reason"]) == (36864, 37888, "oom")
+    assert result["at_longest"]["tokens_per_s"] == 1e6 / 36864 and result["stopped"] is None
+    low = search(fake_probe(cap=2500))  # the first probe fails: bisect below --start_seq
+    assert [p["seq"] for p in low["probes"]] == [4096, 2048, 3072] and low["longest"] == 2048
+    assert search(fake_probe(cap=1000))["longest"] == 0  # nothing fits: 4096, 2048, 1024 fail
+
+
+def test_budget_or_an_error_stops_the_search_and_says_so():
+    clock = [0.0]  # each probe takes 100 s: at 300 s, 50 s are left, which the probe at 32768 runs out of
+    cut = search(fake_probe(cap=10**9, clock=clock, seconds=100), budget_s=350, clock=clock)
+    assert [p["seq"] for p in cut["probes"]] == [4096, 8192, 16384, 32768]
+    assert cut["stopped"] == "time budget (350 s) spent during the probe at 32,768"
+    assert (cut["longest"], cut["first_fail"]) == (16384, None)  # a timeout cut short by the budget is no failure
+    clock = [0.0]  # 10 s left after three probes: too little to start a fourth
+    short = search(fake_probe(cap=10**9, clock=clock, seconds=100), budget_s=310, clock=clock)
+    assert len(short["probes"]) == 3 and short["stopped"] == "time budget (310 s) spent"
+    clock = [0.0]  # a full timeout (not cut by the budget) counts as "does not fit"
+    slow = search(fake_probe(cap=10**9, clock=clock, seconds=400), clock=clock)
+    assert (slow["longest"], slow["first_fail"], slow["fail_reason"]) == (0, 1024, "timeout")
+    error = search(fake_probe(cap=10**9, errors_at=8192))
+    assert error["stopped"].startswith("error at 8,192: exit 1: ValueError") and error["first_fail"] is None
+
+    results = [{"variant": "lora", "flags": "--use_lora", **search(fake_probe(cap=37_000))},
+               {"variant": "all_lora", "flags": "--use_fast_moe_block", **short}]
+    summary = e2e.search_summary(results, e2e.parse_args(["--max_seq_search"]))
+    assert "all_lora / lora longest trainable sequence: 16,384 / 36,864 = 0.44× (a lower bound" in summary
+    table = e2e.search_table(results).splitlines()
+    assert table[2].startswith("| lora | `--use_lora` | 36,864 | 27 | 0.04 | 36.0 | 37,888 (oom) |")
+    assert table[3].startswith("| all_lora | `--use_fast_moe_block` | ≥ 16,384 |")
+    assert table[3].endswith("| stopped: time budget (310 s) spent |")
+
+
+def test_max_seq_search_runs_tiny_probes_on_the_cpu(tmp_path):
+    """One real probe fits; --max_tokens_cap fails the next as an OOM would, which ends the search."""
+    command = [sys.executable, str(SCRIPT), "--max_seq_search", "--hidden", "small", "--layers", "1", "--variants",
+               "lora", "--start_seq", "128", "--seq_step", "128", "--max_tokens_cap", "200", "--out", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    (row,) = json.loads((tmp_path / "max_seq.json").read_text())
+    assert [(p["seq"], p["ok"], p.get("failure")) for p in row["probes"]] == [(128, True, None), (256, False, "oom")], (
+        tmp_path / "probes" / "lora-128" / "lora.log").read_text()[-2000:]
+    assert row["longest"] == 128 and row["at_longest"]["tokens_per_s"] > 0 and row["stopped"] is None
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.rstrip().splitlines()[-1].startswith("| lora | `--use_lora` | 128 |")  # the table comes last
