@@ -106,3 +106,14 @@ def test_frozen_expert_weights_skip_weight_grads_and_still_give_input_and_routin
     expected = torch.autograd.grad(experts(x, index, weights), (x, weights), grad_out)
     for got, want in zip(actual, expected, strict=True):
         assert relative_error(got, want) <= TOLERANCE
+
+
+@pytest.mark.parametrize("tokens, hidden, top_k", [(1, 40, 1), (37, 72, 8), (5, 33, 3)])
+def test_top_k_combine_sums_each_tokens_rows(tokens, hidden, top_k):
+    rows = torch.randn(tokens * top_k, hidden, device=DEVICE)
+    expected = rows.view(tokens, top_k, hidden).sum(1)
+    assert relative_error(kernels.sum_top_k(rows, top_k), expected) <= 1e-6
+
+
+def test_top_k_combine_of_no_tokens_is_empty():
+    assert kernels.sum_top_k(torch.randn(0, 16, device=DEVICE), 4).shape == (0, 16)

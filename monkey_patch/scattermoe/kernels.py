@@ -228,6 +228,26 @@ def _swiglu_backward_kernel(
              mask=mask)
 
 
+_SUM_TOP_K_CONFIGS = [
+    triton.Config({"BLOCK_T": t, "BLOCK_H": h}, num_warps=w)
+    for t, h, w in ([(4, 32, 1)] if INTERPRET else [(8, 256, 4), (16, 128, 4), (4, 512, 4), (32, 256, 8)])
+]
+
+
+@triton.autotune(configs=_SUM_TOP_K_CONFIGS, key=["H", "TOP_K"])
+@triton.jit
+def _sum_top_k_kernel(y_ptr, out_ptr, T, H, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t] = sum_j y[t * TOP_K + j] in fp32: the combine of a token's k expert outputs, at memory speed
+    (torch's reduction over the middle dim of (T, k, H) runs at about half the bandwidth)."""
+    tokens = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = (tokens < T)[:, None] & (cols < H)[None, :]
+    acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        acc += tl.load(y_ptr + (tokens[:, None] * TOP_K + j) * H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + tokens[:, None] * H + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.autotune(configs=_WEIGHT_GRAD_CONFIGS, key=["M", "N", "ROWS_BUCKET", "A_GATHERED"])
 @triton.jit
 def _grouped_weight_grad_kernel(
@@ -387,3 +407,18 @@ def grouped_weight_grad(
         A_GATHERED=a_gathered, B_GATHERED=b_gathered, INPUT_PRECISION=_input_precision(a.dtype),
     )
     return dw
+
+
+def sum_top_k(y: torch.Tensor, top_k: int) -> torch.Tensor:
+    """(T*k, H) rows in pair order -> (T, H), each token's k rows summed."""
+    num_rows, hidden = y.shape
+    num_tokens = num_rows // top_k
+    out = torch.empty(num_tokens, hidden, device=y.device, dtype=y.dtype)
+    if num_tokens == 0:
+        return out
+
+    def grid(meta):
+        return (triton.cdiv(num_tokens, meta["BLOCK_T"]), triton.cdiv(hidden, meta["BLOCK_H"]))
+
+    _sum_top_k_kernel[grid](y.contiguous(), out, num_tokens, hidden, TOP_K=top_k)
+    return out

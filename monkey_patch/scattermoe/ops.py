@@ -54,7 +54,7 @@ def experts_forward(
     """Returns the block output (T, H) and what backward needs: pre-activations (T*k, 2I), the routing-weighted
     activations h (T*k, I), and the scaled rank-r inputs of B: su = s·x·A_guᵀ and sv = s·h·A_downᵀ (T*k, r),
     all grouped by expert (su, sv None without that adapter)."""
-    num_tokens, top_k = routing_weights.shape
+    top_k = routing_weights.shape[1]
     su = sv = None
     if gate_up_lora is not None:
         su = kernels.scatter_matmul(
@@ -72,7 +72,7 @@ def experts_forward(
         h, w_down.transpose(1, 2), sorted_pairs, expert_ends, top_k, a_gathered=False, y_scattered=True,
         a2=sv, w2=None if sv is None else down_lora.b.transpose(1, 2),
     )
-    return out_pairs.view(num_tokens, top_k, -1).sum(1), gate_up, h, su, sv
+    return kernels.sum_top_k(out_pairs, top_k), gate_up, h, su, sv
 
 
 def _factor_grads(
@@ -138,7 +138,7 @@ def experts_backward(
     grad_x = kernels.scatter_matmul(grad_gate_up, w_gate_up, *routing, a_gathered=False, y_scattered=True,
                                     a2=dsu, w2=a_gate_up)
     del dsu
-    grad_x = grad_x.view(num_tokens, top_k, -1).sum(1)
+    grad_x = kernels.sum_top_k(grad_x, top_k)
     if needs_weight_grads:
         # dW_gate_up first, so grad_gate_up is freed before dW_down is allocated: lower peak memory.
         grad_w_gate_up = kernels.grouped_weight_grad(
