@@ -48,10 +48,15 @@ def launch(processes: int, *args: str) -> subprocess.CompletedProcess:
 
 
 def train(output_dir: Path, processes: int, model_path: Path, *flags: str) -> dict[int, float]:
-    launch(processes, str(ROOT / "qwen3_sft.py"), "--output_dir", str(output_dir), "--model_path", str(model_path),
-           *COMMON, *flags)
+    return train_and_log(output_dir, processes, model_path, *flags)[0]
+
+
+def train_and_log(output_dir: Path, processes: int, model_path: Path, *flags: str) -> tuple[dict[int, float], str]:
+    """Losses by step, and the run's stderr (its log)."""
+    result = launch(processes, str(ROOT / "qwen3_sft.py"), "--output_dir", str(output_dir),
+                    "--model_path", str(model_path), *COMMON, *flags)
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
-    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}, result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +112,15 @@ def test_zero3_runs_the_scattermoe_experts_on_the_gathered_weights(tmp_path, che
         assert loss == pytest.approx(single_process[1][step], rel=1e-4), step
 
 
+def test_zero3_trains_packed_rows_like_one_process(tmp_path, checkpoint):
+    packed = ("--use_packing", "--max_steps", "2")
+    expected = train(tmp_path / "single", 1, checkpoint, *packed)
+    losses = train(tmp_path / "zero3", 2, checkpoint, *ZERO3, *packed)
+    assert sorted(losses) == sorted(expected) == [1, 2]
+    for step, loss in expected.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-4), step
+
+
 def test_zero3_resume_from_sharded_state_continues_the_losses(tmp_path, checkpoint, zero3_run):
     first, expected = zero3_run
     resumed = train(tmp_path / "resumed", 2, checkpoint, *ZERO3,
@@ -125,8 +139,20 @@ def test_zero3_merge_lora_merges_the_gathered_weights(tmp_path, checkpoint):
     assert merged.keys() == reference.keys()
     changed = [name for name in reference if not torch.equal(reference[name], original[name])]
     assert "model.layers.0.self_attn.q_proj.weight" in changed  # the adapters trained, so the merge shows
+    assert "model.layers.0.mlp.experts.gate_up_proj" in changed  # experts are LoRA targets by default
     for name, tensor in reference.items():
         torch.testing.assert_close(merged[name], tensor, msg=name)
+
+
+def test_zero3_expert_lora_through_scattermoe_matches_peft_path(tmp_path, checkpoint):
+    """ScatterMoE's low-rank expert LoRA reads peft's factors and ZeRO-3's gathered base weights."""
+    lora = ("--use_lora", "--save_strategy", "no", "--max_steps", "2")
+    expected = train(tmp_path / "peft", 2, checkpoint, *ZERO3, *lora)
+    losses, log = train_and_log(tmp_path / "scattermoe", 2, checkpoint, *ZERO3, *lora, "--use_fast_moe_block")
+    assert "expert LoRA: scattermoe low-rank path" in log and "the experts use the folded weight" not in log
+    assert sorted(losses) == sorted(expected) == [1, 2]
+    for step, loss in expected.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-4), step
 
 
 LEAF_PROBE = """
