@@ -127,7 +127,7 @@ def test_compiled_packed_scattermoe_run_with_gradient_checkpointing(tmp_path, ca
     torch._dynamo.reset()
     output_dir = tmp_path / "run"
     assert qwen3_sft.main([
-        "--output_dir", str(output_dir), "--bundled_examples", "64", "--max_steps", "3", "--logging_steps", "1",
+        "--output_dir", str(output_dir), "--bundled_examples", "64", "--max_steps", "2", "--logging_steps", "1",
         "--save_strategy", "no", "--report_to", "none", "--max_length", "128", "--micro_batch_size", "4",
         "--use_packing", "--use_fast_moe_block", "--torch_compile", "--torch_compile_backend", "aot_eager",
     ]) == 0

@@ -48,6 +48,8 @@ CASES = [
     pytest.param(29, 64, 32, 4, 1, "uniform", id="top1"),
     pytest.param(13, 40, 24, 8, 8, "uniform", id="top8-all-experts"),
     pytest.param(50, 32, 48, 16, 3, "skewed", id="many-empty-experts"),
+    # Several row blocks per expert, several K steps and output-column blocks (the interpreter's tiles are 64 wide).
+    pytest.param(150, 136, 80, 4, 2, "skewed", id="multi-tile"),
 ]
 
 

@@ -18,7 +18,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
     """Autotune space: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); one small config in the interpreter."""
     if INTERPRET:
-        shapes = [(32, 32, 32, 4, 1)]
+        shapes = [(64, 64, 64, 4, 1)]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
         for m, n, k, w, s in shapes
@@ -203,34 +203,36 @@ def _scatter_matmul_kernel(
 @triton.jit
 def _swiglu_backward_kernel(
     grad_h_ptr, gate_up_ptr, sorted_pairs_ptr, scale_ptr, grad_gate_up_ptr, grad_scale_ptr,
-    N, BLOCK_N: tl.constexpr,
+    num_rows, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One grouped row: from g = grad_out[token] @ W_down[e] (unweighted), the routing-weight gradient
-    rowsum(g * silu(gate) * up) and the pre-activation gradients of scale * g.
+    """BLOCK_R grouped rows (one on a GPU; more in the interpreter, where programs are costly): from
+    g = grad_out[token] @ W_down[e] (unweighted), the routing-weight gradient rowsum(g * silu(gate) * up) and
+    the pre-activation gradients of scale * g.
 
     Kept apart from the matmul: fused, its epilogue forced small tiles and halved the matmul's rate.
     """
-    row = tl.program_id(0).to(tl.int64)
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    row_mask = rows < num_rows
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    g = tl.load(grad_h_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
-    gate = tl.load(gate_up_ptr + row * 2 * N + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(gate_up_ptr + row * 2 * N + N + cols, mask=mask, other=0.0).to(tl.float32)
-    pair = tl.load(sorted_pairs_ptr + row)
-    scale = tl.load(scale_ptr + pair).to(tl.float32)
+    mask = row_mask[:, None] & (cols < N)[None, :]
+    offsets = rows[:, None] * 2 * N + cols[None, :]
+    g = tl.load(grad_h_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(gate_up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_ptr + offsets + N, mask=mask, other=0.0).to(tl.float32)
+    pairs = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0)
+    scale = tl.load(scale_ptr + pairs, mask=row_mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(gate)
     silu = gate * sig
-    tl.store(grad_scale_ptr + pair, tl.sum(g * silu * up, 0))
-    grad_h = g * scale
+    tl.store(grad_scale_ptr + pairs, tl.sum(g * silu * up, 1), mask=row_mask)
+    grad_h = g * scale[:, None]
     grad_gate = grad_h * up * sig * (1.0 + gate * (1.0 - sig))
-    tl.store(grad_gate_up_ptr + row * 2 * N + cols, grad_gate.to(grad_gate_up_ptr.dtype.element_ty), mask=mask)
-    tl.store(grad_gate_up_ptr + row * 2 * N + N + cols, (grad_h * silu).to(grad_gate_up_ptr.dtype.element_ty),
-             mask=mask)
+    tl.store(grad_gate_up_ptr + offsets, grad_gate.to(grad_gate_up_ptr.dtype.element_ty), mask=mask)
+    tl.store(grad_gate_up_ptr + offsets + N, (grad_h * silu).to(grad_gate_up_ptr.dtype.element_ty), mask=mask)
 
 
 _SUM_TOP_K_CONFIGS = [
     triton.Config({"BLOCK_T": t, "BLOCK_H": h}, num_warps=w)
-    for t, h, w in ([(4, 32, 1)] if INTERPRET else [(8, 256, 4), (16, 128, 4), (4, 512, 4), (32, 256, 8)])
+    for t, h, w in ([(64, 128, 1)] if INTERPRET else [(8, 256, 4), (16, 128, 4), (4, 512, 4), (32, 256, 8)])
 ]
 
 
@@ -376,9 +378,10 @@ def swiglu_backward(
     num_rows, inter = grad_h.shape
     grad_gate_up = torch.empty_like(gate_up)
     grad_scale = torch.empty(num_rows, device=grad_h.device, dtype=torch.float32)
-    _swiglu_backward_kernel[(num_rows,)](
-        grad_h, gate_up, sorted_pairs, row_scale, grad_gate_up, grad_scale, inter,
-        BLOCK_N=triton.next_power_of_2(inter), num_warps=4,
+    rows_per_program = 64 if INTERPRET else 1
+    _swiglu_backward_kernel[(triton.cdiv(num_rows, rows_per_program),)](
+        grad_h, gate_up, sorted_pairs, row_scale, grad_gate_up, grad_scale, num_rows, inter,
+        BLOCK_R=rows_per_program, BLOCK_N=triton.next_power_of_2(inter), num_warps=4,
     )
     return grad_gate_up, grad_scale
 
