@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(config)
         configure_mlflow()
         train(config)
+        if dist.is_initialized():
+            dist.barrier()  # leave together: rank 0 may still be writing the final model the others helped gather
     except ConfigError as error:
         print(f"qwen3_sft.py: error: {error}", file=sys.stderr)
         return 2
