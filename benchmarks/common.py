@@ -1,7 +1,11 @@
 """What the benchmark scripts share: Qwen3-30B-A3B's shape, the environment of their child processes (each run is
 its own process so that an out-of-memory costs one row), and telling an out-of-memory from other failures."""
 
+import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,3 +29,36 @@ def child_env() -> dict[str, str]:
 def is_oom(log_text: str) -> bool:
     """Whether a child's log ends in a device out-of-memory (PyTorch's, or cuBLAS failing to allocate)."""
     return any(marker in log_text for marker in OOM_MARKERS)
+
+
+def fmt(value, spec: str) -> str:
+    """A table cell: ``value`` formatted, or "-" where there is none."""
+    return "-" if value is None else format(value, spec)
+
+
+def relative_error(actual, expected) -> float:
+    """‖actual − expected‖ / ‖expected‖ of two tensors, in fp32."""
+    return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+def run_qwen3_sft(output_dir: Path, log_path: Path, flags: list[str], timeout_s: float | None = None
+                  ) -> tuple[bool, float, list[dict]]:
+    """One ``qwen3_sft.py`` run in its own process (no checkpoints, no MLflow, efficiency metrics on), its output in
+    ``log_path``: whether it finished, its wall time, and its logged training entries (those with a loss)."""
+    command = [sys.executable, str(ROOT / "qwen3_sft.py"), "--output_dir", str(output_dir), "--save_strategy", "no",
+               "--report_to", "none", "--use_liger_efficiency_callback", *flags]
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        log.write("+ " + " ".join(command) + "\n")
+        log.flush()
+        try:
+            returncode = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                        timeout=timeout_s).returncode
+        except subprocess.TimeoutExpired:
+            returncode = None
+            log.write(f"\n[qwen3_sft.py stopped after {timeout_s:.0f} s]\n")
+    wall_s = time.perf_counter() - start
+    state = output_dir / "trainer_state.json"
+    if returncode != 0 or not state.is_file():
+        return False, wall_s, []
+    return True, wall_s, [e for e in json.loads(state.read_text())["log_history"] if "loss" in e]

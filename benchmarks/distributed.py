@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import QWEN3_30B_A3B, QWEN3_30B_A3B_LAYERS  # noqa: E402
+from common import QWEN3_30B_A3B, QWEN3_30B_A3B_LAYERS, fmt  # noqa: E402
 
 ENGINES = {
     "single": [],
@@ -433,10 +433,6 @@ def throughput_ratio(row: dict | None, reference: dict | None) -> float | None:
     if not (row or {}).get("tokens_per_s_per_gpu") or not (reference or {}).get("tokens_per_s_per_gpu"):
         return None
     return row["tokens_per_s_per_gpu"] / reference["tokens_per_s_per_gpu"]
-
-
-def fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def print_tables(results: dict, args: argparse.Namespace) -> None:

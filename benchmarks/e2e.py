@@ -42,7 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere; child processes get it through PYTHONPATH
 
-from common import QWEN3_30B_A3B, QWEN3_30B_A3B_LAYERS, child_env, is_oom  # noqa: E402
+from common import QWEN3_30B_A3B, QWEN3_30B_A3B_LAYERS, child_env, fmt, is_oom  # noqa: E402
 
 from callback import EfficiencyCallback, ModelFlops, device_peak_tflops, sequence_lengths  # noqa: E402
 
@@ -296,10 +296,6 @@ def last_error(name: str, args: argparse.Namespace) -> str:
     lines = [line.strip() for line in (args.out / f"{name}.log").read_text(errors="replace").splitlines()]
     errors = [line for line in lines if "Error" in line or "error:" in line]
     return (errors[-1] if errors else (lines[-1] if lines else "no output"))[:200]
-
-
-def fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def table(rows: list[dict]) -> str:

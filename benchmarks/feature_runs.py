@@ -8,12 +8,10 @@ saving or merging shows up as a failed row (its log is kept in DIR/<variant>.log
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import fmt, run_qwen3_sft
 
 VARIANTS = {
     "default": [],
@@ -27,28 +25,16 @@ VARIANTS = {
 
 
 def run_variant(name: str, flags: list[str], out: Path, steps: int, extra: list[str]) -> dict:
-    output_dir = out / name
-    command = [sys.executable, str(ROOT / "qwen3_sft.py"), "--output_dir", str(output_dir), "--max_steps", str(steps),
-               "--logging_steps", str(max(steps // 10, 1)), "--save_strategy", "no", "--report_to", "none",
-               "--use_liger_efficiency_callback", *flags, *extra]
-    start = time.perf_counter()
-    with open(out / f"{name}.log", "w") as log:
-        log.write("+ " + " ".join(command) + "\n")
-        log.flush()
-        returncode = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
-    row = {"variant": name, "flags": " ".join(flags) or "(none)", "ok": returncode == 0,
-           "wall_s": time.perf_counter() - start}
-    state = output_dir / "trainer_state.json"
-    if returncode == 0 and state.is_file():
-        history = [e for e in json.loads(state.read_text())["log_history"] if "loss" in e]
+    ok, wall_s, history = run_qwen3_sft(
+        out / name, out / f"{name}.log", ["--max_steps", str(steps), "--logging_steps", str(max(steps // 10, 1)),
+                                          *flags, *extra],
+    )
+    row = {"variant": name, "flags": " ".join(flags) or "(none)", "ok": ok, "wall_s": wall_s}
+    if history:
         row.update(first_loss=history[0]["loss"], last_loss=history[-1]["loss"],
                    first_acc=history[0].get("mean_token_accuracy"), last_acc=history[-1].get("mean_token_accuracy"),
                    tokens_per_s=history[-1].get("tokens_per_s"), peak_gib=history[-1].get("peak_memory_allocated_gib"))
     return row
-
-
-def fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def main() -> int:

@@ -17,19 +17,18 @@ import json
 import logging
 import os
 import statistics
-import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 
 import torch
+from common import QWEN3_30B_A3B, fmt, relative_error, run_qwen3_sft
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 from monkey_patch.fast_moe import apply_fast_moe_block, revert_fast_moe_block
 from monkey_patch.fp8 import apply_fp8, revert_fp8
 
-ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024**3
 logger = logging.getLogger("fp8_bench")
 
@@ -54,10 +53,8 @@ GRADIENTS = ("lm_head.weight", "model.layers.0.self_attn.q_proj.weight", "model.
 
 def model_config(layers: int) -> Qwen3MoeConfig:
     return Qwen3MoeConfig(
-        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
-        num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
-        num_experts_per_tok=8, norm_topk_prob=True, output_router_logits=True, router_aux_loss_coef=0.001,
-        max_position_embeddings=8192,
+        **QWEN3_30B_A3B, num_hidden_layers=layers, norm_topk_prob=True, output_router_logits=True,
+        router_aux_loss_coef=0.001, max_position_embeddings=8192,
     )
 
 
@@ -72,10 +69,6 @@ def apply_variant(model: torch.nn.Module, name: str) -> None:
 def revert_variant(model: torch.nn.Module) -> None:
     revert_fp8(model)
     revert_fast_moe_block(model)  # back to transformers' grouped_mm
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
 
 
 def loss_and_grads(model: torch.nn.Module, batch: dict) -> tuple[float, dict[str, torch.Tensor]]:
@@ -139,33 +132,15 @@ def time_variant(model: torch.nn.Module, batch: dict, name: str, warmup: int, re
 
 
 def run_sft(name: str, flags: list[str], out: Path, steps: int, timeout_s: float) -> dict:
-    output_dir = out / "sft" / name
-    command = [sys.executable, str(ROOT / "qwen3_sft.py"), "--output_dir", str(output_dir), "--max_steps", str(steps),
-               "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none", "--bundled_examples", "4000",
-               "--use_liger_efficiency_callback", *flags]
-    log_path = out / f"sft_{output_dir.name}.log"
-    start = time.perf_counter()
-    with open(log_path, "w") as log:
-        log.write("+ " + " ".join(command) + "\n")
-        log.flush()
-        try:
-            returncode = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                        timeout=timeout_s).returncode
-        except subprocess.TimeoutExpired:
-            returncode = -1
-            log.write(f"\n[benchmarks/fp8.py] stopped after {timeout_s:.0f} s\n")
-    row = {"variant": name, "flags": " ".join(flags) or "(none)", "ok": returncode == 0,
-           "wall_s": time.perf_counter() - start}
-    state = output_dir / "trainer_state.json"
-    if returncode == 0 and state.is_file():
-        history = [e for e in json.loads(state.read_text())["log_history"] if "loss" in e]
+    ok, wall_s, history = run_qwen3_sft(
+        out / "sft" / name, out / f"sft_{name}.log",
+        ["--max_steps", str(steps), "--logging_steps", "10", "--bundled_examples", "4000", *flags], timeout_s,
+    )
+    row = {"variant": name, "flags": " ".join(flags) or "(none)", "ok": ok, "wall_s": wall_s}
+    if history:
         row.update(losses=[e["loss"] for e in history], last_loss=statistics.mean(e["loss"] for e in history[-3:]),
                    last_acc=history[-1].get("mean_token_accuracy"), tokens_per_s=history[-1].get("tokens_per_s"))
     return row
-
-
-def fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def print_tables(device: str, correct: list[dict], timed: list[dict], sft: list[dict]) -> str:

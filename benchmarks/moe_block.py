@@ -15,6 +15,7 @@ import statistics
 from dataclasses import dataclass
 
 import torch
+from common import relative_error
 from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
@@ -88,10 +89,6 @@ def median_ms(fn, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
 def run_case(case: Case, implementations: list[str], repeats: int) -> list[dict]:
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -136,8 +133,8 @@ def run_case(case: Case, implementations: list[str], repeats: int) -> list[dict]
     reference_out, reference_grads = results["grouped_mm"]
     for row in rows:
         out, grads = results[row["impl"]]
-        row["err_out"] = rel_err(out, reference_out)
-        row["err_grads"] = max(rel_err(g, r) for g, r in zip(grads, reference_grads, strict=True))
+        row["err_out"] = relative_error(out, reference_out)
+        row["err_grads"] = max(relative_error(g, r) for g, r in zip(grads, reference_grads, strict=True))
         row["speedup_fwd"] = next(r["fwd_ms"] for r in rows if r["impl"] == "grouped_mm") / row["fwd_ms"]
         row["speedup_fwd_bwd"] = next(r["fwd_bwd_ms"] for r in rows if r["impl"] == "grouped_mm") / row["fwd_bwd_ms"]
     return rows
