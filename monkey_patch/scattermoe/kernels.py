@@ -78,6 +78,39 @@ def _expert_row_block(
     return expert, row_start, row_end
 
 
+@triton.jit
+def _accumulate(acc, a_ptrs, w_ptrs, row_mask, col_mask, K, stride_ak, stride_wk,
+                BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc += a @ w over K in BLOCK_K steps: pointer tiles a (BLOCK_M, BLOCK_K) and w (BLOCK_K, BLOCK_N)."""
+    ks = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = ks < K - k0
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(a, w, acc=acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+    return acc
+
+
+@triton.jit
+def _accumulate_gate_up(acc_gate, acc_up, a_ptrs, w_ptrs, up_offset, row_mask, col_mask, K, stride_ak, stride_wk,
+                        BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """The gate and up halves of ``_accumulate`` at once, one load of ``a`` feeding both (up = w + up_offset)."""
+    ks = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = ks < K - k0
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w_mask = k_mask[:, None] & col_mask[None, :]
+        w_gate = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        w_up = tl.load(w_ptrs + up_offset, mask=w_mask, other=0.0)
+        acc_gate = tl.dot(a, w_gate, acc=acc_gate, input_precision=INPUT_PRECISION)
+        acc_up = tl.dot(a, w_up, acc=acc_up, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+    return acc_gate, acc_up
+
+
 @triton.autotune(configs=_GATE_UP_CONFIGS, key=["K", "N", "ROWS_BUCKET", "HAS_A2"])
 @triton.jit
 def _gather_gate_up_swiglu_kernel(
@@ -114,29 +147,13 @@ def _gather_gate_up_swiglu_kernel(
     up_offset = N * stride_wn
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_mask = ks < K - k0
-        x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w_mask = k_mask[:, None] & col_mask[None, :]
-        w_gate = tl.load(w_ptrs, mask=w_mask, other=0.0)
-        w_up = tl.load(w_ptrs + up_offset, mask=w_mask, other=0.0)
-        acc_gate = tl.dot(x, w_gate, acc=acc_gate, input_precision=INPUT_PRECISION)
-        acc_up = tl.dot(x, w_up, acc=acc_up, input_precision=INPUT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+    acc_gate, acc_up = _accumulate_gate_up(acc_gate, acc_up, x_ptrs, w_ptrs, up_offset, row_mask, col_mask, K,
+                                           stride_xk, stride_wk, BLOCK_K, INPUT_PRECISION)
     if HAS_A2:
         a2_ptrs = a2_ptr + rows[:, None].to(tl.int64) * stride_a2m + ks[None, :] * stride_a2k
         w2_ptrs = w2_ptr + expert.to(tl.int64) * stride_w2e + ks[:, None] * stride_w2k + cols[None, :] * stride_w2n
-        for k0 in range(0, K2, BLOCK_K):
-            k_mask = ks < K2 - k0
-            a2 = tl.load(a2_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            w2_mask = k_mask[:, None] & col_mask[None, :]
-            w2_gate = tl.load(w2_ptrs, mask=w2_mask, other=0.0)
-            w2_up = tl.load(w2_ptrs + N * stride_w2n, mask=w2_mask, other=0.0)
-            acc_gate = tl.dot(a2, w2_gate, acc=acc_gate, input_precision=INPUT_PRECISION)
-            acc_up = tl.dot(a2, w2_up, acc=acc_up, input_precision=INPUT_PRECISION)
-            a2_ptrs += BLOCK_K * stride_a2k
-            w2_ptrs += BLOCK_K * stride_w2k
+        acc_gate, acc_up = _accumulate_gate_up(acc_gate, acc_up, a2_ptrs, w2_ptrs, N * stride_w2n, row_mask, col_mask,
+                                               K2, stride_a2k, stride_w2k, BLOCK_K, INPUT_PRECISION)
     scale = tl.load(scale_ptr + pairs, mask=row_mask, other=0.0).to(tl.float32)
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up * scale[:, None]
     out_mask = row_mask[:, None] & col_mask[None, :]
@@ -178,24 +195,13 @@ def _scatter_matmul_kernel(
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_mask = ks < K - k0
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(a, w, acc=acc, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        w_ptrs += BLOCK_K * stride_wk
+    acc = _accumulate(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a_ptrs, w_ptrs, row_mask, col_mask, K,
+                      stride_ak, stride_wk, BLOCK_K, INPUT_PRECISION)
     if HAS_A2:
         a2_ptrs = a2_ptr + rows[:, None].to(tl.int64) * stride_a2m + ks[None, :] * stride_a2k
         w2_ptrs = w2_ptr + expert.to(tl.int64) * stride_w2e + ks[:, None] * stride_w2k + cols[None, :] * stride_w2n
-        for k0 in range(0, K2, BLOCK_K):
-            k_mask = ks < K2 - k0
-            a2 = tl.load(a2_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            w2 = tl.load(w2_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-            acc = tl.dot(a2, w2, acc=acc, input_precision=INPUT_PRECISION)
-            a2_ptrs += BLOCK_K * stride_a2k
-            w2_ptrs += BLOCK_K * stride_w2k
+        acc = _accumulate(acc, a2_ptrs, w2_ptrs, row_mask, col_mask, K2, stride_a2k, stride_w2k, BLOCK_K,
+                          INPUT_PRECISION)
     y_ptrs = y_ptr + y_rows[:, None] * N + cols[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
