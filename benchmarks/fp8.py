@@ -7,7 +7,7 @@
     (weights, gradients and AdamW states included). Variants are applied to and reverted from one model.
 (c) training: qwen3_sft.py on the embedded task for --sft_steps steps, bf16 against FP8, losses compared.
 
-    python benchmarks/fp8.py [--out DIR] [--compile] [--sft_steps 200] [--skip_sft]
+    python benchmarks/fp8.py [--out DIR] [--compile] [--sft_steps 200] [--skip_sft | --sft_only]
 
 Logs and results go to --out (default: $OUT when set, else ./fp8_bench). Markdown tables are printed last.
 """
@@ -175,30 +175,8 @@ def print_tables(device: str, correct: list[dict], timed: list[dict], sft: list[
     return "\n".join(lines)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "fp8_bench")))
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model in (b) (slow to warm up)")
-    parser.add_argument("--sft_steps", type=int, default=200)
-    parser.add_argument("--skip_sft", action="store_true")
-    parser.add_argument("--time_budget_s", type=float, default=240, help="skip (c) when (a)+(b) took longer")
-    parser.add_argument("--sft_timeout_s", type=float, default=120, help="stop one qwen3_sft.py run after this")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("benchmarks/fp8.py needs a CUDA GPU with FP8 (H100/H200); this machine has none.", file=sys.stderr)
-        return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        handlers=[logging.StreamHandler(), logging.FileHandler(args.out / "fp8_bench.log")])
-    started = time.perf_counter()
-    device = f"{torch.cuda.get_device_name()} (capability {'.'.join(map(str, torch.cuda.get_device_capability()))})"
-
+def correctness_and_timing(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """(a) and (b) on one model, each variant applied and reverted in turn."""
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(model_config(args.layers), dtype=torch.bfloat16,
@@ -217,11 +195,39 @@ def main() -> int:
             logger.error("timing %s failed:\n%s", name, traceback.format_exc())
             timed.append({"variant": name, "error": f"{type(error).__name__}: {error}"[:200]})
         logger.info("timed %s: %s", name, timed[-1])
-    del model, batch
-    torch.cuda.empty_cache()
+    return correct, timed
 
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "fp8_bench")))
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model in (b) (slow to warm up)")
+    parser.add_argument("--sft_steps", type=int, default=200)
+    parser.add_argument("--skip_sft", action="store_true", help="(a) and (b) only")
+    parser.add_argument("--sft_only", action="store_true", help="(c) only")
+    parser.add_argument("--time_budget_s", type=float, default=240, help="skip (c) when (a)+(b) took longer")
+    parser.add_argument("--sft_timeout_s", type=float, default=120, help="stop one qwen3_sft.py run after this")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("benchmarks/fp8.py needs a CUDA GPU with FP8 (H100/H200); this machine has none.", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=[logging.StreamHandler(), logging.FileHandler(args.out / "fp8_bench.log")])
+    started = time.perf_counter()
+    device = f"{torch.cuda.get_device_name()} (capability {'.'.join(map(str, torch.cuda.get_device_capability()))})"
+
+    correct, timed = ([], []) if args.sft_only else correctness_and_timing(args)
     sft = []
     elapsed = time.perf_counter() - started
+    if args.skip_sft and args.sft_only:
+        parser.error("--skip_sft and --sft_only leave nothing to run: pass one of them")
     if args.skip_sft:
         logger.info("(c) skipped (--skip_sft)")
     elif elapsed > args.time_budget_s:

@@ -9,6 +9,7 @@ import torch
 from torchao.float8.float8_linear import Float8Linear
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 import monkey_patch.fp8 as fp8
 from monkey_patch import apply_patches, preflight
@@ -288,6 +289,7 @@ def test_preflight_names_the_gpu_without_fp8(tmp_path, monkeypatch, flags, capab
     (["--use_fp8", "--fp8_modules", "brief,layers.(0"], r"--fp8_modules 'layers.\(0' is neither a preset"),
     (["--fp8_experts"], "--fp8_experts needs --use_fp8"),
     (["--use_fp8", "--fp8_experts", "--use_fast_moe_block"], "both choose the experts kernels"),
+    (["--use_fp8", "--pad_to_multiple_of", "8"], "--pad_to_multiple_of 8 with --use_fp8: .* multiples of 16"),
 ])
 def test_bad_fp8_flags_stop_with_the_flag_named(tmp_path, flags, message):
     with pytest.raises(ConfigError, match=message):
@@ -299,3 +301,21 @@ def test_fp8_flags_parse(tmp_path):
     assert (parsed.use_fp8, parsed.fp8_recipe, parsed.fp8_modules, parsed.fp8_experts) == (
         True, "rowwise", r"routers,.*o_proj", False
     )
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_fp8_batches_hold_a_multiple_of_16_tokens(tmp_path, packed):
+    """torch._scaled_mm refuses a weight gradient over a token count not divisible by 16 (seen on an H200)."""
+    flags = ["--use_fp8", *(["--use_packing"] if packed else [])]
+    parsed = config(tmp_path, *flags)
+    collator = DataCollatorForLanguageModeling(
+        pad_token_id=0, padding_free=packed, pad_to_multiple_of=parsed.pad_to_multiple_of
+    )
+    examples = [{"input_ids": list(range(1, n + 1))} for n in (45, 7, 30)]
+    batch = collator(examples)
+    assert batch["input_ids"].numel() % 16 == 0
+    assert (batch["labels"] != -100).sum() == sum(n - packed for n in (45, 7, 30))
+
+
+def test_full_precision_batches_are_not_padded_beyond_the_longest_row(tmp_path):
+    assert config(tmp_path).pad_to_multiple_of is None

@@ -18,6 +18,9 @@ from turbo_tune.errors import ConfigError
 DEFAULT_FSDP_CONFIG = Path(__file__).resolve().parents[1] / "config" / "fsdp.json"
 EMBEDDED_MODEL_LEARNING_RATE = 2e-3
 CHECKPOINT_LEARNING_RATE = 1e-5
+# torch._scaled_mm needs every dimension of an FP8 matmul divisible by 16, the tokens of a batch included (they are
+# the reduction dimension of the weight gradient), so FP8 runs pad each batch's tokens to a multiple of it.
+FP8_TOKEN_MULTIPLE = 16
 FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 FP8_MODULE_PRESETS = ("brief", "routers", "edge_layers", "lm_head", "all_linear")
 
@@ -147,6 +150,8 @@ class TurboTuneConfig(SFTConfig):
         self.packing = self.packing or self.use_packing
         self.completion_only_loss = not self.train_on_all_tokens
         super().__post_init__()
+        if self.use_fp8:
+            self._pad_tokens_for_fp8()
 
     def _check_engine_flags(self) -> None:
         if self.deepspeed_config is not None and self.deepspeed is not None:
@@ -185,6 +190,15 @@ class TurboTuneConfig(SFTConfig):
         if self.fp8_experts and self.use_fast_moe_block:
             raise ConfigError(
                 "--fp8_experts and --use_fast_moe_block both choose the experts kernels: pass only one of them."
+            )
+
+    def _pad_tokens_for_fp8(self) -> None:
+        if self.pad_to_multiple_of is None:
+            self.pad_to_multiple_of = FP8_TOKEN_MULTIPLE
+        elif self.pad_to_multiple_of % FP8_TOKEN_MULTIPLE:
+            raise ConfigError(
+                f"--pad_to_multiple_of {self.pad_to_multiple_of} with --use_fp8: FP8 matmuls need a batch's tokens in "
+                f"multiples of {FP8_TOKEN_MULTIPLE}. Use a multiple of {FP8_TOKEN_MULTIPLE}, or leave it unset."
             )
 
     def _derive_batch_sizes(self) -> None:
