@@ -113,8 +113,13 @@ def _logical_name(name: str) -> str:
     return name.removeprefix(PEFT_PREFIX)
 
 
+def _full_shape(param: torch.Tensor) -> torch.Size:
+    """The parameter's shape, also after ZeRO-3 partitioned it at load time (DeepSpeed keeps it in ``ds_shape``)."""
+    return getattr(param, "ds_shape", param.shape)
+
+
 def _skip_reason(module: torch.nn.Module) -> str | None:
-    out_dim, in_dim = module.weight.shape
+    out_dim, in_dim = _full_shape(module.weight)
     if out_dim % 16 or in_dim % 16:
         return f"weight {out_dim}x{in_dim}: FP8 matmuls need both dimensions divisible by 16"
     return None
@@ -333,9 +338,10 @@ def apply_fp8_experts(model: torch.nn.Module) -> None:
     experts = _experts_modules(model)
     for module in experts:
         _check_supported(module)
-        if any(dim % GROUP_ALIGNMENT for dim in (*module.gate_up_proj.shape[1:], *module.down_proj.shape[1:])):
+        gate_up_shape, down_shape = _full_shape(module.gate_up_proj), _full_shape(module.down_proj)
+        if any(dim % GROUP_ALIGNMENT for dim in (*gate_up_shape[1:], *down_shape[1:])):
             raise ConfigError(
-                f"--fp8_experts: expert weights {tuple(module.gate_up_proj.shape)} need hidden and intermediate "
+                f"--fp8_experts: expert weights {tuple(gate_up_shape)} need hidden and intermediate "
                 "sizes divisible by 16."
             )
     _set_experts_implementation(model, EXPERTS_IMPLEMENTATION)

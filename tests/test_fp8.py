@@ -118,6 +118,27 @@ def test_regex_that_matches_nothing_stops_with_the_pattern():
         select_fp8_modules(convertible_model(), r"model\.layer\.0.*")
 
 
+def partition_like_zero3(model: torch.nn.Module) -> torch.nn.Module:
+    """What deepspeed.zero.Init leaves on a rank: each parameter's data emptied, its shape kept in ``ds_shape``."""
+    for param in model.parameters():
+        param.ds_shape = param.shape
+        param.data = torch.empty(0, dtype=param.dtype)
+    return model
+
+
+def test_selection_reads_full_shapes_of_zero3_partitioned_weights(tmp_path):
+    """Under ZeRO-3 the weights are already partitioned when the patches run (an H200 run failed on it)."""
+    full = select_fp8_modules(load_model(config(tmp_path)), "brief")
+    partitioned = select_fp8_modules(partition_like_zero3(load_model(config(tmp_path))), "brief")
+    assert (partitioned.chosen, partitioned.skipped) == (full.chosen, full.skipped)
+
+
+def test_fp8_experts_check_reads_full_shapes_of_zero3_partitioned_weights():
+    model = partition_like_zero3(Qwen3MoeForCausalLM(convertible_config(moe_intermediate_size=24)))
+    with pytest.raises(ConfigError, match=r"expert weights \(16, 48, 64\) need .* divisible by 16"):
+        apply_fp8_experts(model)
+
+
 def test_selection_leaves_the_model_untouched():
     model = convertible_model()
     before = [(name, type(m)) for name, m in model.named_modules()]
