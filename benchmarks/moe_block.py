@@ -1,4 +1,5 @@
-"""Time the Qwen3-MoE expert block: transformers `eager` and `grouped_mm` against `scattermoe`, in one run.
+"""Time the Qwen3-MoE expert block: transformers `eager` and `grouped_mm`, Liger-Kernel's fused MoE (what
+`--use_liger_kernel` alone runs the experts with) and `scattermoe`, in one run.
 
 Forward and forward+backward in bf16 (median of CUDA-event timings after warm-up), TFLOP/s
 (18 * tokens * top_k * H * I for forward+backward, 6 * ... for forward), extra peak memory of one
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from common import relative_error
 from transformers import Qwen3MoeConfig
+from transformers.integrations.moe import ExpertsInterface
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from monkey_patch.fast_moe import register_scattermoe
@@ -46,6 +48,18 @@ CASES = [
     Case("235B-A22B", 4096, 1536, 128, 8, 16384, "balanced", False),
     Case("235B-A22B", 4096, 1536, 128, 8, 16384, "skewed", False),
 ]
+
+
+def register_liger_fused_moe() -> None:
+    """Liger's ``LigerFusedMoEFunction`` as the experts implementation ``liger_fused_moe``, timed like the others."""
+    from liger_kernel.ops.fused_moe import LigerFusedMoEFunction
+
+    def liger_fused_moe(module, hidden_states, top_k_index, top_k_weights):
+        return LigerFusedMoEFunction.apply(
+            hidden_states, module.gate_up_proj, module.down_proj, top_k_index.to(torch.int32), top_k_weights
+        )
+
+    ExpertsInterface.register("liger_fused_moe", liger_fused_moe)
 
 
 def make_experts(case: Case, device: torch.device) -> Qwen3MoeExperts:
@@ -206,7 +220,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--implementations", default="eager,grouped_mm,scattermoe")
+    parser.add_argument("--implementations", default="eager,grouped_mm,liger_fused_moe,scattermoe")
     parser.add_argument("--cases", default="all", help="comma-separated indices into CASES, or 'all'")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--profile", type=int, default=2, help="index of the case to profile; -1 for none")
@@ -214,6 +228,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     register_scattermoe()
+    register_liger_fused_moe()
     cases = CASES if args.cases == "all" else [CASES[int(i)] for i in args.cases.split(",")]
     rows = []
     for case in cases:

@@ -168,3 +168,28 @@ def test_tables_report_loss_agreement_speed_memory_resume_and_nodes(tmp_path, ca
     assert "| tiny | zero3 | 2 | yes | 4.9490 → 3.0300 | 1.00e-02 | 1,013 | 1.50 |" in printed
     assert "| zero3 | yes | 11-20 | 0.00e+00 |" in printed
     assert "2 nodes × 1 GPU(s)" in printed and "`+ python3 -m torch.distributed.run --nnodes 2`" in printed
+
+
+class RecordingRunner:
+    """Stands in for Runner: records each command and environment, writes a log as a finished run would."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.calls = out, []
+
+    def run(self, name: str, command: list[str], env: dict[str, str] | None = None) -> bool:
+        self.calls.append((name, command, env))
+        (self.out / "logs").mkdir(parents=True, exist_ok=True)
+        (self.out / "logs" / f"{name}.log").write_text("done\n")
+        return True
+
+
+def test_compat_runs_every_patch_under_the_engines_asked_with_liger_autotuning_off(tmp_path):
+    args = parse(tmp_path, "--gpus", "2", "--phases", "compat", "--models", "tiny", "--engines", "zero3", "fsdp")
+    runner = RecordingRunner(tmp_path)
+    results = distributed.compat(runner, {"tiny": tmp_path / "tiny"}, args)
+    assert list(results) == [f"compat-{e}-{p}" for e in ("zero3", "fsdp") for p in distributed.PATCHES]
+    assert all(row["ok"] for row in results.values())
+    for name, command, env in runner.calls:
+        assert env == {"LIGER_FUSED_MOE_AUTOTUNE": "0"}
+        assert ("--fsdp" in command) == name.startswith("compat-fsdp")
+        assert set(distributed.PATCHES[name.split("-", 2)[2]]) <= set(command)
