@@ -14,6 +14,8 @@ Reported per variant: real tokens/s per GPU, MFU (callback.py's FLOP count over 
 step time after --warmup steps, peak allocated memory, and the loss and token accuracy of the first and last step.
 A failing variant (an error, an OOM, a timeout) becomes a row with the reason; its log is in OUT/<variant>.log.
 The markdown table is printed last; OUT/e2e.json holds the rows, OUT/e2e.png a chart if matplotlib is installed.
+--profile adds one step after the timed ones, under torch.profiler (not timed): its costliest kernels (GPU time; CPU
+time on a CPU) go to OUT/<variant>.profile.md, to show where a variant's step goes.
 --hidden small shrinks every dimension so that the whole path runs on a CPU in seconds (a smoke test, not a benchmark).
 
 --max_seq_search asks how long a sequence fits instead: per variant (default: LoRA on transformers' defaults against
@@ -43,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere; child processes get it through PYTHONPATH
 
 from common import QWEN3_30B_A3B, QWEN3_30B_A3B_LAYERS, child_env, fmt, is_oom  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 from callback import EfficiencyCallback, ModelFlops, device_peak_tflops, sequence_lengths  # noqa: E402
 
@@ -89,6 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"default: all but {' '.join(SEARCH_VARIANTS)}; those two with --max_seq_search")
     parser.add_argument("--timeout", type=int, help="seconds per variant, or per probe with --max_seq_search, "
                         "before it counts as failed (default 180; 300)")
+    parser.add_argument("--profile", action="store_true", help="profile one extra step: OUT/<variant>.profile.md")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "e2e_out"))
     search = parser.add_argument_group("--max_seq_search: the longest sequence that trains")
     search.add_argument("--max_seq_search", action="store_true", help="search each variant's longest --seq")
@@ -123,12 +127,16 @@ def packed_lengths(total_tokens: int, seq: int, seed: int) -> list[int]:
     return lengths
 
 
+def total_steps(args: argparse.Namespace) -> int:
+    return args.warmup + args.steps + int(args.profile)
+
+
 def make_dataset(args: argparse.Namespace, packing: bool, vocab: int):
     """Random token rows: exactly --seq long, or examples to pack (about 10% more tokens than the steps need).
     --max_seq_search probes always get rows of exactly --seq: one document as long as the probe asks for."""
     from datasets import Dataset
 
-    rows = args.batch * (args.warmup + args.steps)
+    rows = args.batch * total_steps(args)
     generator = torch.Generator().manual_seed(0)
     if packing and not args.max_seq_search:
         lengths = packed_lengths(int(rows * args.seq * 1.1), args.seq, seed=0)
@@ -151,7 +159,7 @@ def run_child(args: argparse.Namespace) -> dict:
     flags = {flag: True for flag in VARIANTS[args.child]}
     work = tempfile.mkdtemp(prefix=f"e2e-{args.child}-")
     config = TurboTuneConfig(
-        output_dir=work, report_to="none", save_strategy="no", logging_steps=1, max_steps=args.warmup + args.steps,
+        output_dir=work, report_to="none", save_strategy="no", logging_steps=1, max_steps=total_steps(args),
         per_device_train_batch_size=args.batch, max_length=args.seq, gradient_checkpointing=args.gradient_checkpointing,
         learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, dataloader_num_workers=0, seed=0,
         train_on_all_tokens=True, disable_tqdm=True, **flags,
@@ -176,6 +184,8 @@ def run_child(args: argparse.Namespace) -> dict:
     dataset = make_dataset(args, config.use_packing, model_config.vocab_size)
     trainer = TurboSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                               efficiency=recorder)
+    if args.profile:
+        trainer.add_callback(StepProfile(args.warmup + args.steps, args.out / f"{args.child}.profile.md"))
     trainer.train()
     notes = [f"attention {model.config._attn_implementation}"]
     if model.config._attn_implementation == "varlen_sdpa":
@@ -185,7 +195,7 @@ def run_child(args: argparse.Namespace) -> dict:
         notes.append(f"Liger {'+'.join(liger) or 'none'}")
     if config.torch_compile:
         notes.append("compile FELL BACK to eager (see log)" if compile_fell_back(model) else "compiled per layer")
-    return recorder.summary(args.warmup, ", ".join(notes))
+    return recorder.summary(args.warmup, args.steps, ", ".join(notes))
 
 
 def varlen_check(model_config, dtype: torch.dtype) -> str:
@@ -239,8 +249,8 @@ class StepRecorder(EfficiencyCallback):
         if logs and "loss" in logs and self.steps:
             self.steps[-1].update(loss=logs["loss"], accuracy=logs.get("mean_token_accuracy"))
 
-    def summary(self, warmup: int, notes: str) -> dict:
-        timed = self.steps[warmup:] or self.steps
+    def summary(self, warmup: int, steps: int, notes: str) -> dict:
+        timed = self.steps[warmup:warmup + steps] or self.steps
         step_time = statistics.median(s["time"] for s in timed)
         tokens = statistics.median(s["tokens"] for s in timed)
         tflops = statistics.median(self.model_flops.flops(s["tokens"], s["sum_sq"]) for s in timed) / step_time / 1e12
@@ -254,12 +264,49 @@ class StepRecorder(EfficiencyCallback):
         }
 
 
+class StepProfile(TrainerCallback):
+    """Profiles the optimizer step that starts after ``step`` completed ones; writes its costliest kernels."""
+
+    def __init__(self, step: int, path: Path, rows: int = 25) -> None:
+        self.step, self.path, self.rows, self.profiler = step, path, rows, None
+
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        if state.global_step == self.step:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        if self.profiler is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.profiler.__exit__(None, None, None)
+        self.path.write_text(kernel_table(self.profiler.key_averages(), torch.cuda.is_available(), self.rows))
+        self.profiler = None
+
+
+def kernel_table(events, on_gpu: bool, rows: int) -> str:
+    """Markdown: the ``rows`` events with the most self time on the device (GPU kernels) or, on a CPU, the host."""
+    attribute = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    timed = sorted((e for e in events if getattr(e, attribute) > 0), key=lambda e: -getattr(e, attribute))
+    total_us = sum(getattr(e, attribute) for e in timed)
+    lines = [f"{'GPU' if on_gpu else 'CPU'} time of one step: {total_us / 1e3:.1f} ms", "",
+             "| kernel | calls | ms | share |", "|---|---|---|---|"]
+    for event in timed[:rows]:
+        us = getattr(event, attribute)
+        lines.append(f"| `{event.key[:100]}` | {event.count} | {us / 1e3:.2f} | {us / total_us:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
 def child_argv(args: argparse.Namespace, name: str) -> list[str]:
     argv = ["--layers", args.layers, "--hidden", args.hidden, "--seq", args.seq, "--batch", args.batch,
             "--warmup", args.warmup, "--steps", args.steps, "--out", args.out, "--child", name]
     if args.max_tokens_cap is not None:
         argv += ["--max_tokens_cap", args.max_tokens_cap]
-    flags = [flag for flag in ("gradient_checkpointing", "max_seq_search") if getattr(args, flag)]
+    flags = [flag for flag in ("gradient_checkpointing", "max_seq_search", "profile") if getattr(args, flag)]
     return [str(a) for a in argv] + [f"--{flag}" for flag in flags]
 
 
