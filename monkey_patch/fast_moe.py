@@ -12,6 +12,7 @@ import os
 import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
+from .model_parts import check_swiglu_experts_layout, experts_modules, set_experts_implementation
 from .scattermoe.compilable_ops import scattermoe_experts
 from .scattermoe.ops import LowRank
 
@@ -77,54 +78,17 @@ def register_scattermoe() -> None:
         ExpertsInterface.register(IMPLEMENTATION_NAME, scattermoe_experts_forward)
 
 
-def _experts_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for m in model.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "down_proj")]
-
-
-def _check_supported(experts: torch.nn.Module) -> None:
-    """The kernels implement concatenated [gate; up] SwiGLU experts without bias, as in Qwen3-MoE."""
-    layout = {
-        "has_gate": True,
-        "has_bias": False,
-        "is_transposed": False,
-        "is_concatenated": True,
-        "has_post_expert_norm": False,
-    }
-    unsupported = {name: getattr(experts, name, None) for name, want in layout.items()}
-    unsupported = {name: value for name, value in unsupported.items() if value != layout[name]}
-    if unsupported:
-        raise ValueError(f"{type(experts).__name__} has an experts layout scattermoe does not support: {unsupported}")
-    act = getattr(experts.config, "hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise ValueError(f"scattermoe fuses SiLU; {type(experts).__name__} uses hidden_act={act!r}")
-
-
-def _set_experts_implementation(model: torch.nn.Module, implementation: str) -> None:
-    experts = _experts_modules(model)
-    if not experts:
-        raise ValueError(
-            f"{type(model).__name__} has no experts modules (with gate_up_proj and down_proj); "
-            "the fast MoE block applies to Qwen3-MoE models only."
-        )
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if hasattr(base, "set_experts_implementation"):
-        base.set_experts_implementation(implementation)
-    else:
-        for module in experts:
-            module.config._experts_implementation = implementation
-
-
 def apply_fast_moe_block(model: torch.nn.Module) -> None:
     """Switch every experts module of ``model`` (a PreTrainedModel or a peft wrapper of one) to scattermoe."""
     register_scattermoe()
-    experts = _experts_modules(model)
+    experts = experts_modules(model)
     for module in experts:
-        _check_supported(module)
-    _set_experts_implementation(model, IMPLEMENTATION_NAME)
+        check_swiglu_experts_layout(module, IMPLEMENTATION_NAME)
+    set_experts_implementation(model, IMPLEMENTATION_NAME)
     logger.info("scattermoe experts enabled for %d experts modules", len(experts))
 
 
 def revert_fast_moe_block(model: torch.nn.Module, implementation: str = "grouped_mm") -> None:
     """Switch the experts of ``model`` back to a transformers implementation (default ``grouped_mm``)."""
-    _set_experts_implementation(model, implementation)
+    set_experts_implementation(model, implementation)
     logger.info("experts implementation reverted to %s", implementation)

@@ -48,6 +48,8 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 from turbo_tune.arguments import FP8_MODULE_PRESETS, TurboTuneConfig, fp8_module_selectors
 from turbo_tune.errors import ConfigError
 
+from .model_parts import check_swiglu_experts_layout, experts_modules, set_experts_implementation, unwrap_peft
+
 logger = logging.getLogger(__name__)
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper have FP8 tensor cores
@@ -259,7 +261,7 @@ def revert_fp8(model: torch.nn.Module) -> None:
             linear.weight, linear.bias = module.weight, module.bias
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, linear)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     if getattr(base.config, "_experts_implementation", None) == EXPERTS_IMPLEMENTATION:
         base.set_experts_implementation("grouped_mm")
 
@@ -332,17 +334,15 @@ def register_fp8_grouped_mm() -> None:
 
 def apply_fp8_experts(model: torch.nn.Module) -> None:
     """Run every experts module of ``model`` through ``fp8_grouped_mm``; dimensions must be multiples of 16."""
-    from monkey_patch.fast_moe import _check_supported, _experts_modules, _set_experts_implementation
-
     register_fp8_grouped_mm()
-    experts = _experts_modules(model)
+    experts = experts_modules(model)
     for module in experts:
-        _check_supported(module)
+        check_swiglu_experts_layout(module, "--fp8_experts")
         gate_up_shape, down_shape = _full_shape(module.gate_up_proj), _full_shape(module.down_proj)
         if any(dim % GROUP_ALIGNMENT for dim in (*gate_up_shape[1:], *down_shape[1:])):
             raise ConfigError(
                 f"--fp8_experts: expert weights {tuple(gate_up_shape)} need hidden and intermediate "
                 "sizes divisible by 16."
             )
-    _set_experts_implementation(model, EXPERTS_IMPLEMENTATION)
+    set_experts_implementation(model, EXPERTS_IMPLEMENTATION)
     logger.info("FP8 grouped GEMMs (torchao, rowwise) for %d experts modules.", len(experts))

@@ -15,6 +15,8 @@ from torch._dynamo.exc import TorchDynamoException
 
 from turbo_tune.arguments import TurboTuneConfig
 
+from .model_parts import unwrap_peft
+
 logger = logging.getLogger(__name__)
 
 COMPILED_MARK = "_turbo_tune_compiled_layers"
@@ -22,8 +24,7 @@ COMPILED_MARK = "_turbo_tune_compiled_layers"
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The decoder layers of a Qwen3-MoE model, through a peft wrapper if there is one."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model.layers
+    return unwrap_peft(model).model.layers
 
 
 def root_cause(error: BaseException) -> str:

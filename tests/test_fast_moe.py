@@ -95,6 +95,25 @@ def test_apply_rejects_a_model_without_experts():
         apply_fast_moe_block(torch.nn.Linear(4, 4))
 
 
+@pytest.mark.parametrize(("attribute", "value", "message"), [
+    ("has_bias", True, r"layout scattermoe does not support: \{'has_bias': True\}"),
+    ("is_concatenated", False, r"layout scattermoe does not support: \{'is_concatenated': False\}"),
+])
+def test_apply_refuses_experts_the_kernels_do_not_implement(attribute, value, message):
+    model = tiny_model()
+    setattr(model.model.layers[0].mlp.experts, attribute, value)
+    with pytest.raises(ValueError, match=message):
+        apply_fast_moe_block(model)
+    assert model.config._experts_implementation != "scattermoe"
+
+
+def test_apply_refuses_an_activation_other_than_silu():
+    model = tiny_model()
+    model.model.layers[1].mlp.experts.config = Qwen3MoeConfig(**{**tiny_config().to_dict(), "hidden_act": "gelu"})
+    with pytest.raises(ValueError, match="scattermoe fuses SiLU; Qwen3MoeExperts uses hidden_act='gelu'"):
+        apply_fast_moe_block(model)
+
+
 def test_cpu_forward_without_interpreter_says_to_use_a_gpu(monkeypatch):
     """Applying works on a CPU-resident model (the Trainer moves it to the GPU later); running there does not."""
     model = tiny_model().cpu()
