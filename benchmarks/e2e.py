@@ -58,6 +58,10 @@ VARIANTS = {
     "fp8": ["use_fp8"],
     "all": ["use_fast_moe_block", "use_liger_kernel", "torch_compile", "use_packing"],
     "all_fp8": ["use_fast_moe_block", "use_liger_kernel", "torch_compile", "use_packing", "use_fp8"],
+    # all, with AdamW's moments in 8 bits (torchao's AdamW8bit through the Trainer's --optim): most of this model's
+    # step memory is weights, gradients and optimizer state, not activations
+    "all_adamw8bit": ["use_fast_moe_block", "use_liger_kernel", "torch_compile", "use_packing",
+                      "optim=adamw_torch_8bit"],
     # LoRA (attention and experts, qwen3_sft.py's --use_lora defaults): peft's folded experts against ours;
     # no --torch_compile, which would recompile in every probe of --max_seq_search
     "lora": ["use_lora"],
@@ -127,6 +131,21 @@ def packed_lengths(total_tokens: int, seq: int, seed: int) -> list[int]:
     return lengths
 
 
+def variant_settings(name: str) -> dict[str, object]:
+    """A variant's TurboTuneConfig settings: a boolean flag turned on, or ``name=value``."""
+    settings = {}
+    for item in VARIANTS[name]:
+        key, _, value = item.partition("=")
+        settings[key] = value or True
+    return settings
+
+
+def command_line(name: str) -> str:
+    """The qwen3_sft.py flags of a variant, as a user would type them."""
+    flags = [f"--{key}" if value is True else f"--{key} {value}" for key, value in variant_settings(name).items()]
+    return " ".join(flags) or "(transformers defaults)"
+
+
 def total_steps(args: argparse.Namespace) -> int:
     return args.warmup + args.steps + int(args.profile)
 
@@ -156,7 +175,7 @@ def run_child(args: argparse.Namespace) -> dict:
     from turbo_tune.arguments import TurboTuneConfig
     from turbo_tune.modeling import apply_lora, attention_implementation, load_tokenizer, weight_dtype
 
-    flags = {flag: True for flag in VARIANTS[args.child]}
+    flags = variant_settings(args.child)
     work = tempfile.mkdtemp(prefix=f"e2e-{args.child}-")
     config = TurboTuneConfig(
         output_dir=work, report_to="none", save_strategy="no", logging_steps=1, max_steps=total_steps(args),
@@ -326,7 +345,7 @@ def run_variant(name: str, args: argparse.Namespace, timeout: float) -> dict:
                                         timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             returncode = None
-    row = {"variant": name, "flags": " ".join(f"--{f}" for f in VARIANTS[name]) or "(transformers defaults)",
+    row = {"variant": name, "flags": command_line(name),
            "wall_s": time.perf_counter() - start}
     if returncode == 0 and result_file.is_file():
         return {**row, **json.loads(result_file.read_text())}
@@ -429,7 +448,7 @@ def run_search(args: argparse.Namespace) -> list[dict]:
 
         share = (deadline - time.monotonic()) / (len(args.variants) - index)
         result = search_max_seq(probe, args.start_seq, args.seq_step, share, args.timeout)
-        flags = " ".join(f"--{f}" for f in VARIANTS[name]) or "(transformers defaults)"
+        flags = command_line(name)
         results.append({"variant": name, "flags": flags, **result})
     return results
 

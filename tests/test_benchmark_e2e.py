@@ -106,3 +106,10 @@ def test_max_seq_search_runs_tiny_probes_on_the_cpu(tmp_path):
     assert row["longest"] == 128 and row["at_longest"]["tokens_per_s"] > 0 and row["stopped"] is None
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.rstrip().splitlines()[-1].startswith("| lora | `--use_lora` | 128 |")  # the table comes last
+
+
+def test_variants_carry_boolean_and_valued_flags_as_a_user_types_them():
+    assert e2e.variant_settings("fp8") == {"use_fp8": True}
+    assert e2e.variant_settings("all_adamw8bit")["optim"] == "adamw_torch_8bit"
+    assert e2e.command_line("all_adamw8bit").endswith("--use_packing --optim adamw_torch_8bit")
+    assert e2e.command_line("defaults") == "(transformers defaults)"
