@@ -1,5 +1,8 @@
 """ScatterMoE kernels and ops against transformers' `eager` Qwen3-MoE experts, in fp32 (Triton interpreter on CPU)."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import Qwen3MoeConfig
@@ -119,3 +122,17 @@ def test_top_k_combine_sums_each_tokens_rows(tokens, hidden, top_k):
 
 def test_top_k_combine_of_no_tokens_is_empty():
     assert kernels.sum_top_k(torch.randn(0, 16, device=DEVICE), 4).shape == (0, 16)
+
+
+def test_weight_grad_sweep_launches_the_kernel_as_the_launcher_does():
+    """benchmarks/wgrad_sweep.py calls the kernel with fixed configs: its arguments must be the launcher's."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import wgrad_sweep
+
+    problems = wgrad_sweep.weight_grad_problems(40, 64, 48, 6, 2, "cpu", torch.float32)
+    for a, b, sorted_pairs, expert_ends, top_k, a_gathered, b_gathered, dw in problems.values():
+        expected = kernels.grouped_weight_grad(a, b, sorted_pairs, expert_ends, top_k, a_gathered, b_gathered,
+                                               torch.empty_like(dw))
+        actual = wgrad_sweep.launch((a, b, sorted_pairs, expert_ends, top_k, a_gathered, b_gathered, dw),
+                                    64, 64, 64, 4, 1)
+        assert relative_error(actual, expected) <= 1e-5

@@ -1,0 +1,133 @@
+"""Sweep tile configurations of ScatterMoE's weight-gradient kernel, the slowest part of the expert block's backward.
+
+The autotuner only chooses among `_WEIGHT_GRAD_CONFIGS` in monkey_patch/scattermoe/kernels.py. This times a wider
+grid (tile sizes, warps, pipeline stages) on the two weight gradients of a Qwen3-MoE expert block, at the shapes of
+benchmarks/moe_block.py, checks each result against the autotuned kernel, and prints the fastest configs per case
+beside the autotuned one, so a better config can be added to the list with its measured gain.
+
+    python benchmarks/wgrad_sweep.py [--cases 30b-32k,235b-16k] [--top 5]
+"""
+
+import argparse
+import itertools
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from monkey_patch.scattermoe import kernels  # noqa: E402
+from monkey_patch.scattermoe.ops import compute_routing  # noqa: E402
+
+# name -> (tokens, hidden, intermediate); 128 experts, top-8, balanced random routing
+CASES = {"30b-8k": (8192, 2048, 768), "30b-32k": (32768, 2048, 768), "235b-16k": (16384, 4096, 1536)}
+# Hopper-sized output tiles only (the autotuner's smaller ones exist for LoRA's rank-wide factors): 72 configs,
+# compiled once per gradient (the gathered operand differs), a few minutes in all
+TILES = [(m, n, k) for m, n in ((128, 128), (128, 256), (256, 128)) for k in (32, 64, 128)]
+LAUNCH = [(w, s) for w in (4, 8) for s in (2, 3, 4, 5)]
+DOES_NOT_RUN = (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError, RuntimeError)
+
+
+def weight_grad_problems(tokens: int, hidden: int, inter: int, experts: int, top_k: int, device: str,
+                         dtype: torch.dtype) -> dict[str, tuple]:
+    """The arguments of `kernels.grouped_weight_grad` for dW_gate_up and dW_down of one expert block."""
+    torch.manual_seed(0)
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+    top_k_index = torch.rand(tokens, experts, device=device).topk(top_k, dim=1).indices
+    sorted_pairs, expert_ends = compute_routing(top_k_index, experts)
+    rows = tokens * top_k
+    grad_gate_up = torch.randn(rows, 2 * inter, device=device, dtype=dtype)
+    grad_out = torch.randn(tokens, hidden, device=device, dtype=dtype)  # read by token through the routing
+    h = torch.randn(rows, inter, device=device, dtype=dtype)
+    routing = (sorted_pairs, expert_ends, top_k)
+    return {
+        "dW_gate_up": (grad_gate_up, x, *routing, False, True,
+                       torch.empty(experts, 2 * inter, hidden, device=device, dtype=dtype)),
+        "dW_down": (grad_out, h, *routing, True, False,
+                    torch.empty(experts, hidden, inter, device=device, dtype=dtype)),
+    }
+
+
+def launch(problem: tuple, block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> torch.Tensor:
+    """`kernels.grouped_weight_grad` with one fixed config instead of the autotuner's choice."""
+    a, b, sorted_pairs, expert_ends, top_k, a_gathered, b_gathered, dw = problem
+    num_experts, m_dim, n_dim = dw.shape
+    grid = (num_experts * triton.cdiv(m_dim, block_m) * triton.cdiv(n_dim, block_n),)
+    kernels._grouped_weight_grad_kernel.fn[grid](
+        a, b, sorted_pairs, expert_ends, dw,
+        m_dim, n_dim, top_k, kernels._rows_bucket(sorted_pairs.numel()),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
+        A_GATHERED=a_gathered, B_GATHERED=b_gathered, INPUT_PRECISION=kernels._input_precision(a.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+    )
+    return dw
+
+
+def median_ms(fn, repeats: int = 10) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def sweep(problem: tuple, configs: list[tuple[int, ...]], flops: float) -> list[dict]:
+    """Each config's time and TFLOP/s, or why it did not run; results are checked against the autotuned kernel."""
+    a, b, sorted_pairs, expert_ends, top_k, a_gathered, b_gathered, dw = problem
+    reference = kernels.grouped_weight_grad(a, b, sorted_pairs, expert_ends, top_k, a_gathered, b_gathered,
+                                            torch.empty_like(dw)).float()
+    rows = [{"config": "autotuned", "ms": median_ms(lambda: kernels.grouped_weight_grad(
+        a, b, sorted_pairs, expert_ends, top_k, a_gathered, b_gathered, dw))}]
+    for config in configs:
+        try:
+            error = ((launch(problem, *config).float() - reference).norm() / reference.norm()).item()
+            if error > 1e-2:
+                rows.append({"config": config, "error": f"result differs (rel. err {error:.1e})"})
+                continue
+            rows.append({"config": config, "ms": median_ms(lambda c=config: launch(problem, *c))})
+        except DOES_NOT_RUN as exc:  # too much shared memory or registers for this tile and pipeline depth
+            rows.append({"config": config, "error": type(exc).__name__})
+    for row in rows:
+        if "ms" in row:
+            row["tflops"] = flops / row["ms"] / 1e9
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default="30b-32k,235b-16k", help=f"comma-separated among {', '.join(CASES)}")
+    parser.add_argument("--top", type=int, default=5, help="fastest configs shown per case")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("benchmarks/wgrad_sweep.py times GPU kernels; this machine has no CUDA GPU.", file=sys.stderr)
+        return 2
+    configs = [(*tile, *launch_) for tile, launch_ in itertools.product(TILES, LAUNCH)]
+    lines = [f"{torch.cuda.get_device_name()}, {len(configs)} configs (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)", "",
+             "| case | gradient | config | ms | TFLOP/s | vs autotuned |", "|---|---|---|---|---|---|"]
+    for case in args.cases.split(","):
+        tokens, hidden, inter = CASES[case]
+        problems = weight_grad_problems(tokens, hidden, inter, 128, 8, "cuda", torch.bfloat16)
+        for name, problem in problems.items():
+            flops = 2.0 * tokens * 8 * hidden * inter * (2 if name == "dW_gate_up" else 1)
+            rows = sweep(problem, configs, flops)
+            autotuned = rows[0]["ms"]
+            timed = sorted((r for r in rows[1:] if "ms" in r), key=lambda r: r["ms"])
+            for row in [rows[0], *timed[: args.top]]:
+                lines.append(f"| {case} | {name} | {row['config']} | {row['ms']:.3f} | {row['tflops']:.0f} | "
+                             f"{autotuned / row['ms']:.2f}× |")
+            failed = len(rows) - 1 - len(timed)
+            print(f"{case} {name}: {len(timed)} configs ran, {failed} did not", flush=True)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
