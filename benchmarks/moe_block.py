@@ -126,8 +126,12 @@ def run_case(case: Case, implementations: list[str], repeats: int) -> list[dict]
             return torch.autograd.grad(forward(), params, grad_out)
 
         slow = impl == "eager"
-        results[impl] = (forward().detach(), forward_backward())
-        torch.cuda.synchronize()
+        try:
+            results[impl] = (forward().detach(), forward_backward())
+            torch.cuda.synchronize()
+        except Exception:  # one implementation failing at one shape is a finding, not the end of the run
+            logger.exception("%s failed at %s, %d tokens, %s routing", impl, case.shape, case.tokens, case.routing)
+            continue
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         forward_backward()
