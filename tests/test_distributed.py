@@ -194,3 +194,41 @@ def test_fsdp_refuses_the_cpu_instead_of_training_unsharded(tmp_path):
         pytest.skip("a GPU machine runs FSDP")
     with pytest.raises(ConfigError, match="--fsdp needs CUDA GPUs"):
         preflight(config)
+
+
+FP8_PROBE = """
+import json, math, sys
+from monkey_patch.fp8 import apply_fp8
+from monkey_patch.sft_trainer import TurboSFTTrainer
+from qwen3_sft import join_process_group
+from turbo_tune.arguments import parse_config
+from turbo_tune.modeling import load_model, load_tokenizer
+from turbo_tune.toy_task import bundled_dataset
+
+config = parse_config(sys.argv[1:])
+join_process_group(config)
+model = load_model(config)
+partitioned = all(p.numel() == 0 for p in model.parameters())
+selection = apply_fp8(model, "tensorwise", "all_linear", emulate=True)  # torchao's FP8 numerics, on the CPU
+trainer = TurboSFTTrainer(model=model, args=config, train_dataset=bundled_dataset(32, seed=0),
+                          processing_class=load_tokenizer(config))
+trainer.train()
+losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+print("PROBE", json.dumps({"partitioned": partitioned, "chosen": selection.chosen,
+                           "skipped": sorted(selection.skipped), "finite": all(map(math.isfinite, losses)),
+                           "steps": len(losses)}))
+"""
+
+
+def test_zero3_selects_and_trains_fp8_layers_on_partitioned_weights(tmp_path, checkpoint):
+    """ZeRO-3 partitions the weights while loading, before the patches run (an H200 run failed on it)."""
+    from monkey_patch.fp8 import select_fp8_modules
+
+    result = launch(2, "--no-python", sys.executable, "-c", FP8_PROBE, "--output_dir", str(tmp_path / "out"),
+                    "--model_path", str(checkpoint), "--report_to", "none", "--max_steps", "2", "--logging_steps",
+                    "1", "--save_strategy", "no", "--gradient_checkpointing", "false", *ZERO3)
+    probe = json.loads(result.stdout.split("PROBE ", 1)[1].splitlines()[0])
+    expected = select_fp8_modules(AutoModelForCausalLM.from_pretrained(checkpoint), "all_linear")
+    assert probe["partitioned"]
+    assert probe["chosen"] == expected.chosen and probe["skipped"] == sorted(expected.skipped)
+    assert probe["chosen"] and probe["finite"] and probe["steps"] == 2
