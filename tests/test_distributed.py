@@ -121,6 +121,14 @@ def test_zero3_trains_packed_rows_like_one_process(tmp_path, checkpoint):
         assert losses[step] == pytest.approx(loss, rel=1e-4), step
 
 
+def test_zero3_compiled_layers_train_like_eager_ones(tmp_path, checkpoint, zero3_run):
+    """--torch_compile under ZeRO-3: the layers compile with DeepSpeed's gather hooks around them, no fallback."""
+    losses, log = train_and_log(tmp_path / "out", 2, checkpoint, *ZERO3, "--torch_compile")
+    assert "torch.compile (inductor) on each of the 2 decoder layers" in log
+    assert "continuing uncompiled" not in log
+    assert_same_losses(losses, zero3_run[1], rel=1e-3)
+
+
 def test_zero3_resume_from_sharded_state_continues_the_losses(tmp_path, checkpoint, zero3_run):
     first, expected = zero3_run
     resumed = train(tmp_path / "resumed", 2, checkpoint, *ZERO3,
