@@ -3,6 +3,7 @@ its own process so that an out-of-memory costs one row), and telling an out-of-m
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -39,6 +40,23 @@ def fmt(value, spec: str) -> str:
 def relative_error(actual, expected) -> float:
     """‖actual − expected‖ / ‖expected‖ of two tensors, in fp32."""
     return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+def median_ms(fn, warmup: int, repeats: int) -> float:
+    """Median CUDA-event time of ``fn()`` in milliseconds, after ``warmup`` untimed calls."""
+    import torch  # here, so that the scripts' parent processes need not import it
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def run_qwen3_sft(output_dir: Path, log_path: Path, flags: list[str], timeout_s: float | None = None

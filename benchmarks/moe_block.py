@@ -12,16 +12,15 @@ per-kernel breakdown of scattermoe at one shape. Prints a markdown table last.
 import argparse
 import json
 import logging
-import statistics
 from dataclasses import dataclass
 
 import torch
-from common import relative_error
+from common import median_ms, relative_error
 from transformers import Qwen3MoeConfig
-from transformers.integrations.moe import ExpertsInterface
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from monkey_patch.fast_moe import register_scattermoe
+from monkey_patch.model_parts import register_experts_function
 from monkey_patch.scattermoe import kernels
 
 logger = logging.getLogger("moe_block")
@@ -59,7 +58,7 @@ def register_liger_fused_moe() -> None:
             hidden_states, module.gate_up_proj, module.down_proj, top_k_index.to(torch.int32), top_k_weights
         )
 
-    ExpertsInterface.register("liger_fused_moe", liger_fused_moe)
+    register_experts_function("liger_fused_moe", liger_fused_moe)
 
 
 def make_experts(case: Case, device: torch.device) -> Qwen3MoeExperts:
@@ -87,20 +86,6 @@ def make_routing(case: Case, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
     hot_share = (index < 8).float().mean().item()
     return weights, index, hot_share
-
-
-def median_ms(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def run_case(case: Case, implementations: list[str], repeats: int) -> list[dict]:

@@ -10,7 +10,6 @@ beside the autotuned one, so a better config can be added to the list with its m
 
 import argparse
 import itertools
-import statistics
 import sys
 from pathlib import Path
 
@@ -18,6 +17,8 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import median_ms  # noqa: E402
 
 from monkey_patch.scattermoe import kernels  # noqa: E402
 from monkey_patch.scattermoe.ops import compute_routing  # noqa: E402
@@ -28,6 +29,7 @@ CASES = {"30b-8k": (8192, 2048, 768), "30b-32k": (32768, 2048, 768), "235b-16k":
 # compiled once per gradient (the gathered operand differs), a few minutes in all
 TILES = [(m, n, k) for m, n in ((128, 128), (128, 256), (256, 128)) for k in (32, 64, 128)]
 LAUNCH = [(w, s) for w in (4, 8) for s in (2, 3, 4, 5)]
+WARMUP, REPEATS = 1, 10
 DOES_NOT_RUN = (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError, RuntimeError)
 
 
@@ -66,33 +68,20 @@ def launch(problem: tuple, block_m: int, block_n: int, block_k: int, num_warps: 
     return dw
 
 
-def median_ms(fn, repeats: int = 10) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def sweep(problem: tuple, configs: list[tuple[int, ...]], flops: float) -> list[dict]:
     """Each config's time and TFLOP/s, or why it did not run; results are checked against the autotuned kernel."""
     a, b, sorted_pairs, expert_ends, top_k, a_gathered, b_gathered, dw = problem
     reference = kernels.grouped_weight_grad(a, b, sorted_pairs, expert_ends, top_k, a_gathered, b_gathered,
                                             torch.empty_like(dw)).float()
     rows = [{"config": "autotuned", "ms": median_ms(lambda: kernels.grouped_weight_grad(
-        a, b, sorted_pairs, expert_ends, top_k, a_gathered, b_gathered, dw))}]
+        a, b, sorted_pairs, expert_ends, top_k, a_gathered, b_gathered, dw), WARMUP, REPEATS)}]
     for config in configs:
         try:
             error = ((launch(problem, *config).float() - reference).norm() / reference.norm()).item()
             if error > 1e-2:
                 rows.append({"config": config, "error": f"result differs (rel. err {error:.1e})"})
                 continue
-            rows.append({"config": config, "ms": median_ms(lambda c=config: launch(problem, *c))})
+            rows.append({"config": config, "ms": median_ms(lambda c=config: launch(problem, *c), WARMUP, REPEATS)})
         except DOES_NOT_RUN as exc:  # too much shared memory or registers for this tile and pipeline depth
             rows.append({"config": config, "error": type(exc).__name__})
     for row in rows:
