@@ -10,9 +10,13 @@ import logging
 import os
 
 import torch
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
-from .model_parts import check_swiglu_experts_layout, experts_modules, set_experts_implementation
+from .model_parts import (
+    check_swiglu_experts_layout,
+    experts_modules,
+    register_experts_function,
+    set_experts_implementation,
+)
 from .scattermoe.compilable_ops import scattermoe_experts
 from .scattermoe.ops import LowRank
 
@@ -74,8 +78,7 @@ def scattermoe_experts_forward(
 
 def register_scattermoe() -> None:
     """Add ``scattermoe`` to transformers' experts implementations (idempotent)."""
-    if ALL_EXPERTS_FUNCTIONS.get(IMPLEMENTATION_NAME) is not scattermoe_experts_forward:
-        ExpertsInterface.register(IMPLEMENTATION_NAME, scattermoe_experts_forward)
+    register_experts_function(IMPLEMENTATION_NAME, scattermoe_experts_forward)
 
 
 def apply_fast_moe_block(model: torch.nn.Module) -> None:

@@ -42,13 +42,18 @@ import torch
 from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 from torchao.float8.float8_linear import Float8Linear, matmul_with_hp_or_float8_args
 from torchao.float8.float8_training_tensor import LinearMMConfig, ScaledMMConfig
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 
 from turbo_tune.arguments import FP8_MODULE_PRESETS, TurboTuneConfig, fp8_module_selectors
 from turbo_tune.errors import ConfigError
 
-from .model_parts import check_swiglu_experts_layout, experts_modules, set_experts_implementation, unwrap_peft
+from .model_parts import (
+    check_swiglu_experts_layout,
+    experts_modules,
+    register_experts_function,
+    set_experts_implementation,
+    unwrap_peft,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -328,8 +333,7 @@ def fp8_grouped_mm_experts_forward(
 
 def register_fp8_grouped_mm() -> None:
     """Add ``fp8_grouped_mm`` to transformers' experts implementations (idempotent)."""
-    if ALL_EXPERTS_FUNCTIONS.get(EXPERTS_IMPLEMENTATION) is not fp8_grouped_mm_experts_forward:
-        ExpertsInterface.register(EXPERTS_IMPLEMENTATION, fp8_grouped_mm_experts_forward)
+    register_experts_function(EXPERTS_IMPLEMENTATION, fp8_grouped_mm_experts_forward)
 
 
 def apply_fp8_experts(model: torch.nn.Module) -> None:

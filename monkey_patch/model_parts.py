@@ -1,6 +1,7 @@
 """Where the patches find what they change in a Qwen3-MoE model, whether or not peft wraps it."""
 
 import torch
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
 
 def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
@@ -40,3 +41,9 @@ def set_experts_implementation(model: torch.nn.Module, implementation: str) -> N
     else:
         for module in experts:
             module.config._experts_implementation = implementation
+
+
+def register_experts_function(name: str, forward) -> None:
+    """Add ``forward`` to transformers' experts interface under ``name`` (idempotent)."""
+    if ALL_EXPERTS_FUNCTIONS.get(name) is not forward:
+        ExpertsInterface.register(name, forward)
