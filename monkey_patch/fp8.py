@@ -98,13 +98,12 @@ def _is_candidate(module: torch.nn.Module) -> bool:
 
 def _preset_names(names: list[str], preset: str) -> set[str]:
     """Logical names (no peft prefix) of candidate modules that a preset picks."""
-    layers = [int(m.group(1)) for name in names if (m := _LAYER_INDEX.search(name))]
-    edges = {min(layers), max(layers)} if layers else set()
-
     def layer_of(name: str) -> int | None:
         match = _LAYER_INDEX.search(name)
         return int(match.group(1)) if match else None
 
+    layers = [layer for name in names if (layer := layer_of(name)) is not None]
+    edges = {min(layers), max(layers)} if layers else set()
     picks = {
         "routers": {n for n in names if n.endswith(".mlp.gate")},
         "edge_layers": {n for n in names if layer_of(n) in edges},
