@@ -42,6 +42,21 @@ def relative_error(actual, expected) -> float:
     return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
 
 
+def run_logged(command: list[str], log_path: Path, timeout_s: float | None,
+               env: dict[str, str] | None = None) -> int | None:
+    """Run ``command`` from the repository root, the command line and all its output in ``log_path``; its exit
+    status, or None when it ran past ``timeout_s`` (and was stopped)."""
+    with open(log_path, "w") as log:
+        log.write("+ " + " ".join(command) + "\n")
+        log.flush()
+        try:
+            return subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  timeout=timeout_s).returncode
+        except subprocess.TimeoutExpired:
+            log.write(f"\n[stopped after {timeout_s:.0f} s]\n")
+            return None
+
+
 def median_ms(fn, warmup: int, repeats: int) -> float:
     """Median CUDA-event time of ``fn()`` in milliseconds, after ``warmup`` untimed calls."""
     import torch  # here, so that the scripts' parent processes need not import it
@@ -66,15 +81,7 @@ def run_qwen3_sft(output_dir: Path, log_path: Path, flags: list[str], timeout_s:
     command = [sys.executable, str(ROOT / "qwen3_sft.py"), "--output_dir", str(output_dir), "--save_strategy", "no",
                "--report_to", "none", "--use_liger_efficiency_callback", *flags]
     start = time.perf_counter()
-    with open(log_path, "w") as log:
-        log.write("+ " + " ".join(command) + "\n")
-        log.flush()
-        try:
-            returncode = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                        timeout=timeout_s).returncode
-        except subprocess.TimeoutExpired:
-            returncode = None
-            log.write(f"\n[qwen3_sft.py stopped after {timeout_s:.0f} s]\n")
+    returncode = run_logged(command, log_path, timeout_s)
     wall_s = time.perf_counter() - start
     state = output_dir / "trainer_state.json"
     if returncode != 0 or not state.is_file():

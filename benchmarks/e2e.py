@@ -32,7 +32,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere; child processes get it through PYTHONPATH
 
-from common import QWEN3_30B_A3B, QWEN3_30B_A3B_LAYERS, child_env, fmt, is_oom  # noqa: E402
+from common import QWEN3_30B_A3B, QWEN3_30B_A3B_LAYERS, child_env, fmt, is_oom, run_logged  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from callback import EfficiencyCallback, ModelFlops, device_peak_tflops, sequence_lengths  # noqa: E402
@@ -335,18 +334,9 @@ def run_variant(name: str, args: argparse.Namespace, timeout: float) -> dict:
     result_file = args.out / f"{name}.json"
     result_file.unlink(missing_ok=True)
     command = [sys.executable, str(Path(__file__).resolve()), *child_argv(args, name)]
-    env = child_env()
     start = time.perf_counter()
-    with open(args.out / f"{name}.log", "w") as log:
-        log.write("+ " + " ".join(command) + "\n")
-        log.flush()
-        try:
-            returncode = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                        timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            returncode = None
-    row = {"variant": name, "flags": command_line(name),
-           "wall_s": time.perf_counter() - start}
+    returncode = run_logged(command, args.out / f"{name}.log", timeout, env=child_env())
+    row = {"variant": name, "flags": command_line(name), "wall_s": time.perf_counter() - start}
     if returncode == 0 and result_file.is_file():
         return {**row, **json.loads(result_file.read_text())}
     if returncode is None:
