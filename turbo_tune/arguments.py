@@ -229,9 +229,14 @@ def gradient_accumulation_steps(global_batch_size: int, micro_batch_size: int, w
     return global_batch_size // per_pass
 
 
+def comma_list(text: str) -> list[str]:
+    """The items of a comma-separated flag value, blanks dropped."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def fp8_module_selectors(text: str) -> list[str]:
     """The items of --fp8_modules: preset names or regular expressions (checked here, so typos stop early)."""
-    selectors = [item.strip() for item in text.split(",") if item.strip()]
+    selectors = comma_list(text)
     if not selectors:
         raise ConfigError(f"--fp8_modules is empty; use a preset ({', '.join(FP8_MODULE_PRESETS)}) or a regex.")
     for item in selectors:

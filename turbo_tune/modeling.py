@@ -9,7 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from monkey_patch.attention import VARLEN_SDPA, register_varlen_sdpa, torch_varlen_available
-from turbo_tune.arguments import TurboTuneConfig
+from turbo_tune.arguments import TurboTuneConfig, comma_list
 from turbo_tune.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def load_model(config: TurboTuneConfig) -> PreTrainedModel:
 
 
 def apply_lora(model: PreTrainedModel, config: TurboTuneConfig) -> PeftModel:
-    targets = [name.strip() for name in config.lora_target_modules.split(",") if name.strip()]
+    targets = comma_list(config.lora_target_modules)
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = sorted(set(targets) - present)
     if missing:
@@ -114,7 +114,7 @@ def expert_lora_parameters(model: PreTrainedModel, config: TurboTuneConfig) -> l
     peft's LoRA on a 3D expert parameter has no dropout, and without scattermoe it folds B·A into every
     expert's weight on every forward; the log says which path the experts take.
     """
-    parameters = [name.strip() for name in config.lora_target_parameters.split(",") if name.strip()]
+    parameters = comma_list(config.lora_target_parameters)
     if not parameters:
         return []
     names = [name for name, _ in model.named_parameters()]
