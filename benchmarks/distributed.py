@@ -334,7 +334,7 @@ def multinode(runner: Runner, models: dict[str, Path], args: argparse.Namespace)
 def compat(runner: Runner, models: dict[str, Path], args: argparse.Namespace) -> dict:
     results = {}
     for engine in (engine for engine in COMPAT_ENGINES if engine in args.engines):
-        for patch, flags in PATCHES.items():
+        for patch, flags in ((p, f) for p, f in PATCHES.items() if p in args.patches):
             name = f"compat-{engine}-{patch}"
             output_dir = args.out / "runs" / name
             command = [*launch_command(args.gpus), "--output_dir", str(output_dir),
@@ -509,6 +509,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", choices=["tiny", "a3b"], default=["tiny", "a3b"])
     parser.add_argument("--engines", nargs="+", choices=list(ENGINES), default=list(ENGINES),
                         help="engines of the stages phase (resume needs zero3 and fsdp, multinode zero3)")
+    parser.add_argument("--patches", nargs="+", choices=list(PATCHES), default=list(PATCHES),
+                        help="the patches --phases compat runs")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--global_batch", type=int, default=16, help="sequences per optimizer step, every engine")
     parser.add_argument("--accumulation", type=int, default=2,

@@ -2,6 +2,7 @@
 
     python benchmarks/e2e.py [--layers 4] [--seq 4096] [--batch 2] [--variants defaults fast_moe ...] [--out DIR]
     python benchmarks/e2e.py --max_seq_search [--variants lora all_lora] [--budget_s 420] [--start_seq 4096]
+        [--search_gpus 0,1]
 
 The model has Qwen3-30B-A3B's shape (hidden 2048, 128 experts, top-8, moe_intermediate 768, 32/4 heads of 128,
 vocab 151,936) with --layers decoder layers, built from its config (no download). Each variant runs in its own
@@ -22,9 +23,10 @@ time on a CPU) go to OUT/<variant>.profile.md, to show where a variant's step go
 LoRA with our kernels, full depth, batch 1, gradient checkpointing on), the longest multiple of --seq_step tokens
 that completes --warmup + --steps training steps, found by doubling from --start_seq and then bisection, each probe
 in a fresh process (a CUDA OOM, a killed process or a probe past --timeout counts as "does not fit"), all within
---budget_s. Every probe trains on rows of one document of exactly that length, packing variants included, so both
-variants do the same attention work. Reported: the longest fitting length with its tokens/s and peak memory, the
-first failing length, and whether the budget cut the search short; OUT/max_seq.json, OUT/max_seq.png, table last.
+--budget_s (with --search_gpus, the variants at once, one GPU and the whole budget each). Every probe trains on rows
+of one document of exactly that length, packing variants included, so both variants do the same attention work.
+Reported: the longest fitting length with its tokens/s and peak memory, the first failing length, and whether the
+budget cut the search short; OUT/max_seq.json, OUT/max_seq.png, table last.
 """
 
 import argparse
@@ -36,6 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -47,6 +50,7 @@ from common import QWEN3_30B_A3B, QWEN3_30B_A3B_LAYERS, child_env, fmt, is_oom, 
 from transformers import TrainerCallback  # noqa: E402
 
 from callback import EfficiencyCallback, ModelFlops, device_peak_tflops, sequence_lengths  # noqa: E402
+from turbo_tune.arguments import comma_list  # noqa: E402
 
 VARIANTS = {
     "defaults": [],
@@ -55,6 +59,7 @@ VARIANTS = {
     "compile": ["torch_compile"],
     "packing": ["use_packing"],
     "fp8": ["use_fp8"],
+    "compile_fast_moe": ["use_fast_moe_block", "torch_compile"],  # all without packing (Liger adds nothing there)
     "all": ["use_fast_moe_block", "use_liger_kernel", "torch_compile", "use_packing"],
     "all_fp8": ["use_fast_moe_block", "use_liger_kernel", "torch_compile", "use_packing", "use_fp8"],
     # all, with AdamW's moments in 8 bits (torchao's AdamW8bit through the Trainer's --optim): most of this model's
@@ -102,6 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     search.add_argument("--start_seq", type=int, default=4096, help="first length probed (a multiple of --seq_step)")
     search.add_argument("--seq_step", type=int, default=1024, help="lengths probed are multiples of this")
     search.add_argument("--budget_s", type=float, default=420, help="wall-clock seconds for the whole search")
+    search.add_argument("--search_gpus", type=comma_list,
+                        help="comma-separated GPU ids: search the variants at once, each on its own GPU with the "
+                        "whole --budget_s (one id per variant)")
     search.add_argument("--max_tokens_cap", type=int,
                         help="fail any probe above this many tokens per step as if out of memory (tests the search "
                         "on a CPU)")
@@ -114,6 +122,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.variants is None:
         args.variants = list(SEARCH_VARIANTS) if args.max_seq_search else [v for v in VARIANTS
                                                                            if v not in SEARCH_VARIANTS]
+    if args.search_gpus and len(args.search_gpus) < len(args.variants):
+        parser.error(f"--search_gpus {','.join(args.search_gpus)} names fewer GPUs than the {len(args.variants)} "
+                     "variants searched: give one GPU id per variant, or leave it out to search one at a time")
     if args.start_seq <= 0 or args.seq_step <= 0 or args.start_seq % args.seq_step:
         parser.error(f"--start_seq {args.start_seq} must be a positive multiple of --seq_step {args.seq_step}")
     return args
@@ -328,14 +339,16 @@ def child_argv(args: argparse.Namespace, name: str) -> list[str]:
     return [str(a) for a in argv] + [f"--{flag}" for flag in flags]
 
 
-def run_variant(name: str, args: argparse.Namespace, timeout: float) -> dict:
-    """The variant in a fresh process, so an OOM or a crash costs one row; its log goes to OUT/<name>.log.
-    A failed row says why in "failure": oom, killed (by a signal, e.g. the kernel's OOM killer), timeout or error."""
+def run_variant(name: str, args: argparse.Namespace, timeout: float, gpu: str | None = None) -> dict:
+    """The variant in a fresh process (on GPU ``gpu`` alone when given), so an OOM or a crash costs one row; its log
+    goes to OUT/<name>.log. A failed row says why in "failure": oom, killed (by a signal, e.g. the kernel's OOM
+    killer), timeout or error."""
     result_file = args.out / f"{name}.json"
     result_file.unlink(missing_ok=True)
     command = [sys.executable, str(Path(__file__).resolve()), *child_argv(args, name)]
+    env = child_env() if gpu is None else {**child_env(), "CUDA_VISIBLE_DEVICES": gpu}
     start = time.perf_counter()
-    returncode = run_logged(command, args.out / f"{name}.log", timeout, env=child_env())
+    returncode = run_logged(command, args.out / f"{name}.log", timeout, env=env)
     row = {"variant": name, "flags": command_line(name), "wall_s": time.perf_counter() - start}
     if returncode == 0 and result_file.is_file():
         return {**row, **json.loads(result_file.read_text())}
@@ -422,25 +435,28 @@ def search_max_seq(probe: Callable[[int, float], dict], start: int, step: int, b
 
 
 def run_search(args: argparse.Namespace) -> list[dict]:
-    """search_max_seq for each variant, each probe a fresh process under OUT/probes/<variant>-<seq>/; the variants
-    share --budget_s evenly, a variant's unused time going to the next."""
-    deadline = time.monotonic() + args.budget_s
-    results = []
-    for index, name in enumerate(args.variants):
+    """search_max_seq for each variant, each probe a fresh process under OUT/probes/<variant>-<seq>/. One at a time,
+    the variants share --budget_s evenly, a variant's unused time going to the next; with --search_gpus they run at
+    once, each on its own GPU with the whole budget."""
 
-        def probe(seq: int, timeout: float, name: str = name) -> dict:
+    def search(name: str, budget_s: float, gpu: str | None) -> dict:
+        def probe(seq: int, timeout: float) -> dict:
             probe_args = argparse.Namespace(**{**vars(args), "seq": seq, "out": args.out / "probes" / f"{name}-{seq}"})
             probe_args.out.mkdir(parents=True, exist_ok=True)
-            row = run_variant(name, probe_args, timeout)
+            row = run_variant(name, probe_args, timeout, gpu)
             done = f"fits, {row['tokens_per_s']:,.0f} tokens/s" if row["ok"] else f"{row['failure']}: {row['error']}"
             print(f"{name} seq {seq:,}: {done} ({row['wall_s']:.0f} s)", flush=True)
             return row
 
-        share = (deadline - time.monotonic()) / (len(args.variants) - index)
-        result = search_max_seq(probe, args.start_seq, args.seq_step, share, args.timeout)
-        flags = command_line(name)
-        results.append({"variant": name, "flags": flags, **result})
-    return results
+        result = search_max_seq(probe, args.start_seq, args.seq_step, budget_s, args.timeout)
+        return {"variant": name, "flags": command_line(name), "gpu": gpu, **result}
+
+    if args.search_gpus:
+        with ThreadPoolExecutor(len(args.variants)) as pool:
+            return list(pool.map(search, args.variants, [args.budget_s] * len(args.variants), args.search_gpus))
+    deadline = time.monotonic() + args.budget_s
+    return [search(name, (deadline - time.monotonic()) / (len(args.variants) - index), None)
+            for index, name in enumerate(args.variants)]
 
 
 def search_summary(results: list[dict], args: argparse.Namespace) -> str:

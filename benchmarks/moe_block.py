@@ -4,7 +4,7 @@
 Forward and forward+backward in bf16 (median of CUDA-event timings after warm-up), TFLOP/s
 (18 * tokens * top_k * H * I for forward+backward, 6 * ... for forward), extra peak memory of one
 forward+backward, and the bf16 error of outputs and gradients against `grouped_mm`. With --profile, a
-per-kernel breakdown of scattermoe at one shape. Prints a markdown table last.
+per-kernel breakdown of scattermoe and grouped_mm at the chosen shapes. Prints a markdown table last.
 
     python benchmarks/moe_block.py --out results.md
 """
@@ -143,11 +143,11 @@ def run_case(case: Case, implementations: list[str], repeats: int) -> list[dict]
     return rows
 
 
-def profile_scattermoe(case: Case) -> str:
-    """Per-kernel CUDA time of one scattermoe forward+backward, with TFLOP/s of each matmul kernel."""
+def profile_kernels(case: Case, impl: str) -> str:
+    """Per-kernel CUDA time of one forward+backward of ``impl``, with TFLOP/s of each scattermoe matmul kernel."""
     device = torch.device("cuda")
     experts = make_experts(case, device)
-    experts.config._experts_implementation = "scattermoe"
+    experts.config._experts_implementation = impl
     x = torch.randn(case.tokens, case.hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
     weights, index, _ = make_routing(case, x.detach())
     weights.requires_grad_(True)
@@ -167,7 +167,7 @@ def profile_scattermoe(case: Case) -> str:
         "_scatter_matmul_kernel": 4 * pair_gemm,
         "_grouped_weight_grad_kernel": 3 * pair_gemm,
     }
-    lines = [f"### scattermoe kernels, {case.shape} {case.tokens} tokens {case.routing}", "",
+    lines = [f"### {impl} kernels, {case.shape} {case.tokens} tokens {case.routing}", "",
              "| kernel | ms per step | TFLOP/s |", "|---|---|---|"]
     events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
     total = sum(e.device_time_total for e in events) / steps / 1e3
@@ -212,7 +212,8 @@ def main() -> None:
     parser.add_argument("--implementations", default="eager,grouped_mm,liger_fused_moe,scattermoe")
     parser.add_argument("--cases", default="all", help="comma-separated indices into CASES, or 'all'")
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--profile", type=int, default=2, help="index of the case to profile; -1 for none")
+    parser.add_argument("--profile", default="2", help="comma-separated indices of the cases to profile ('' for none)")
+    parser.add_argument("--profile_implementations", default="scattermoe,grouped_mm")
     parser.add_argument("--out", default=None, help="write the table (markdown) and rows (json) here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -223,8 +224,9 @@ def main() -> None:
     for case in cases:
         rows += run_case(case, args.implementations.split(","), args.repeats)
     report = f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n\n{markdown_table(rows)}"
-    if args.profile >= 0:
-        report += "\n\n" + profile_scattermoe(CASES[args.profile])
+    for index in filter(None, args.profile.split(",")):
+        for impl in args.profile_implementations.split(","):
+            report += "\n\n" + profile_kernels(CASES[int(index)], impl)
     report += "\n\n" + autotuned_configs()
     if args.out:
         with open(args.out, "w") as f:

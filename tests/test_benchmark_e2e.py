@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "e2e.py"
 
@@ -93,6 +95,25 @@ def test_budget_or_an_error_stops_the_search_and_says_so():
     assert table[2].startswith("| lora | `--use_lora` | 36,864 | 27 | 0.04 | 36.0 | 37,888 (oom) |")
     assert table[3].startswith("| all_lora | `--use_fast_moe_block` | ≥ 16,384 |")
     assert table[3].endswith("| stopped: time budget (310 s) spent |")
+
+
+def test_search_gpus_search_each_variant_on_its_own_gpu_with_the_whole_budget(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_run_variant(name, args, timeout, gpu=None):
+        calls.append((name, args.seq, gpu, timeout))
+        fits = args.seq <= {"lora": 8192, "all_lora": 16384}[name]
+        return {"ok": fits, "failure": None if fits else "oom", "error": None if fits else "CUDA out of memory",
+                "tokens_per_s": 1.0, "wall_s": 0.0}
+
+    monkeypatch.setattr(e2e, "run_variant", fake_run_variant)
+    args = e2e.parse_args(["--max_seq_search", "--search_gpus", "3,5", "--budget_s", "400", "--out", str(tmp_path)])
+    results = e2e.run_search(args)
+    assert [(r["variant"], r["gpu"], r["longest"]) for r in results] == [("lora", "3", 8192), ("all_lora", "5", 16384)]
+    assert {gpu for name, _, gpu, _ in calls if name == "lora"} == {"3"}
+    assert min(timeout for *_, timeout in calls) == 300  # the whole --timeout: neither search shared the 400 s
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--max_seq_search", "--search_gpus", "0"])  # two variants, one GPU
 
 
 def test_max_seq_search_runs_tiny_probes_on_the_cpu(tmp_path):
