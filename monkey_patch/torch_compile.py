@@ -12,6 +12,7 @@ import logging
 
 import torch
 from torch._dynamo.exc import TorchDynamoException
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from turbo_tune.arguments import TurboTuneConfig
 
@@ -69,6 +70,13 @@ def compile_decoder_layers(model: torch.nn.Module, config: TurboTuneConfig) -> N
         layer._compiled_call_impl = fallback.guard(layer, torch.compile(layer._call_impl, **options))
     setattr(model, COMPILED_MARK, fallback)
     logger.info("torch.compile (%s) on each of the %d decoder layers.", options["backend"], len(layers))
+    if is_deepspeed_zero3_enabled():
+        logger.warning(
+            "--torch_compile under ZeRO-3 trains correctly but gains little: DeepSpeed hooks every submodule to gather "
+            "its weights, its pre-forward hook is excluded from compilation (a graph break at every submodule) and its "
+            "post-forward hook recompiles per module until Dynamo's recompile limit. FSDP2 (--fsdp) compiles the "
+            "layers without either."
+        )
 
 
 def is_compiled_per_layer(model: torch.nn.Module) -> bool:
