@@ -1,5 +1,6 @@
 """Time the Qwen3-MoE expert block: transformers `eager` and `grouped_mm`, Liger-Kernel's fused MoE (what
-`--use_liger_kernel` alone runs the experts with) and `scattermoe`, in one run.
+`--use_liger_kernel` alone runs the experts with), `scattermoe`, and `scattermoe_wgrad_grouped_mm` (scattermoe with
+its weight gradients on torch's grouped GEMM), in one run.
 
 Forward and forward+backward in bf16 (median of CUDA-event timings after warm-up), TFLOP/s
 (18 * tokens * top_k * H * I for forward+backward, 6 * ... for forward), extra peak memory of one
@@ -12,6 +13,7 @@ per-kernel breakdown of scattermoe and grouped_mm at the chosen shapes. Prints a
 import argparse
 import json
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -22,8 +24,10 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 from monkey_patch.fast_moe import register_scattermoe
 from monkey_patch.model_parts import register_experts_function
 from monkey_patch.scattermoe import kernels
+from monkey_patch.scattermoe.ops import WEIGHT_GRAD_ENV
 
 logger = logging.getLogger("moe_block")
+SCATTERMOE_WGRAD_GROUPED_MM = "scattermoe_wgrad_grouped_mm"
 GIB = 1024**3
 
 
@@ -59,6 +63,13 @@ def register_liger_fused_moe() -> None:
         )
 
     register_experts_function("liger_fused_moe", liger_fused_moe)
+
+
+def use_implementation(experts: Qwen3MoeExperts, impl: str) -> None:
+    """Select ``impl``; ``scattermoe_wgrad_grouped_mm`` is scattermoe with its weight gradients on torch's grouped
+    GEMM (``TURBO_TUNE_MOE_WEIGHT_GRAD=grouped_mm``)."""
+    os.environ[WEIGHT_GRAD_ENV] = "grouped_mm" if impl == SCATTERMOE_WGRAD_GROUPED_MM else "triton"
+    experts.config._experts_implementation = "scattermoe" if impl == SCATTERMOE_WGRAD_GROUPED_MM else impl
 
 
 def make_experts(case: Case, device: torch.device) -> Qwen3MoeExperts:
@@ -102,7 +113,7 @@ def run_case(case: Case, implementations: list[str], repeats: int) -> list[dict]
     for impl in implementations:
         if impl == "eager" and not case.with_eager:
             continue
-        experts.config._experts_implementation = impl
+        use_implementation(experts, impl)
 
         def forward():
             return experts(x, index, weights)
@@ -147,7 +158,7 @@ def profile_kernels(case: Case, impl: str) -> str:
     """Per-kernel CUDA time of one forward+backward of ``impl``, with TFLOP/s of each scattermoe matmul kernel."""
     device = torch.device("cuda")
     experts = make_experts(case, device)
-    experts.config._experts_implementation = impl
+    use_implementation(experts, impl)
     x = torch.randn(case.tokens, case.hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
     weights, index, _ = make_routing(case, x.detach())
     weights.requires_grad_(True)
@@ -209,11 +220,12 @@ def markdown_table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--implementations", default="eager,grouped_mm,liger_fused_moe,scattermoe")
+    parser.add_argument("--implementations",
+                        default=f"eager,grouped_mm,liger_fused_moe,scattermoe,{SCATTERMOE_WGRAD_GROUPED_MM}")
     parser.add_argument("--cases", default="all", help="comma-separated indices into CASES, or 'all'")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--profile", default="2", help="comma-separated indices of the cases to profile ('' for none)")
-    parser.add_argument("--profile_implementations", default="scattermoe,grouped_mm")
+    parser.add_argument("--profile_implementations", default=f"scattermoe,{SCATTERMOE_WGRAD_GROUPED_MM},grouped_mm")
     parser.add_argument("--out", default=None, help="write the table (markdown) and rows (json) here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

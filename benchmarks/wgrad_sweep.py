@@ -3,13 +3,16 @@
 The autotuner only chooses among `_WEIGHT_GRAD_CONFIGS` in monkey_patch/scattermoe/kernels.py. This times a wider
 grid (tile sizes, warps, pipeline stages) on the two weight gradients of a Qwen3-MoE expert block, at the shapes of
 benchmarks/moe_block.py, checks each result against the autotuned kernel, and prints the fastest configs per case
-beside the autotuned one, so a better config can be added to the list with its measured gain.
+beside the autotuned one, so a better config can be added to the list with its measured gain. The second row is the
+other backend of ops.expert_weight_grad (TURBO_TUNE_MOE_WEIGHT_GRAD=grouped_mm: rows copied into expert order, then
+torch's grouped GEMM), copy included.
 
     python benchmarks/wgrad_sweep.py [--cases 30b-32k,235b-16k] [--top 5]
 """
 
 import argparse
 import itertools
+import os
 import sys
 from pathlib import Path
 
@@ -20,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import median_ms  # noqa: E402
 
-from monkey_patch.scattermoe import kernels  # noqa: E402
+from monkey_patch.scattermoe import kernels, ops  # noqa: E402
 from monkey_patch.scattermoe.ops import compute_routing  # noqa: E402
 
 # name -> (tokens, hidden, intermediate); 128 experts, top-8, balanced random routing
@@ -30,6 +33,7 @@ CASES = {"30b-8k": (8192, 2048, 768), "30b-32k": (32768, 2048, 768), "235b-16k":
 TILES = [(m, n, k) for m, n in ((128, 128), (128, 256), (256, 128)) for k in (32, 64, 128)]
 LAUNCH = [(w, s) for w in (4, 8) for s in (2, 3, 4, 5)]
 WARMUP, REPEATS = 1, 10
+GROUPED_MM = "torch._grouped_mm, rows copied"  # ops.expert_weight_grad's other backend, beside the tile configs
 DOES_NOT_RUN = (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError, RuntimeError)
 
 
@@ -75,6 +79,15 @@ def sweep(problem: tuple, configs: list[tuple[int, ...]], flops: float) -> list[
                                             torch.empty_like(dw)).float()
     rows = [{"config": "autotuned", "ms": median_ms(lambda: kernels.grouped_weight_grad(
         a, b, sorted_pairs, expert_ends, top_k, a_gathered, b_gathered, dw), WARMUP, REPEATS)}]
+
+    def on_grouped_mm() -> torch.Tensor:
+        return ops.expert_weight_grad(a, b, (sorted_pairs, expert_ends, top_k), a_gathered, b_gathered, dw)
+
+    os.environ[ops.WEIGHT_GRAD_ENV] = "grouped_mm"
+    error = ((on_grouped_mm().float() - reference).norm() / reference.norm()).item()
+    rows.append({"config": GROUPED_MM, "ms": median_ms(on_grouped_mm, WARMUP, REPEATS)} if error <= 1e-2 else
+                {"config": GROUPED_MM, "error": f"result differs (rel. err {error:.1e})"})
+    os.environ[ops.WEIGHT_GRAD_ENV] = "triton"
     for config in configs:
         try:
             error = ((launch(problem, *config).float() - reference).norm() / reference.norm()).item()
@@ -106,13 +119,15 @@ def main() -> int:
         problems = weight_grad_problems(tokens, hidden, inter, 128, 8, "cuda", torch.bfloat16)
         for name, problem in problems.items():
             flops = 2.0 * tokens * 8 * hidden * inter * (2 if name == "dW_gate_up" else 1)
-            rows = sweep(problem, configs, flops)
-            autotuned = rows[0]["ms"]
-            timed = sorted((r for r in rows[1:] if "ms" in r), key=lambda r: r["ms"])
-            for row in [rows[0], *timed[: args.top]]:
+            autotuned, on_grouped_mm, *tiles = sweep(problem, configs, flops)
+            timed = sorted((r for r in tiles if "ms" in r), key=lambda r: r["ms"])
+            for row in [autotuned, on_grouped_mm, *timed[: args.top]]:
+                if "ms" not in row:
+                    lines.append(f"| {case} | {name} | {row['config']} | {row['error']} | | |")
+                    continue
                 lines.append(f"| {case} | {name} | {row['config']} | {row['ms']:.3f} | {row['tflops']:.0f} | "
-                             f"{autotuned / row['ms']:.2f}× |")
-            failed = len(rows) - 1 - len(timed)
+                             f"{autotuned['ms'] / row['ms']:.2f}× |")
+            failed = len(tiles) - len(timed)
             print(f"{case} {name}: {len(timed)} configs ran, {failed} did not", flush=True)
     print("\n".join(lines))
     return 0

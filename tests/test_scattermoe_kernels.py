@@ -10,7 +10,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from monkey_patch.scattermoe import kernels
 from monkey_patch.scattermoe.compilable_ops import scattermoe_experts
-from monkey_patch.scattermoe.ops import compute_routing
+from monkey_patch.scattermoe.ops import WEIGHT_GRAD_BACKENDS, WEIGHT_GRAD_ENV, compute_routing
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = 1e-4
@@ -56,8 +56,11 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("weight_grad", WEIGHT_GRAD_BACKENDS)
 @pytest.mark.parametrize("tokens,hidden,inter,num_experts,top_k,routing", CASES)
-def test_outputs_and_gradients_match_eager_experts(tokens, hidden, inter, num_experts, top_k, routing):
+def test_outputs_and_gradients_match_eager_experts(tokens, hidden, inter, num_experts, top_k, routing, weight_grad,
+                                                    monkeypatch):
+    monkeypatch.setenv(WEIGHT_GRAD_ENV, weight_grad)
     torch.manual_seed(tokens * 7 + top_k)
     experts = make_eager_experts(hidden, inter, num_experts, top_k)
     weights, index = make_routing(tokens, num_experts, top_k, routing)
@@ -98,6 +101,16 @@ def test_weight_grad_kernel_writes_zeros_for_experts_without_rows():
     assert relative_error(dw[2], a[2:].T @ b_grouped[2:]) <= TOLERANCE
 
 
+def test_unknown_weight_grad_backend_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv(WEIGHT_GRAD_ENV, "cublas")
+    experts = make_eager_experts(16, 16, 2, 1)
+    weights, index = make_routing(3, 2, 1, "uniform")
+    x = torch.randn(3, 16, device=DEVICE, requires_grad=True)
+    out = scattermoe_experts(x, experts.gate_up_proj, experts.down_proj, weights, index)
+    with pytest.raises(ValueError, match="TURBO_TUNE_MOE_WEIGHT_GRAD='cublas': choose one of triton, grouped_mm"):
+        out.sum().backward()
+
+
 def test_frozen_expert_weights_skip_weight_grads_and_still_give_input_and_routing_grads():
     torch.manual_seed(1)
     experts = make_eager_experts(32, 32, 4, 2)
@@ -136,3 +149,16 @@ def test_weight_grad_sweep_launches_the_kernel_as_the_launcher_does():
         actual = wgrad_sweep.launch((a, b, sorted_pairs, expert_ends, top_k, a_gathered, b_gathered, dw),
                                     64, 64, 64, 4, 1)
         assert relative_error(actual, expected) <= 1e-5
+
+
+def test_weight_grad_sweep_times_the_grouped_mm_backend_beside_the_tiles(monkeypatch):
+    """The sweep's second row is ops.expert_weight_grad on torch's grouped GEMM, checked against the kernel."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import wgrad_sweep
+
+    monkeypatch.setattr(wgrad_sweep, "median_ms", lambda fn, warmup, repeats: float(fn() is not None))
+    monkeypatch.setenv(WEIGHT_GRAD_ENV, "triton")
+    problem = wgrad_sweep.weight_grad_problems(40, 64, 48, 6, 2, "cpu", torch.float32)["dW_down"]
+    autotuned, on_grouped_mm, *tiles = wgrad_sweep.sweep(problem, [(64, 64, 64, 4, 1)], flops=1e9)
+    assert on_grouped_mm == {"config": wgrad_sweep.GROUPED_MM, "ms": 1.0, "tflops": 1.0}
+    assert [row["config"] for row in tiles] == [(64, 64, 64, 4, 1)]

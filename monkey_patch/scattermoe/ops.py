@@ -15,11 +15,15 @@ Factors use peft's per-expert layout (see ``ParamWrapper.get_delta_factors``): f
 ``a`` is (E, r, K) and ``b`` is (E, N, r), so the delta is ``scale * b @ a``.
 """
 
+import os
 from typing import NamedTuple
 
 import torch
 
 from . import kernels
+
+WEIGHT_GRAD_ENV = "TURBO_TUNE_MOE_WEIGHT_GRAD"
+WEIGHT_GRAD_BACKENDS = ("triton", "grouped_mm")
 
 
 class LowRank(NamedTuple):
@@ -96,6 +100,39 @@ def _factor_grads(
     return ds, grad_a, grad_b
 
 
+def weight_grad_backend() -> str:
+    """Which kernel computes the experts' weight gradients, from ``TURBO_TUNE_MOE_WEIGHT_GRAD``.
+
+    ``triton`` (default): ScatterMoE's kernel reads token rows through the routing, no copy. ``grouped_mm``: the
+    gathered operand is copied into expert order once (T*k rows, freed at once) and torch's grouped GEMM
+    (CUTLASS on Hopper) reduces over each expert's rows; bf16 only, other dtypes keep the Triton kernel.
+    """
+    backend = os.environ.get(WEIGHT_GRAD_ENV, "triton")
+    if backend not in WEIGHT_GRAD_BACKENDS:
+        raise ValueError(f"{WEIGHT_GRAD_ENV}={backend!r}: choose one of {', '.join(WEIGHT_GRAD_BACKENDS)}.")
+    return backend
+
+
+def expert_weight_grad(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    routing: tuple[torch.Tensor, torch.Tensor, int],
+    a_gathered: bool,
+    b_gathered: bool,
+    weight: torch.Tensor,
+) -> torch.Tensor:
+    """Per expert, aᵀ·b over the expert's rows, shaped like ``weight`` (E, M, N); a is (., M), b is (., N)."""
+    sorted_pairs, expert_ends, top_k = routing
+    fits_grouped_mm = a.dtype == torch.bfloat16 or (a.dtype == torch.float32 and a.device.type == "cpu")
+    if weight_grad_backend() == "grouped_mm" and fits_grouped_mm:
+        tokens = sorted_pairs // top_k
+        a_rows = a.index_select(0, tokens) if a_gathered else a
+        b_rows = b.index_select(0, tokens) if b_gathered else b
+        return torch._grouped_mm(a_rows.t(), b_rows, offs=expert_ends)
+    return kernels.grouped_weight_grad(a, b, *routing, a_gathered=a_gathered, b_gathered=b_gathered,
+                                       dw=torch.empty_like(weight, memory_format=torch.contiguous_format))
+
+
 def experts_backward(
     grad_out: torch.Tensor,
     x: torch.Tensor,
@@ -141,14 +178,8 @@ def experts_backward(
     grad_x = kernels.sum_top_k(grad_x, top_k)
     if needs_weight_grads:
         # dW_gate_up first, so grad_gate_up is freed before dW_down is allocated: lower peak memory.
-        grad_w_gate_up = kernels.grouped_weight_grad(
-            grad_gate_up, x, *routing, a_gathered=False, b_gathered=True,
-            dw=torch.empty_like(w_gate_up, memory_format=torch.contiguous_format),
-        )
+        grad_w_gate_up = expert_weight_grad(grad_gate_up, x, routing, False, True, w_gate_up)
         del grad_gate_up
-        grad_w_down = kernels.grouped_weight_grad(
-            grad_out, h, *routing, a_gathered=True, b_gathered=False,
-            dw=torch.empty_like(w_down, memory_format=torch.contiguous_format),
-        )
+        grad_w_down = expert_weight_grad(grad_out, h, routing, True, False, w_down)
     grad_weights = grad_scale.view(num_tokens, top_k).to(routing_weights.dtype)
     return grad_x, grad_w_gate_up, grad_w_down, grad_weights, grad_a_gu, grad_b_gu, grad_a_down, grad_b_down
