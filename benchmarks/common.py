@@ -58,12 +58,19 @@ def run_logged(command: list[str], log_path: Path, timeout_s: float | None,
 
 
 def median_ms(fn, warmup: int, repeats: int) -> float:
-    """Median CUDA-event time of ``fn()`` in milliseconds, after ``warmup`` untimed calls."""
+    """Median CUDA-event time of ``fn()`` in milliseconds, after ``warmup`` untimed calls (wall-clock time on a
+    machine without a GPU, where the benchmarks only smoke-test)."""
     import torch  # here, so that the scripts' parent processes need not import it
 
     for _ in range(warmup):
         fn()
     times = []
+    if not torch.cuda.is_available():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()

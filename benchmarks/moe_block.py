@@ -1,6 +1,6 @@
-"""Time the Qwen3-MoE expert block: transformers `eager` and `grouped_mm`, Liger-Kernel's fused MoE (what
-`--use_liger_kernel` alone runs the experts with), `scattermoe`, and `scattermoe_wgrad_grouped_mm` (scattermoe with
-its weight gradients on torch's grouped GEMM), in one run.
+"""Time the Qwen3-MoE expert block: transformers `eager` and `grouped_mm` (also compiled), Liger-Kernel's fused MoE
+(what `--use_liger_kernel` alone runs the experts with), `scattermoe`, and `scattermoe_wgrad_grouped_mm` (scattermoe
+with its weight gradients on torch's grouped GEMM), in one run.
 
 Forward and forward+backward in bf16 (median of CUDA-event timings after warm-up), TFLOP/s
 (18 * tokens * top_k * H * I for forward+backward, 6 * ... for forward), extra peak memory of one
@@ -28,6 +28,7 @@ from monkey_patch.scattermoe.ops import WEIGHT_GRAD_ENV
 
 logger = logging.getLogger("moe_block")
 SCATTERMOE_WGRAD_GROUPED_MM = "scattermoe_wgrad_grouped_mm"
+GROUPED_MM_COMPILED = "grouped_mm_compiled"
 GIB = 1024**3
 
 
@@ -66,20 +67,22 @@ def register_liger_fused_moe() -> None:
 
 
 def use_implementation(experts: Qwen3MoeExperts, impl: str) -> None:
-    """Select ``impl``; ``scattermoe_wgrad_grouped_mm`` is scattermoe with its weight gradients on torch's grouped
-    GEMM (``TURBO_TUNE_MOE_WEIGHT_GRAD=grouped_mm``)."""
+    """Select ``impl``: ``scattermoe_wgrad_grouped_mm`` is scattermoe with its weight gradients on torch's grouped
+    GEMM (``TURBO_TUNE_MOE_WEIGHT_GRAD=grouped_mm``); ``grouped_mm_compiled`` is ``grouped_mm`` under
+    torch.compile, what ``--torch_compile`` makes of the transformers default (run_case compiles it)."""
     os.environ[WEIGHT_GRAD_ENV] = "grouped_mm" if impl == SCATTERMOE_WGRAD_GROUPED_MM else "triton"
-    experts.config._experts_implementation = "scattermoe" if impl == SCATTERMOE_WGRAD_GROUPED_MM else impl
+    experts.config._experts_implementation = {SCATTERMOE_WGRAD_GROUPED_MM: "scattermoe",
+                                              GROUPED_MM_COMPILED: "grouped_mm"}.get(impl, impl)
 
 
-def make_experts(case: Case, device: torch.device) -> Qwen3MoeExperts:
+def make_experts(case: Case, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Qwen3MoeExperts:
     config = Qwen3MoeConfig(
         hidden_size=case.hidden,
         moe_intermediate_size=case.inter,
         num_experts=case.experts,
         num_experts_per_tok=case.top_k,
     )
-    experts = Qwen3MoeExperts(config).to(device=device, dtype=torch.bfloat16)
+    experts = Qwen3MoeExperts(config).to(device=device, dtype=dtype)
     with torch.no_grad():
         experts.gate_up_proj.normal_(0, 0.02)
         experts.down_proj.normal_(0, 0.02)
@@ -99,14 +102,27 @@ def make_routing(case: Case, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return weights, index, hot_share
 
 
-def run_case(case: Case, implementations: list[str], repeats: int) -> list[dict]:
-    device = torch.device("cuda")
+def extra_peak_gib(fn) -> float:
+    """Peak device memory of ``fn()`` above what was allocated before it (0 without a GPU)."""
+    if not torch.cuda.is_available():
+        fn()
+        return 0.0
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / GIB
+
+
+def run_case(case: Case, implementations: list[str], repeats: int, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """Every implementation at one case; on a CPU (Triton interpreter, fp32) this is a smoke test, not a measurement."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    experts = make_experts(case, device)
-    x = torch.randn(case.tokens, case.hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
+    experts = make_experts(case, device, dtype)
+    x = torch.randn(case.tokens, case.hidden, device=device, dtype=dtype, requires_grad=True)
     weights, index, hot_share = make_routing(case, x.detach())
     weights.requires_grad_(True)
-    grad_out = torch.randn(case.tokens, case.hidden, device=device, dtype=torch.bfloat16)
+    grad_out = torch.randn(case.tokens, case.hidden, device=device, dtype=dtype)
     params = (x, experts.gate_up_proj, experts.down_proj, weights)
     flops_fwd = 6 * case.tokens * case.top_k * case.hidden * case.inter
     rows, results = [], {}
@@ -114,9 +130,10 @@ def run_case(case: Case, implementations: list[str], repeats: int) -> list[dict]
         if impl == "eager" and not case.with_eager:
             continue
         use_implementation(experts, impl)
+        module = torch.compile(experts) if impl == GROUPED_MM_COMPILED else experts
 
-        def forward():
-            return experts(x, index, weights)
+        def forward(module=module):
+            return module(x, index, weights)
 
         def forward_backward():
             return torch.autograd.grad(forward(), params, grad_out)
@@ -124,15 +141,10 @@ def run_case(case: Case, implementations: list[str], repeats: int) -> list[dict]
         slow = impl == "eager"
         try:
             results[impl] = (forward().detach(), forward_backward())
-            torch.cuda.synchronize()
         except Exception:  # one implementation failing at one shape is a finding, not the end of the run
             logger.exception("%s failed at %s, %d tokens, %s routing", impl, case.shape, case.tokens, case.routing)
             continue
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        forward_backward()
-        torch.cuda.synchronize()
-        extra_gib = (torch.cuda.max_memory_allocated() - base) / GIB
+        extra_gib = extra_peak_gib(forward_backward)
         fwd_ms = median_ms(forward, 1 if slow else 3, 3 if slow else repeats)
         fwd_bwd_ms = median_ms(forward_backward, 1 if slow else 3, 3 if slow else repeats)
         rows.append(
@@ -221,7 +233,8 @@ def markdown_table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--implementations",
-                        default=f"eager,grouped_mm,liger_fused_moe,scattermoe,{SCATTERMOE_WGRAD_GROUPED_MM}")
+                        default=f"eager,grouped_mm,{GROUPED_MM_COMPILED},liger_fused_moe,scattermoe,"
+                        f"{SCATTERMOE_WGRAD_GROUPED_MM}")
     parser.add_argument("--cases", default="all", help="comma-separated indices into CASES, or 'all'")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--profile", default="2", help="comma-separated indices of the cases to profile ('' for none)")

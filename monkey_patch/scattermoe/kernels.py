@@ -25,13 +25,18 @@ def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config
     ]
 
 
-# Hopper-sized tiles first, then tiles that still fill the GPU when an expert gets few rows.
+# Hopper-sized tiles first, then tiles that still fill the GPU when an expert gets few rows. The BLOCK_K 32 deep
+# pipelines are candidates after the weight-gradient kernel's sweep (below); the autotuner keeps them only if faster.
 _GATE_UP_CONFIGS = _configs(
-    [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3)]
+    [
+        (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 5), (128, 128, 32, 8, 6), (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4), (64, 64, 64, 4, 3),
+    ]
 )
 _MATMUL_CONFIGS = _configs(
     [
-        (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3),
+        (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 32, 8, 5), (256, 128, 32, 8, 5), (128, 128, 64, 4, 4),
+        (64, 128, 64, 4, 4), (64, 64, 64, 4, 3),
         (128, 32, 64, 4, 4),  # LoRA's rank-sized outputs (N = r)
     ]
 )
