@@ -318,9 +318,11 @@ class StepProfile(TrainerCallback):
 
 
 def kernel_table(events, on_gpu: bool, rows: int) -> str:
-    """Markdown: the ``rows`` events with the most self time on the device (GPU kernels) or, on a CPU, the host."""
+    """Markdown: the ``rows`` GPU kernels with the most time or, on a CPU, the ops with the most self time on the
+    host. On a GPU only kernel events count: a CPU op's self device time is its kernels' again."""
     attribute = "self_device_time_total" if on_gpu else "self_cpu_time_total"
-    timed = sorted((e for e in events if getattr(e, attribute) > 0), key=lambda e: -getattr(e, attribute))
+    kernels = (e for e in events if not on_gpu or e.device_type != torch.autograd.DeviceType.CPU)
+    timed = sorted((e for e in kernels if getattr(e, attribute) > 0), key=lambda e: -getattr(e, attribute))
     total_us = sum(getattr(e, attribute) for e in timed)
     lines = [f"{'GPU' if on_gpu else 'CPU'} time of one step: {total_us / 1e3:.1f} ms", "",
              "| kernel | calls | ms | share |", "|---|---|---|---|"]

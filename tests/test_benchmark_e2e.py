@@ -4,8 +4,10 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "e2e.py"
@@ -134,3 +136,16 @@ def test_variants_carry_boolean_and_valued_flags_as_a_user_types_them():
     assert e2e.variant_settings("all_adamw8bit")["optim"] == "adamw_torch_8bit"
     assert e2e.command_line("all_adamw8bit").endswith("--use_packing --optim adamw_torch_8bit")
     assert e2e.command_line("defaults") == "(transformers defaults)"
+
+
+def test_gpu_profile_table_counts_each_kernel_once():
+    """A CPU op's self device time is the time of the kernels it launched, which are events of their own."""
+
+    def event(key, device_type, us):
+        return SimpleNamespace(key=key, count=1, device_type=device_type, self_device_time_total=us)
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    events = [event("aten::mm", cpu, 300), event("nvjet_gemm", cuda, 300), event("triton_fused", cuda, 100)]
+    table = e2e.kernel_table(events, on_gpu=True, rows=10)
+    assert table.startswith("GPU time of one step: 0.4 ms")
+    assert "nvjet_gemm" in table and "aten::mm" not in table
