@@ -46,7 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere; child processes get it through PYTHONPATH
 
-from common import QWEN3_30B_A3B, QWEN3_30B_A3B_LAYERS, child_env, fmt, is_oom, run_logged  # noqa: E402
+from common import QWEN3_30B_A3B, QWEN3_30B_A3B_LAYERS, child_env, fmt, is_oom, kernel_table, run_logged  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from callback import EfficiencyCallback, ModelFlops, device_peak_tflops, sequence_lengths  # noqa: E402
@@ -315,21 +315,6 @@ class StepProfile(TrainerCallback):
         self.profiler.__exit__(None, None, None)
         self.path.write_text(kernel_table(self.profiler.key_averages(), torch.cuda.is_available(), self.rows))
         self.profiler = None
-
-
-def kernel_table(events, on_gpu: bool, rows: int) -> str:
-    """Markdown: the ``rows`` GPU kernels with the most time or, on a CPU, the ops with the most self time on the
-    host. On a GPU only kernel events count: a CPU op's self device time is its kernels' again."""
-    attribute = "self_device_time_total" if on_gpu else "self_cpu_time_total"
-    kernels = (e for e in events if not on_gpu or e.device_type != torch.autograd.DeviceType.CPU)
-    timed = sorted((e for e in kernels if getattr(e, attribute) > 0), key=lambda e: -getattr(e, attribute))
-    total_us = sum(getattr(e, attribute) for e in timed)
-    lines = [f"{'GPU' if on_gpu else 'CPU'} time of one step: {total_us / 1e3:.1f} ms", "",
-             "| kernel | calls | ms | share |", "|---|---|---|---|"]
-    for event in timed[:rows]:
-        us = getattr(event, attribute)
-        lines.append(f"| `{event.key[:100]}` | {event.count} | {us / 1e3:.2f} | {us / total_us:.1%} |")
-    return "\n".join(lines) + "\n"
 
 
 def child_argv(args: argparse.Namespace, name: str) -> list[str]:

@@ -10,8 +10,9 @@ sequence of 4096 tokens:
 
 Each (path, gradient checkpointing) pair runs in its own subprocess, so an out-of-memory is a table row.
 Reports the median step time, tokens/s, peak allocated memory, and the peak above the frozen weights; the
-first and last losses show both paths train the same model. Logs go to --out (default: $OUT, else
-./expert_lora_bench); the markdown table is printed last. One H200, under 8 minutes:
+first and last losses show both paths train the same model; --profile adds each run's costliest GPU kernels of one
+more step. Logs go to --out (default: $OUT, else ./expert_lora_bench); the markdown table is printed last. One H200,
+under 8 minutes:
 
     python benchmarks/expert_lora.py            # --layers 8 for a quicker look
 """
@@ -25,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import QWEN3_30B_A3B, ROOT, child_env, is_oom
+from common import QWEN3_30B_A3B, ROOT, child_env, is_oom, kernel_table
 
 GIB = 1024**3
 RESULT = "RESULT "
@@ -88,6 +89,11 @@ def worker(args: argparse.Namespace) -> dict:
         losses.append(step())  # .item() synchronizes
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
+    if args.profile_to:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as profiler:
+            step()
+        args.profile_to.write_text(kernel_table(profiler.key_averages(), on_gpu=True, rows=25))
     return {
         "experts": experts_implementation, "step_s": step_s, "tokens_per_s": args.seq / step_s,
         "peak_gib": torch.cuda.max_memory_allocated() / GIB, "weights_gib": weights_gib,
@@ -103,6 +109,8 @@ def run_one(args: argparse.Namespace, path: str, checkpointing: bool, timeout: f
                "--rank", str(args.rank), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     if checkpointing:
         command.append("--checkpointing")
+    if args.profile:
+        command += ["--profile_to", str(args.out / f"{name}.profile.md")]
     row = {"path": path, "checkpointing": checkpointing}
     log_path = args.out / f"{name}.log"
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(command)} (log {log_path})", flush=True)
@@ -167,6 +175,9 @@ def main() -> None:
     parser.add_argument("--modes", default="ckpt,no-ckpt", help="gradient checkpointing modes to run")
     parser.add_argument("--budget_s", type=float, default=450, help="wall-clock budget for all runs")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "expert_lora_bench")))
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one more step per run: its costliest GPU kernels in OUT/<run>.profile.md")
+    parser.add_argument("--profile_to", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

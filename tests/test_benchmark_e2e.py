@@ -40,6 +40,7 @@ def test_tiny_variants_run_and_a_failure_is_a_row(tmp_path):
 
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import common  # noqa: E402
 import e2e  # noqa: E402
 
 
@@ -146,6 +147,6 @@ def test_gpu_profile_table_counts_each_kernel_once():
 
     cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
     events = [event("aten::mm", cpu, 300), event("nvjet_gemm", cuda, 300), event("triton_fused", cuda, 100)]
-    table = e2e.kernel_table(events, on_gpu=True, rows=10)
+    table = common.kernel_table(events, on_gpu=True, rows=10)
     assert table.startswith("GPU time of one step: 0.4 ms")
     assert "nvjet_gemm" in table and "aten::mm" not in table
