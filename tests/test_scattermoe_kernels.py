@@ -8,7 +8,7 @@ import torch
 from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
-from monkey_patch.scattermoe import kernels
+from monkey_patch.scattermoe import kernels, ops
 from monkey_patch.scattermoe.compilable_ops import scattermoe_experts
 from monkey_patch.scattermoe.ops import WEIGHT_GRAD_BACKENDS, WEIGHT_GRAD_ENV, compute_routing
 
@@ -107,8 +107,27 @@ def test_unknown_weight_grad_backend_is_refused_by_name(monkeypatch):
     weights, index = make_routing(3, 2, 1, "uniform")
     x = torch.randn(3, 16, device=DEVICE, requires_grad=True)
     out = scattermoe_experts(x, experts.gate_up_proj, experts.down_proj, weights, index)
-    with pytest.raises(ValueError, match="TURBO_TUNE_MOE_WEIGHT_GRAD='cublas': choose one of triton, grouped_mm"):
+    with pytest.raises(ValueError, match="TURBO_TUNE_MOE_WEIGHT_GRAD='cublas': choose one of triton, grouped_mm, auto"):
         out.sum().backward()
+
+
+def test_auto_weight_grad_keeps_the_faster_backend_per_shape(monkeypatch):
+    monkeypatch.setenv(WEIGHT_GRAD_ENV, "auto")
+    monkeypatch.setattr(ops, "_FASTEST_WEIGHT_GRAD", {})
+    timings = iter([2.0, 1.0, 2.0, 1.0])  # triton then grouped_mm, for dW_gate_up and then dW_down
+    monkeypatch.setattr(ops, "_time_ms", lambda fn: (fn(), next(timings))[1])
+    torch.manual_seed(2)
+    experts = make_eager_experts(48, 40, 6, 2)
+    weights, index = make_routing(37, 6, 2, "skewed")
+    x = torch.randn(37, 48, device=DEVICE)
+    grad_out = torch.randn(37, 48, device=DEVICE)
+    params = (experts.gate_up_proj, experts.down_proj)
+    expected = torch.autograd.grad(experts(x, index, weights), params, grad_out)
+    for _ in range(2):  # the second backward reuses the choices: no more timings to draw
+        actual = torch.autograd.grad(scattermoe_experts(x, *params, weights, index), params, grad_out)
+        for got, want in zip(actual, expected, strict=True):
+            assert relative_error(got, want) <= TOLERANCE
+    assert sorted(ops._FASTEST_WEIGHT_GRAD.values()) == ["grouped_mm", "grouped_mm"]
 
 
 def test_frozen_expert_weights_skip_weight_grads_and_still_give_input_and_routing_grads():

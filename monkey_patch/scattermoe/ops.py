@@ -16,6 +16,8 @@ Factors use peft's per-expert layout (see ``ParamWrapper.get_delta_factors``): f
 """
 
 import os
+import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -23,7 +25,7 @@ import torch
 from . import kernels
 
 WEIGHT_GRAD_ENV = "TURBO_TUNE_MOE_WEIGHT_GRAD"
-WEIGHT_GRAD_BACKENDS = ("triton", "grouped_mm")
+WEIGHT_GRAD_BACKENDS = ("triton", "grouped_mm", "auto")
 
 
 class LowRank(NamedTuple):
@@ -106,11 +108,35 @@ def weight_grad_backend() -> str:
     ``triton`` (default): ScatterMoE's kernel reads token rows through the routing, no copy. ``grouped_mm``: the
     gathered operand is copied into expert order once (T*k rows, freed at once) and torch's grouped GEMM
     (CUTLASS on Hopper) reduces over each expert's rows; bf16 only, other dtypes keep the Triton kernel.
+    ``auto``: both are timed at the first call of each shape and the faster one is kept for it.
     """
     backend = os.environ.get(WEIGHT_GRAD_ENV, "triton")
     if backend not in WEIGHT_GRAD_BACKENDS:
         raise ValueError(f"{WEIGHT_GRAD_ENV}={backend!r}: choose one of {', '.join(WEIGHT_GRAD_BACKENDS)}.")
     return backend
+
+
+def _time_ms(fn: Callable[[], torch.Tensor], repeats: int = 3) -> float:
+    """Best of ``repeats`` timings of ``fn()`` after one warm-up call (CUDA events on a GPU)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1e3)
+    return min(times)
+
+
+# ``auto``'s choice per (M, N, row-count bucket, which operand is gathered, dtype, device)
+_FASTEST_WEIGHT_GRAD: dict[tuple, str] = {}
 
 
 def expert_weight_grad(
@@ -123,14 +149,29 @@ def expert_weight_grad(
 ) -> torch.Tensor:
     """Per expert, aᵀ·b over the expert's rows, shaped like ``weight`` (E, M, N); a is (., M), b is (., N)."""
     sorted_pairs, expert_ends, top_k = routing
-    fits_grouped_mm = a.dtype == torch.bfloat16 or (a.dtype == torch.float32 and a.device.type == "cpu")
-    if weight_grad_backend() == "grouped_mm" and fits_grouped_mm:
+
+    def on_triton() -> torch.Tensor:
+        return kernels.grouped_weight_grad(a, b, *routing, a_gathered=a_gathered, b_gathered=b_gathered,
+                                           dw=torch.empty_like(weight, memory_format=torch.contiguous_format))
+
+    def on_grouped_mm() -> torch.Tensor:
         tokens = sorted_pairs // top_k
         a_rows = a.index_select(0, tokens) if a_gathered else a
         b_rows = b.index_select(0, tokens) if b_gathered else b
         return torch._grouped_mm(a_rows.t(), b_rows, offs=expert_ends)
-    return kernels.grouped_weight_grad(a, b, *routing, a_gathered=a_gathered, b_gathered=b_gathered,
-                                       dw=torch.empty_like(weight, memory_format=torch.contiguous_format))
+
+    backend = weight_grad_backend()
+    fits_grouped_mm = a.dtype == torch.bfloat16 or (a.dtype == torch.float32 and a.device.type == "cpu")
+    if backend == "triton" or not fits_grouped_mm:
+        return on_triton()
+    if backend == "auto":
+        key = (weight.shape[1], weight.shape[2], kernels._rows_bucket(sorted_pairs.numel()), a_gathered, b_gathered,
+               a.dtype, a.device)
+        if key not in _FASTEST_WEIGHT_GRAD:
+            candidates = {"triton": on_triton, "grouped_mm": on_grouped_mm}
+            _FASTEST_WEIGHT_GRAD[key] = min(candidates, key=lambda name: _time_ms(candidates[name]))
+        backend = _FASTEST_WEIGHT_GRAD[key]
+    return on_grouped_mm() if backend == "grouped_mm" else on_triton()
 
 
 def experts_backward(
