@@ -7,6 +7,7 @@ sequence of 4096 tokens:
 - ``peft``: transformers' default experts (grouped_mm) and SDPA; peft folds W + s·B·A into every expert's
   weight on each forward (and again in the recompute), and backward forms the full expert-stack gradient.
 - ``scattermoe``: the same model and adapters with ``--use_fast_moe_block``: LoRA as x·Aᵀ·Bᵀ over routed rows.
+- ``scattermoe_fp8``: ``scattermoe`` with ``--fp8_frozen_experts`` (frozen expert weights stored in FP8).
 
 Each (path, gradient checkpointing) pair runs in its own subprocess, so an out-of-memory is a table row.
 Reports the median step time, tokens/s, peak allocated memory, and the peak above the frozen weights; the
@@ -30,7 +31,7 @@ from common import QWEN3_30B_A3B, ROOT, child_env, is_oom, kernel_table
 
 GIB = 1024**3
 RESULT = "RESULT "
-PATHS = ("peft", "scattermoe")
+PATHS = ("peft", "scattermoe", "scattermoe_fp8")
 
 
 def qwen3_30b_a3b(layers: int):
@@ -50,19 +51,23 @@ def worker(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM
 
     from monkey_patch.fast_moe import apply_fast_moe_block
+    from monkey_patch.frozen_experts import apply_fp8_frozen_experts
 
     torch.manual_seed(0)
     device = torch.device("cuda")
     config = qwen3_30b_a3b(args.layers)
     with device:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
-    if args.path == "scattermoe":
+    if args.path != "peft":
         apply_fast_moe_block(model)
     experts_implementation = model.config._experts_implementation
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                       target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
+    if args.path == "scattermoe_fp8":
+        apply_fp8_frozen_experts(model)
+        torch.cuda.empty_cache()
     if args.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -152,12 +157,14 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
             f"| {r['first_loss']:.4f} → {r['last_loss']:.4f} |"
         )
     for ckpt in (True, False):
-        pair = {r["path"]: r for r in rows if r["checkpointing"] == ckpt and r["status"] == "ok"}
-        if len(pair) == 2:
-            ours, peft = pair["scattermoe"], pair["peft"]
+        done = {r["path"]: r for r in rows if r["checkpointing"] == ckpt and r["status"] == "ok"}
+        peft = done.get("peft")
+        for path, ours in done.items():
+            if peft is None or path == "peft":
+                continue
             extra_ours, extra_peft = (r["peak_gib"] - r["weights_gib"] for r in (ours, peft))
             lines.append(
-                f"\nGradient checkpointing {'on' if ckpt else 'off'}: scattermoe/peft tokens/s "
+                f"\nGradient checkpointing {'on' if ckpt else 'off'}: {path}/peft tokens/s "
                 f"{ours['tokens_per_s'] / peft['tokens_per_s']:.2f}×, peak memory "
                 f"{ours['peak_gib'] / peft['peak_gib']:.2f}×, peak above weights {extra_ours / extra_peft:.2f}×."
             )
@@ -173,6 +180,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--checkpointing", action="store_true", help="(worker) gradient checkpointing on")
     parser.add_argument("--modes", default="ckpt,no-ckpt", help="gradient checkpointing modes to run")
+    parser.add_argument("--paths", default=",".join(("scattermoe", "scattermoe_fp8", "peft")),
+                        help=f"comma-separated among {', '.join(PATHS)}")
     parser.add_argument("--budget_s", type=float, default=450, help="wall-clock budget for all runs")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "expert_lora_bench")))
     parser.add_argument("--profile", action="store_true",
@@ -185,7 +194,7 @@ def main() -> None:
         print(RESULT + json.dumps(worker(args)), flush=True)
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    runs = [(path, mode == "ckpt") for mode in args.modes.split(",") for path in ("scattermoe", "peft")]
+    runs = [(path, mode == "ckpt") for mode in args.modes.split(",") for path in args.paths.split(",")]
     deadline = time.monotonic() + args.budget_s
     rows = []
     for index, (path, checkpointing) in enumerate(runs):

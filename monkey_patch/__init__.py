@@ -54,12 +54,25 @@ def apply_patches(model: torch.nn.Module, config: TurboTuneConfig) -> torch.nn.M
     return model
 
 
+def apply_frozen_weight_patches(model: torch.nn.Module, config: TurboTuneConfig) -> torch.nn.Module:
+    """What applies to LoRA's frozen weights, once peft has wrapped the model (its adapters take the weights' dtype
+    when created, so they must exist before the weights change)."""
+    if config.fp8_frozen_experts:
+        from monkey_patch.frozen_experts import apply_fp8_frozen_experts
+
+        apply_fp8_frozen_experts(model)
+    return model
+
+
 def revert_patches(model: torch.nn.Module) -> torch.nn.Module:
-    """Undo apply_patches, so the model runs exactly as transformers ships it."""
+    """Undo apply_patches and apply_frozen_weight_patches, so the model runs as transformers ships it (FP8 frozen
+    experts come back in their dtype with their FP8 rounding)."""
     from monkey_patch.fast_moe import revert_fast_moe_block
     from monkey_patch.fp8 import revert_fp8
+    from monkey_patch.frozen_experts import revert_fp8_frozen_experts
     from monkey_patch.torch_compile import uncompile_decoder_layers
 
+    revert_fp8_frozen_experts(model)
     uncompile_decoder_layers(model)
     revert_fp8(model)
     revert_fast_moe_block(model)

@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from .frozen_experts import fp8_scale
 from .model_parts import (
     check_swiglu_experts_layout,
     experts_modules,
@@ -71,8 +72,10 @@ def scattermoe_experts_forward(
         )
     w_gate_up, gate_up_lora = _weight_and_lora(self, "gate_up_proj")
     w_down, down_lora = _weight_and_lora(self, "down_proj")
-    x = hidden_states.to(w_gate_up.dtype)
-    out = scattermoe_experts(x, w_gate_up, w_down, top_k_weights, top_k_index, gate_up_lora, down_lora)
+    gate_up_scale, down_scale = fp8_scale(self, "gate_up_proj"), fp8_scale(self, "down_proj")
+    x = hidden_states if gate_up_scale is not None else hidden_states.to(w_gate_up.dtype)
+    out = scattermoe_experts(x, w_gate_up, w_down, top_k_weights, top_k_index, gate_up_lora, down_lora,
+                             gate_up_scale, down_scale)
     return out.to(hidden_states.dtype)
 
 

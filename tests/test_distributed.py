@@ -165,6 +165,17 @@ def test_zero3_expert_lora_through_scattermoe_matches_peft_path(tmp_path, checkp
         assert losses[step] == pytest.approx(loss, rel=1e-4), step
 
 
+def test_ddp_trains_lora_on_fp8_frozen_experts_like_one_process(tmp_path, checkpoint):
+    """DDP leaves the FP8 expert weights alone (every rank quantizes the same checkpoint) and reduces the adapters."""
+    flags = ("--use_lora", "--use_fast_moe_block", "--fp8_frozen_experts", "--save_strategy", "no", "--max_steps", "2")
+    expected = train(tmp_path / "one", 1, checkpoint, *flags)
+    losses, log = train_and_log(tmp_path / "two", 2, checkpoint, *flags)
+    assert "FP8 frozen experts: 2 experts modules" in log
+    assert sorted(losses) == sorted(expected) == [1, 2]
+    for step, loss in expected.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-4), step
+
+
 LEAF_PROBE = """
 import json, sys
 from deepspeed.utils import z3_leaf_module

@@ -95,6 +95,11 @@ class TurboTuneConfig(SFTConfig):
     merge_lora: bool = field(
         default=False, metadata={"help": "With --use_lora, also write the merged full model to OUTPUT_DIR/merged."}
     )
+    fp8_frozen_experts: bool = field(
+        default=False,
+        metadata={"help": "With --use_lora and --use_fast_moe_block: store the frozen expert weights in FP8 (e4m3, "
+                  "one scale per expert row), half their bf16 memory; each layer dequantizes them when it runs."},
+    )
     deepspeed_config: str | None = field(
         default=None, metadata={"help": "DeepSpeed JSON config (see config/zero*.json). Same as --deepspeed."}
     )
@@ -132,6 +137,7 @@ class TurboTuneConfig(SFTConfig):
     def __post_init__(self) -> None:
         self._check_engine_flags()
         self._check_fp8_flags()
+        self._check_fp8_frozen_experts()
         self._derive_batch_sizes()
         if self.model_path is not None:
             check_readable(self.model_path, "--model_path (MODEL_PATH)")
@@ -190,6 +196,32 @@ class TurboTuneConfig(SFTConfig):
         if self.fp8_experts and self.use_fast_moe_block:
             raise ConfigError(
                 "--fp8_experts and --use_fast_moe_block both choose the experts kernels: pass only one of them."
+            )
+
+    def _check_fp8_frozen_experts(self) -> None:
+        if not self.fp8_frozen_experts:
+            return
+        missing = [flag for flag, on in (("--use_lora", self.use_lora), ("--use_fast_moe_block",
+                                                                          self.use_fast_moe_block)) if not on]
+        if missing:
+            raise ConfigError(
+                f"--fp8_frozen_experts needs {' and '.join(missing)}: the expert weights are frozen only under LoRA, "
+                "and only the ScatterMoE experts read FP8 weights."
+            )
+        if self.merge_lora:
+            raise ConfigError(
+                "--merge_lora with --fp8_frozen_experts would merge into FP8-rounded expert weights. Drop "
+                "--merge_lora and merge the saved adapter into the original checkpoint afterwards: "
+                "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(MODEL_PATH), OUTPUT_DIR)"
+                ".merge_and_unload().save_pretrained(DIR)."
+            )
+        engine = "--fsdp" if self.fsdp else "DeepSpeed" if (self.deepspeed_config or self.deepspeed) else None
+        if engine:
+            raise ConfigError(
+                f"--fp8_frozen_experts with {engine}: the engine takes over the weights' storage (DeepSpeed casts "
+                "every floating-point weight to its bf16/fp16 dtype, FSDP shards them in their own dtype), which "
+                "would undo the FP8 storage. Train LoRA on one GPU or with plain DDP (qwen3_sft.sh without "
+                "DS_CONFIG_PATH), or drop the flag."
             )
 
     def _pad_tokens_for_fp8(self) -> None:

@@ -2,7 +2,9 @@
 
 Forward and backward are opaque ops with fake (meta) implementations over ops.experts_forward/experts_backward;
 routing metadata is plain torch and traces normally. LoRA factors are optional inputs; custom ops cannot
-return None, so an absent result (no adapter, frozen weights) travels as an empty tensor.
+return None, so an absent result (no adapter, frozen weights) travels as an empty tensor. Frozen weights may come
+in FP8 with per-row scales (``--fp8_frozen_experts``): both ops dequantize them on entry, so backward keeps the FP8
+tensors, not a full-precision copy.
 """
 
 import torch
@@ -16,6 +18,11 @@ def _or_empty(tensor: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 def _low_rank(a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> LowRank | None:
     return None if a is None else LowRank(a, b, scale)
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """A weight in ``dtype``: as it is without a scale, else FP8 values times their per-row scales."""
+    return weight if scale is None else weight.to(dtype) * scale.to(dtype)
 
 
 @torch.library.custom_op("turbo_tune::scattermoe_experts_forward", mutates_args=())
@@ -32,9 +39,12 @@ def _forward_op(
     a_down: torch.Tensor | None,
     b_down: torch.Tensor | None,
     scale_down: float,
+    w_gate_up_scale: torch.Tensor | None,
+    w_down_scale: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     out, gate_up, h, su, sv = experts_forward(
-        x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends,
+        x, dequantize(w_gate_up, w_gate_up_scale, x.dtype), dequantize(w_down, w_down_scale, x.dtype),
+        routing_weights, sorted_pairs, expert_ends,
         _low_rank(a_gate_up, b_gate_up, scale_gate_up), _low_rank(a_down, b_down, scale_down),
     )
     return out, gate_up, h, _or_empty(su, x), _or_empty(sv, x)
@@ -42,7 +52,7 @@ def _forward_op(
 
 @_forward_op.register_fake
 def _forward_fake(x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends,
-                  a_gate_up, b_gate_up, scale_gate_up, a_down, b_down, scale_down):
+                  a_gate_up, b_gate_up, scale_gate_up, a_down, b_down, scale_down, w_gate_up_scale, w_down_scale):
     num_rows = sorted_pairs.shape[0]
     two_inter = w_gate_up.shape[1]
 
@@ -78,10 +88,13 @@ def _backward_op(
     scale_down: float,
     su: torch.Tensor | None,
     sv: torch.Tensor | None,
+    w_gate_up_scale: torch.Tensor | None,
+    w_down_scale: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     grads = experts_backward(
-        grad_out, x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends, gate_up, h, needs_weight_grads,
+        grad_out, x, dequantize(w_gate_up, w_gate_up_scale, x.dtype), dequantize(w_down, w_down_scale, x.dtype),
+        routing_weights, sorted_pairs, expert_ends, gate_up, h, needs_weight_grads,
         _low_rank(a_gate_up, b_gate_up, scale_gate_up), _low_rank(a_down, b_down, scale_down), su, sv,
     )
     return tuple(_or_empty(grad, x) for grad in grads)
@@ -89,7 +102,8 @@ def _backward_op(
 
 @_backward_op.register_fake
 def _backward_fake(grad_out, x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends, gate_up, h,
-                   needs_weight_grads, a_gate_up, b_gate_up, scale_gate_up, a_down, b_down, scale_down, su, sv):
+                   needs_weight_grads, a_gate_up, b_gate_up, scale_gate_up, a_down, b_down, scale_down, su, sv,
+                   w_gate_up_scale, w_down_scale):
     def like(tensor, dtype_of, present=True):
         return dtype_of.new_empty(tensor.shape) if tensor is not None and present else x.new_empty(0)
 
@@ -102,25 +116,25 @@ def _backward_fake(grad_out, x, w_gate_up, w_down, routing_weights, sorted_pairs
 
 def _setup_context(ctx, inputs, output):
     (x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends,
-     a_gate_up, b_gate_up, scale_gate_up, a_down, b_down, scale_down) = inputs
+     a_gate_up, b_gate_up, scale_gate_up, a_down, b_down, scale_down, w_gate_up_scale, w_down_scale) = inputs
     _, gate_up, h, su, sv = output
     ctx.mark_non_differentiable(gate_up, h, su, sv)
     ctx.scales = (scale_gate_up, scale_down)
     ctx.has_lora = (a_gate_up is not None, a_down is not None)
     ctx.save_for_backward(x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends, gate_up, h,
-                          a_gate_up, b_gate_up, a_down, b_down, su, sv)
+                          a_gate_up, b_gate_up, a_down, b_down, su, sv, w_gate_up_scale, w_down_scale)
 
 
 def _backward(ctx, grad_out, _grad_gate_up, _grad_h, _grad_su, _grad_sv):
     (x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends, gate_up, h,
-     a_gate_up, b_gate_up, a_down, b_down, su, sv) = ctx.saved_tensors
+     a_gate_up, b_gate_up, a_down, b_down, su, sv, w_gate_up_scale, w_down_scale) = ctx.saved_tensors
     scale_gate_up, scale_down = ctx.scales
     has_gate_up, has_down = ctx.has_lora
     needs_weight_grads = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     grads = torch.ops.turbo_tune.scattermoe_experts_backward(
         grad_out, x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends, gate_up, h, needs_weight_grads,
         a_gate_up, b_gate_up, scale_gate_up, a_down, b_down, scale_down,
-        su if has_gate_up else None, sv if has_down else None,
+        su if has_gate_up else None, sv if has_down else None, w_gate_up_scale, w_down_scale,
     )
     grad_x, grad_w_gate_up, grad_w_down, grad_weights, grad_a_gu, grad_b_gu, grad_a_down, grad_b_down = grads
     if not needs_weight_grads:
@@ -130,7 +144,7 @@ def _backward(ctx, grad_out, _grad_gate_up, _grad_h, _grad_su, _grad_sv):
     if not has_down:
         grad_a_down = grad_b_down = None
     return (grad_x, grad_w_gate_up, grad_w_down, grad_weights, None, None,
-            grad_a_gu, grad_b_gu, None, grad_a_down, grad_b_down, None)
+            grad_a_gu, grad_b_gu, None, grad_a_down, grad_b_down, None, None, None)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -144,19 +158,22 @@ def scattermoe_experts(
     top_k_index: torch.Tensor,
     gate_up_lora: LowRank | None = None,
     down_lora: LowRank | None = None,
+    w_gate_up_scale: torch.Tensor | None = None,
+    w_down_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Expert block output (T, H) for x (T, H) routed to ``top_k_index`` (T, k) with ``routing_weights`` (T, k),
-    with optional LoRA on either projection; factors are cast to the weights' dtype (as peft does) and laid out
-    contiguously per expert, which the kernels read in tiles."""
+    with optional LoRA on either projection; factors are cast to x's dtype (the weights' dtype, as peft does,
+    unless the weights are FP8 with ``*_scale``) and laid out contiguously per expert, which the kernels read in
+    tiles."""
 
-    def factors(lora: LowRank | None, weight: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+    def factors(lora: LowRank | None) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
         if lora is None:
             return None, None, 0.0
-        return lora.a.to(weight.dtype).contiguous(), lora.b.to(weight.dtype).contiguous(), float(lora.scale)
+        return lora.a.to(x.dtype).contiguous(), lora.b.to(x.dtype).contiguous(), float(lora.scale)
 
     sorted_pairs, expert_ends = compute_routing(top_k_index, w_gate_up.shape[0])
     out, *_ = torch.ops.turbo_tune.scattermoe_experts_forward(
         x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends,
-        *factors(gate_up_lora, w_gate_up), *factors(down_lora, w_down),
+        *factors(gate_up_lora), *factors(down_lora), w_gate_up_scale, w_down_scale,
     )
     return out

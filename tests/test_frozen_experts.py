@@ -1,0 +1,151 @@
+"""--fp8_frozen_experts: LoRA's frozen expert weights stored in FP8 with per-row scales (Triton interpreter on CPU)."""
+
+import re
+
+import pytest
+import torch
+from peft import PeftModel
+
+from monkey_patch import apply_frozen_weight_patches, revert_patches
+from monkey_patch.fast_moe import apply_fast_moe_block
+from monkey_patch.frozen_experts import (
+    FP8,
+    apply_fp8_frozen_experts,
+    fp8_scale,
+    quantize_rowwise,
+    revert_fp8_frozen_experts,
+)
+from monkey_patch.scattermoe.compilable_ops import dequantize, scattermoe_experts
+from monkey_patch.scattermoe.ops import LowRank
+from tests.test_expert_lora import lora_model, routing
+from tests.test_fast_moe import DEVICE, batch, relative_error, tiny_model
+from turbo_tune.arguments import parse_config
+from turbo_tune.errors import ConfigError
+
+FP8_ROUNDING = 0.05  # e4m3 keeps 3 mantissa bits: at most 2^-4 relative per value, ~2-3 % in norm
+
+
+def experts_of(model: PeftModel, layer: int = 0) -> torch.nn.Module:
+    return model.base_model.model.model.layers[layer].mlp.experts
+
+
+def test_rowwise_quantization_rounds_each_row_to_fp8_precision_and_keeps_zero_rows():
+    torch.manual_seed(0)
+    weight = torch.randn(4, 24, 40) * torch.logspace(-3, 1, 24)[None, :, None]  # rows of very different scale
+    weight[1, 5] = 0
+    quantized, scale = quantize_rowwise(weight)
+    assert quantized.dtype == FP8 and scale.shape == (4, 24, 1)
+    restored = dequantize(quantized, scale, torch.float32)
+    assert (restored[1, 5] == 0).all()
+    row_errors = (restored - weight).norm(dim=-1) / weight.norm(dim=-1).clamp_min(1e-30)
+    assert row_errors[weight.norm(dim=-1) > 0].max() <= FP8_ROUNDING  # per row: the scale follows each row
+
+
+def test_block_on_fp8_weights_equals_the_block_on_their_dequantized_values():
+    """Forward and every gradient (input, routing weights, LoRA factors) as if the weights were the FP8 values."""
+    torch.manual_seed(3)
+    num_experts, hidden, inter, rank = 6, 32, 24, 4
+    gate_up, gate_up_scale = quantize_rowwise(torch.randn(num_experts, 2 * inter, hidden) * 0.2)
+    down, down_scale = quantize_rowwise(torch.randn(num_experts, hidden, inter) * 0.2)
+    factors = [(torch.randn(num_experts, *shape, device=DEVICE) * 0.3).requires_grad_(True)
+               for shape in ((rank, hidden), (2 * inter, rank), (rank, inter), (hidden, rank))]
+    weights, index = routing(17, num_experts, 2, "skewed")
+    weights.requires_grad_(True)
+    x = torch.randn(17, hidden, device=DEVICE, requires_grad=True)
+    inputs = (x, weights, *factors)
+
+    def block(w_gate_up, w_down, *scales):
+        lora = LowRank(*factors[:2], 2.0), LowRank(*factors[2:], 0.5)
+        out = scattermoe_experts(x, w_gate_up, w_down, weights, index, *lora, *scales)
+        return out, torch.autograd.grad(out.square().sum(), inputs)
+
+    expected, expected_grads = block(dequantize(gate_up, gate_up_scale, torch.float32).to(DEVICE),
+                                     dequantize(down, down_scale, torch.float32).to(DEVICE))
+    actual, grads = block(gate_up.to(DEVICE), down.to(DEVICE), gate_up_scale.to(DEVICE), down_scale.to(DEVICE))
+    assert relative_error(actual, expected) <= 1e-6
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert relative_error(got, want) <= 1e-6
+
+
+def test_lora_model_with_fp8_experts_trains_its_adapters_close_to_full_precision():
+    reference = lora_model()
+    apply_fast_moe_block(reference)
+    expected = reference(**batch()).loss
+    model = lora_model()
+    apply_fast_moe_block(model)
+    apply_fp8_frozen_experts(model)
+    apply_fp8_frozen_experts(model)  # idempotent
+    experts = experts_of(model).get_base_layer()
+    assert experts.gate_up_proj.dtype == FP8 and experts.down_proj.dtype == FP8
+    assert fp8_scale(experts, "gate_up_proj").shape == (*experts.gate_up_proj.shape[:2], 1)
+    loss = model(**batch()).loss
+    loss.backward()
+    assert relative_error(loss.detach(), expected.detach()) <= FP8_ROUNDING
+    lora_grads = {n: p.grad for n, p in model.named_parameters() if "lora_" in n and "experts" in n}
+    assert len(lora_grads) == 8 and all(g is not None and g.abs().max() > 0 for g in lora_grads.values())
+    assert experts.gate_up_proj.grad is None  # frozen, and FP8 parameters cannot hold gradients anyway
+
+
+def test_saved_adapter_is_an_ordinary_peft_adapter_of_the_full_precision_model(tmp_path):
+    model = lora_model()
+    apply_fast_moe_block(model)
+    apply_fp8_frozen_experts(model)
+    model.save_pretrained(tmp_path)
+    restored = PeftModel.from_pretrained(tiny_model(), tmp_path)
+    saved = dict(model.named_parameters())
+    for name, parameter in restored.named_parameters():
+        if "lora_" in name:
+            assert torch.equal(parameter, saved[name]), name
+    assert all(p.dtype == torch.float32 for n, p in restored.named_parameters())
+
+
+def test_revert_brings_the_weights_back_in_their_dtype_and_the_model_runs_as_transformers():
+    model = lora_model()
+    apply_fast_moe_block(model)
+    apply_fp8_frozen_experts(model)
+    revert_patches(model)
+    revert_fp8_frozen_experts(model)  # a second revert changes nothing
+    experts = experts_of(model).get_base_layer()
+    assert experts.gate_up_proj.dtype == torch.float32 and fp8_scale(experts, "gate_up_proj") is None
+    assert torch.isfinite(model(**batch()).loss)
+
+
+def test_trainable_expert_weights_are_refused():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="gate_up_proj trains, so it cannot be stored in FP8"):
+        apply_fp8_frozen_experts(model)
+
+
+def test_training_run_with_fp8_frozen_experts(tmp_path, capfd):
+    import qwen3_sft
+
+    assert qwen3_sft.main([
+        "--output_dir", str(tmp_path / "run"), "--bundled_examples", "4", "--max_steps", "2", "--max_length", "32",
+        "--micro_batch_size", "1", "--gradient_checkpointing", "true", "--save_strategy", "no",
+        "--report_to", "none", "--use_lora", "--use_fast_moe_block", "--lora_r", "4", "--fp8_frozen_experts",
+    ]) == 0
+    log = capfd.readouterr().err
+    assert "expert LoRA: scattermoe low-rank path" in log
+    assert re.search(r"FP8 frozen experts: \d+ experts modules, [0-9.]+ GiB of weights saved", log)
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--fp8_frozen_experts"], "--fp8_frozen_experts needs --use_lora and --use_fast_moe_block"),
+    (["--fp8_frozen_experts", "--use_lora"], "--fp8_frozen_experts needs --use_fast_moe_block"),
+    (["--fp8_frozen_experts", "--use_lora", "--use_fast_moe_block", "--merge_lora"],
+     "--merge_lora with --fp8_frozen_experts would merge into FP8-rounded expert weights"),
+    (["--fp8_frozen_experts", "--use_lora", "--use_fast_moe_block", "--deepspeed_config", "config/zero3.json"],
+     "--fp8_frozen_experts with DeepSpeed: the engine takes over the weights' storage"),
+    (["--fp8_frozen_experts", "--use_lora", "--use_fast_moe_block", "--deepspeed_config", "config/zero2.json"],
+     "--fp8_frozen_experts with DeepSpeed"),
+])
+def test_fp8_frozen_experts_flag_combinations_are_checked(tmp_path, flags, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config(["--output_dir", str(tmp_path), *flags])
+
+
+def test_frozen_weight_patches_do_nothing_without_the_flag(tmp_path):
+    model = lora_model()
+    apply_frozen_weight_patches(model, parse_config(["--output_dir", str(tmp_path), "--use_lora"]))
+    assert experts_of(model).get_base_layer().gate_up_proj.dtype == torch.float32
