@@ -42,7 +42,7 @@ def apply_fp8_frozen_experts(model: torch.nn.Module) -> None:
     saved_gib = 0.0
     for experts in modules:
         for name in EXPERT_WEIGHTS:
-            weight = experts._parameters[name]
+            weight = getattr(experts, name)
             if weight.dtype == FP8:
                 continue
             if weight.requires_grad:
@@ -52,11 +52,10 @@ def apply_fp8_frozen_experts(model: torch.nn.Module) -> None:
                 )
             quantized, scale = quantize_rowwise(weight)
             saved_gib += (weight.numel() * (weight.element_size() - quantized.element_size())) / 1024**3
-            experts._parameters[name] = torch.nn.Parameter(quantized, requires_grad=False)
+            setattr(experts, name, torch.nn.Parameter(quantized, requires_grad=False))
             experts.register_buffer(name + SCALE_SUFFIX, scale, persistent=False)
             experts.fp8_frozen_from = weight.dtype
-    # Every rank quantizes the same checkpoint the same way: DDP need not broadcast these (nor can it, for FP8 on
-    # every backend).
+    # Every rank quantizes the same checkpoint the same way: DDP need not broadcast these (gloo cannot broadcast FP8).
     frozen = [n for n, p in model.named_parameters() if p.dtype == FP8]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
         model, frozen + [n for n, _ in model.named_buffers() if n.endswith(SCALE_SUFFIX)]
@@ -71,6 +70,7 @@ def revert_fp8_frozen_experts(model: torch.nn.Module) -> None:
             scale = fp8_scale(experts, name)
             if scale is None:
                 continue
-            weight = dequantize(experts._parameters[name], scale, experts.fp8_frozen_from)
-            experts._parameters[name] = torch.nn.Parameter(weight, requires_grad=False)
+            weight = dequantize(getattr(experts, name), scale, experts.fp8_frozen_from)
+            setattr(experts, name, torch.nn.Parameter(weight, requires_grad=False))
             delattr(experts, name + SCALE_SUFFIX)
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, [])
