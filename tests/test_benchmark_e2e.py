@@ -37,6 +37,7 @@ def test_tiny_variants_run_and_a_failure_is_a_row(tmp_path):
     assert not rows["liger"]["ok"] and "--use_liger_kernel needs a CUDA GPU" in rows["liger"]["error"]
     assert result.returncode == 1
     assert result.stdout.rstrip().splitlines()[-1].startswith("| liger |")  # the table comes last
+    assert (tmp_path / "e2e.png").read_bytes().startswith(b"\x89PNG")  # matplotlib comes with mlflow
 
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
