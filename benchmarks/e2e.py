@@ -46,7 +46,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere; child processes get it through PYTHONPATH
 
-from common import QWEN3_30B_A3B, QWEN3_30B_A3B_LAYERS, child_env, fmt, is_oom, kernel_table, run_logged  # noqa: E402
+from common import (  # noqa: E402
+    QWEN3_30B_A3B,
+    QWEN3_30B_A3B_LAYERS,
+    child_env,
+    fmt,
+    is_oom,
+    kernel_table,
+    relative_error,
+    run_logged,
+)
 from transformers import TrainerCallback  # noqa: E402
 
 from callback import EfficiencyCallback, ModelFlops, device_peak_tflops, sequence_lengths  # noqa: E402
@@ -244,8 +253,7 @@ def varlen_check(model_config, dtype: torch.dtype) -> str:
     (expected_grad,) = torch.autograd.grad(expected.float().square().sum(), q)
     actual, _ = varlen_sdpa_attention(torch.nn.Module(), q, k, v, None, position_ids=position_ids)
     (actual_grad,) = torch.autograd.grad(actual.float().square().sum(), q)
-    errors = [((a.float() - e.float()).norm() / e.float().norm()).item()
-              for a, e in ((actual.transpose(1, 2), expected), (actual_grad, expected_grad))]
+    errors = [relative_error(actual.transpose(1, 2), expected), relative_error(actual_grad, expected_grad)]
     return "/".join(f"{e:.1e}" for e in errors)
 
 

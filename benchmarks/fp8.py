@@ -214,6 +214,8 @@ def main() -> int:
     parser.add_argument("--time_budget_s", type=float, default=240, help="skip (c) when (a)+(b) took longer")
     parser.add_argument("--sft_timeout_s", type=float, default=120, help="stop one qwen3_sft.py run after this")
     args = parser.parse_args()
+    if args.skip_sft and args.sft_only:
+        parser.error("--skip_sft and --sft_only leave nothing to run: pass one of them")
     if not torch.cuda.is_available():
         print("benchmarks/fp8.py needs a CUDA GPU with FP8 (H100/H200); this machine has none.", file=sys.stderr)
         return 2
@@ -226,8 +228,6 @@ def main() -> int:
     correct, timed = ([], []) if args.sft_only else correctness_and_timing(args)
     sft = []
     elapsed = time.perf_counter() - started
-    if args.skip_sft and args.sft_only:
-        parser.error("--skip_sft and --sft_only leave nothing to run: pass one of them")
     if args.skip_sft:
         logger.info("(c) skipped (--skip_sft)")
     elif elapsed > args.time_budget_s:

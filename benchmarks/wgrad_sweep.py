@@ -21,7 +21,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import median_ms  # noqa: E402
+from common import median_ms, relative_error  # noqa: E402
 
 from monkey_patch.scattermoe import kernels, ops  # noqa: E402
 from monkey_patch.scattermoe.ops import compute_routing  # noqa: E402
@@ -73,28 +73,27 @@ def launch(problem: tuple, block_m: int, block_n: int, block_k: int, num_warps: 
 
 
 def sweep(problem: tuple, configs: list[tuple[int, ...]], flops: float) -> list[dict]:
-    """Each config's time and TFLOP/s, or why it did not run; results are checked against the autotuned kernel."""
+    """The autotuned kernel's time, then the grouped_mm backend's and each config's, or why it did not run; results
+    are checked against the autotuned kernel."""
     a, b, sorted_pairs, expert_ends, top_k, a_gathered, b_gathered, dw = problem
     reference = kernels.grouped_weight_grad(a, b, sorted_pairs, expert_ends, top_k, a_gathered, b_gathered,
-                                            torch.empty_like(dw)).float()
+                                            torch.empty_like(dw))
+
+    def checked_and_timed(config, fn) -> dict:
+        error = relative_error(fn(), reference)
+        if error > 1e-2:
+            return {"config": config, "error": f"result differs (rel. err {error:.1e})"}
+        return {"config": config, "ms": median_ms(fn, WARMUP, REPEATS)}
+
     rows = [{"config": "autotuned", "ms": median_ms(lambda: kernels.grouped_weight_grad(
         a, b, sorted_pairs, expert_ends, top_k, a_gathered, b_gathered, dw), WARMUP, REPEATS)}]
-
-    def on_grouped_mm() -> torch.Tensor:
-        return ops.expert_weight_grad(a, b, (sorted_pairs, expert_ends, top_k), a_gathered, b_gathered, dw)
-
     os.environ[ops.WEIGHT_GRAD_ENV] = "grouped_mm"
-    error = ((on_grouped_mm().float() - reference).norm() / reference.norm()).item()
-    rows.append({"config": GROUPED_MM, "ms": median_ms(on_grouped_mm, WARMUP, REPEATS)} if error <= 1e-2 else
-                {"config": GROUPED_MM, "error": f"result differs (rel. err {error:.1e})"})
+    rows.append(checked_and_timed(GROUPED_MM, lambda: ops.expert_weight_grad(
+        a, b, (sorted_pairs, expert_ends, top_k), a_gathered, b_gathered, dw)))
     os.environ[ops.WEIGHT_GRAD_ENV] = "triton"
     for config in configs:
         try:
-            error = ((launch(problem, *config).float() - reference).norm() / reference.norm()).item()
-            if error > 1e-2:
-                rows.append({"config": config, "error": f"result differs (rel. err {error:.1e})"})
-                continue
-            rows.append({"config": config, "ms": median_ms(lambda c=config: launch(problem, *c), WARMUP, REPEATS)})
+            rows.append(checked_and_timed(config, lambda c=config: launch(problem, *c)))
         except DOES_NOT_RUN as exc:  # too much shared memory or registers for this tile and pipeline depth
             rows.append({"config": config, "error": type(exc).__name__})
     for row in rows:
