@@ -1,5 +1,6 @@
 """ScatterMoE kernels and ops against transformers' `eager` Qwen3-MoE experts, in fp32 (Triton interpreter on CPU)."""
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -156,11 +157,15 @@ def test_top_k_combine_of_no_tokens_is_empty():
     assert kernels.sum_top_k(torch.randn(0, 16, device=DEVICE), 4).shape == (0, 16)
 
 
-def test_weight_grad_sweep_launches_the_kernel_as_the_launcher_does():
-    """benchmarks/wgrad_sweep.py calls the kernel with fixed configs: its arguments must be the launcher's."""
+@pytest.fixture
+def wgrad_sweep():
+    """benchmarks/wgrad_sweep.py as a module (the benchmarks import their siblings by name)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import wgrad_sweep
+    return importlib.import_module("wgrad_sweep")
 
+
+def test_weight_grad_sweep_launches_the_kernel_as_the_launcher_does(wgrad_sweep):
+    """benchmarks/wgrad_sweep.py calls the kernel with fixed configs: its arguments must be the launcher's."""
     problems = wgrad_sweep.weight_grad_problems(40, 64, 48, 6, 2, "cpu", torch.float32)
     for a, b, sorted_pairs, expert_ends, top_k, a_gathered, b_gathered, dw in problems.values():
         expected = kernels.grouped_weight_grad(a, b, sorted_pairs, expert_ends, top_k, a_gathered, b_gathered,
@@ -170,11 +175,8 @@ def test_weight_grad_sweep_launches_the_kernel_as_the_launcher_does():
         assert relative_error(actual, expected) <= 1e-5
 
 
-def test_weight_grad_sweep_times_the_grouped_mm_backend_beside_the_tiles(monkeypatch):
+def test_weight_grad_sweep_times_the_grouped_mm_backend_beside_the_tiles(wgrad_sweep, monkeypatch):
     """The sweep's second row is ops.expert_weight_grad on torch's grouped GEMM, checked against the kernel."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import wgrad_sweep
-
     monkeypatch.setattr(wgrad_sweep, "median_ms", lambda fn, warmup, repeats: float(fn() is not None))
     monkeypatch.setenv(WEIGHT_GRAD_ENV, "triton")
     problem = wgrad_sweep.weight_grad_problems(40, 64, 48, 6, 2, "cpu", torch.float32)["dW_down"]
