@@ -191,11 +191,12 @@ trainer = TurboSFTTrainer(model=load_model(config), args=config, train_dataset=b
                           processing_class=load_tokenizer(config))
 trainer.train()
 blocks = [m for m in trainer.model_wrapped.module.modules() if type(m).__name__ == "Qwen3MoeSparseMoeBlock"]
-print("PROBE", json.dumps({
-    "blocks": len(blocks),
-    "leaf": [z3_leaf_module(block) for block in blocks],
-    "owned": [all(getattr(p, "ds_z3_leaf_module", None) is block for p in block.parameters()) for block in blocks],
-}))
+if trainer.is_world_process_zero():  # one line: two ranks printing at once can interleave
+    print("PROBE", json.dumps({
+        "blocks": len(blocks),
+        "leaf": [z3_leaf_module(block) for block in blocks],
+        "owned": [all(getattr(p, "ds_z3_leaf_module", None) is block for p in block.parameters()) for block in blocks],
+    }))
 """
 
 
@@ -235,9 +236,10 @@ trainer = TurboSFTTrainer(model=model, args=config, train_dataset=bundled_datase
                           processing_class=load_tokenizer(config))
 trainer.train()
 losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-print("PROBE", json.dumps({"partitioned": partitioned, "chosen": selection.chosen,
-                           "skipped": sorted(selection.skipped), "finite": all(map(math.isfinite, losses)),
-                           "steps": len(losses)}))
+if trainer.is_world_process_zero():  # one line: two ranks printing at once can interleave
+    print("PROBE", json.dumps({"partitioned": partitioned, "chosen": selection.chosen,
+                               "skipped": sorted(selection.skipped), "finite": all(map(math.isfinite, losses)),
+                               "steps": len(losses)}))
 """
 
 
