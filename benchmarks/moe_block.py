@@ -1,6 +1,6 @@
 """Time the Qwen3-MoE expert block: transformers `eager` and `grouped_mm` (also compiled), Liger-Kernel's fused MoE
-(what `--use_liger_kernel` alone runs the experts with), `scattermoe`, and `scattermoe_wgrad_grouped_mm` (scattermoe
-with its weight gradients on torch's grouped GEMM), in one run.
+(what `--use_liger_kernel` alone runs the experts with), `scattermoe` (its weight gradients on torch's grouped GEMM, the
+default), and `scattermoe_wgrad_triton` (scattermoe with ScatterMoE's Triton weight-gradient kernel), in one run.
 
 Forward and forward+backward in bf16 (median of CUDA-event timings after warm-up), TFLOP/s
 (18 * tokens * top_k * H * I for forward+backward, 6 * ... for forward), extra peak memory of one
@@ -27,7 +27,7 @@ from monkey_patch.scattermoe import kernels
 from monkey_patch.scattermoe.ops import WEIGHT_GRAD_ENV
 
 logger = logging.getLogger("moe_block")
-SCATTERMOE_WGRAD_GROUPED_MM = "scattermoe_wgrad_grouped_mm"
+SCATTERMOE_WGRAD_TRITON = "scattermoe_wgrad_triton"
 GROUPED_MM_COMPILED = "grouped_mm_compiled"
 GIB = 1024**3
 
@@ -67,11 +67,12 @@ def register_liger_fused_moe() -> None:
 
 
 def use_implementation(experts: Qwen3MoeExperts, impl: str) -> None:
-    """Select ``impl``: ``scattermoe_wgrad_grouped_mm`` is scattermoe with its weight gradients on torch's grouped
-    GEMM (``TURBO_TUNE_MOE_WEIGHT_GRAD=grouped_mm``); ``grouped_mm_compiled`` is ``grouped_mm`` under
-    torch.compile, what ``--torch_compile`` makes of the transformers default (run_case compiles it)."""
-    os.environ[WEIGHT_GRAD_ENV] = "grouped_mm" if impl == SCATTERMOE_WGRAD_GROUPED_MM else "triton"
-    experts.config._experts_implementation = {SCATTERMOE_WGRAD_GROUPED_MM: "scattermoe",
+    """Select ``impl``: ``scattermoe_wgrad_triton`` is scattermoe with its weight gradients on the Triton kernel
+    (``TURBO_TUNE_MOE_WEIGHT_GRAD=triton``) instead of torch's grouped GEMM; ``grouped_mm_compiled`` is
+    ``grouped_mm`` under torch.compile, what ``--torch_compile`` makes of the transformers default (run_case compiles
+    it)."""
+    os.environ[WEIGHT_GRAD_ENV] = "triton" if impl == SCATTERMOE_WGRAD_TRITON else "grouped_mm"
+    experts.config._experts_implementation = {SCATTERMOE_WGRAD_TRITON: "scattermoe",
                                               GROUPED_MM_COMPILED: "grouped_mm"}.get(impl, impl)
 
 
@@ -234,11 +235,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--implementations",
                         default=f"eager,grouped_mm,{GROUPED_MM_COMPILED},liger_fused_moe,scattermoe,"
-                        f"{SCATTERMOE_WGRAD_GROUPED_MM}")
+                        f"{SCATTERMOE_WGRAD_TRITON}")
     parser.add_argument("--cases", default="all", help="comma-separated indices into CASES, or 'all'")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--profile", default="2", help="comma-separated indices of the cases to profile ('' for none)")
-    parser.add_argument("--profile_implementations", default=f"scattermoe,{SCATTERMOE_WGRAD_GROUPED_MM},grouped_mm")
+    parser.add_argument("--profile_implementations", default=f"scattermoe,{SCATTERMOE_WGRAD_TRITON},grouped_mm")
     parser.add_argument("--out", default=None, help="write the table (markdown) and rows (json) here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -8,7 +8,9 @@ padding mask) with transformers' own helpers.
 
 On a GPU each sequence runs through PyTorch's ``torch.nn.attention.varlen.varlen_attn`` (flash kernels, torch >=
 2.10); on the CPU, where that op has no kernel, each sequence goes through ``scaled_dot_product_attention`` with
-``is_causal`` on its own rows — exact, and linear rather than quadratic in the packed row length.
+``is_causal`` on its own rows — exact, and linear rather than quadratic in the packed row length. A batch whose
+rows each hold one whole sequence has nothing to split and goes to transformers' own causal ``sdpa`` (cuDNN's
+attention on Hopper ran 1.7x varlen_attn's TFLOP/s at 131k-token rows; docs/benchmarks.md).
 """
 
 import inspect
@@ -18,6 +20,7 @@ from itertools import pairwise
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 from transformers.modeling_flash_attention_utils import (
     _pad_input,
@@ -122,6 +125,8 @@ def varlen_sdpa_attention(
     cu_seqlens, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     if cu_seqlens is None or batch != 1:
         (cu_seqlens, _), (max_len, _) = prepare_fa_kwargs_from_position_ids(kwargs["position_ids"].expand(batch, -1))
+    if cu_seqlens.numel() - 1 == batch and int(max_len) == seq_len:  # one whole sequence per row
+        return sdpa_attention_forward(module, query, key, value, None, scaling=scaling, is_causal=True)
     flat = [t.reshape(batch * seq_len, t.shape[2], t.shape[3]) for t in (q, k, v)]
     out = varlen(*flat, cu_seqlens, int(max_len), scaling)
     return out.view(batch, seq_len, *out.shape[1:]), None

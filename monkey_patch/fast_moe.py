@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from .frozen_experts import fp8_scale
+from .frozen_experts import fp8_scale, lora_factors
 from .model_parts import (
     check_swiglu_experts_layout,
     experts_modules,
@@ -41,6 +41,8 @@ def _weight_and_lora(experts: torch.nn.Module, name: str) -> tuple[torch.Tensor,
     ``W + s·B·A`` into a new expert stack. Any other parametrization falls back to the folded attribute.
     """
     global _warned_folded_lora
+    if fp8_scale(experts, name) is not None:
+        return getattr(experts, name), lora_factors(experts, name)
     parametrizations = getattr(experts, "parametrizations", None)
     if parametrizations is None or name not in parametrizations:
         return getattr(experts, name), None
@@ -50,8 +52,8 @@ def _weight_and_lora(experts: torch.nn.Module, name: str) -> tuple[torch.Tensor,
         return chain.original, LowRank(a=proxy.rhs, b=proxy.lhs, scale=proxy.scaling)
     if not _warned_folded_lora:
         logger.warning(
-            "scattermoe: %s carries a parametrization other than one peft LoRA adapter (several adapters, FP8 "
-            "weights or a newer peft); the experts use the folded weight, which costs a full expert stack.", name
+            "scattermoe: %s carries a parametrization other than one peft LoRA adapter (several adapters or "
+            "a newer peft); the experts use the folded weight, which costs a full expert stack.", name
         )
         _warned_folded_lora = True
     return getattr(experts, name), None

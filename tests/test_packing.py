@@ -114,6 +114,21 @@ def test_varlen_sdpa_matches_masked_sdpa_with_gqa():
     assert rel_err(actual.transpose(1, 2), expected) < 1e-6
 
 
+def test_rows_of_one_whole_sequence_go_to_causal_sdpa(monkeypatch):
+    """Nothing to split: the rows run transformers' causal sdpa, not the per-sequence path, with the same result."""
+    import monkey_patch.attention as attention
+
+    generator = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, h, 12, 16, generator=generator) for h in (8, 2, 2))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    monkeypatch.setattr(attention, "varlen", lambda *args: pytest.fail("split rows that hold one sequence each"))
+    position_ids = torch.arange(12).expand(2, -1)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 4  # as transformers' attention modules carry it
+    actual, _ = varlen_sdpa_attention(module, q, k, v, None, scaling=None, position_ids=position_ids)
+    assert rel_err(actual.transpose(1, 2), expected) < 1e-6
+
+
 @pytest.mark.parametrize(("flags", "expected"), [
     ({"use_packing": True}, VARLEN_SDPA),
     ({}, "sdpa"),

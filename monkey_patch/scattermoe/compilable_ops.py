@@ -7,8 +7,11 @@ in FP8 with per-row scales (``--fp8_frozen_experts``): both ops dequantize them 
 tensors, not a full-precision copy.
 """
 
+import os
+
 import torch
 
+from . import kernels
 from .ops import LowRank, compute_routing, experts_backward, experts_forward
 
 
@@ -21,8 +24,13 @@ def _low_rank(a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> L
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """A weight in ``dtype``: as it is without a scale, else FP8 values times their per-row scales."""
-    return weight if scale is None else weight.to(dtype) * scale.to(dtype)
+    """A weight in ``dtype``: as it is without a scale, else FP8 values times their fp32 per-row scales, rounded
+    once to ``dtype`` (one fused Triton pass where Triton runs, the same arithmetic in torch elsewhere)."""
+    if scale is None:
+        return weight
+    if weight.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        return kernels.dequantize_rows(weight, scale, dtype)
+    return (weight.float() * scale.float()).to(dtype)
 
 
 @torch.library.custom_op("turbo_tune::scattermoe_experts_forward", mutates_args=())

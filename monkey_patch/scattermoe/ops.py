@@ -105,12 +105,13 @@ def _factor_grads(
 def weight_grad_backend() -> str:
     """Which kernel computes the experts' weight gradients, from ``TURBO_TUNE_MOE_WEIGHT_GRAD``.
 
-    ``triton`` (default): ScatterMoE's kernel reads token rows through the routing, no copy. ``grouped_mm``: the
-    gathered operand is copied into expert order once (T*k rows, freed at once) and torch's grouped GEMM
-    (CUTLASS on Hopper) reduces over each expert's rows; bf16 only, other dtypes keep the Triton kernel.
-    ``auto``: both are timed at the first call of each shape and the faster one is kept for it.
+    ``grouped_mm`` (default): the gathered operand is copied into expert order once (T*k rows, freed at once) and
+    torch's grouped GEMM (CUTLASS on Hopper) reduces over each expert's rows; 1.2-1.7x the Triton kernel on an H200
+    (docs/benchmarks.md), for one transient copy of the routed rows. It needs bf16 on a Hopper-or-newer GPU (or the
+    CPU); elsewhere the Triton kernel runs. ``triton``: ScatterMoE's kernel reads token rows through the routing,
+    no copy. ``auto``: both are timed at the first call of each shape and the faster one is kept for it.
     """
-    backend = os.environ.get(WEIGHT_GRAD_ENV, "triton")
+    backend = os.environ.get(WEIGHT_GRAD_ENV, "grouped_mm")
     if backend not in WEIGHT_GRAD_BACKENDS:
         raise ValueError(f"{WEIGHT_GRAD_ENV}={backend!r}: choose one of {', '.join(WEIGHT_GRAD_BACKENDS)}.")
     return backend
@@ -133,6 +134,13 @@ def _time_ms(fn: Callable[[], torch.Tensor], repeats: int = 3) -> float:
             fn()
             times.append((time.perf_counter() - begin) * 1e3)
     return min(times)
+
+
+def _grouped_mm_fits(a: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` takes ``a``: bf16 on sm90+ (its CUTLASS kernel), bf16 or fp32 on the CPU."""
+    if a.device.type == "cpu":
+        return a.dtype in (torch.bfloat16, torch.float32)
+    return a.dtype == torch.bfloat16 and a.is_cuda and torch.cuda.get_device_capability(a.device) >= (9, 0)
 
 
 # ``auto``'s choice per (M, N, row-count bucket, which operand is gathered, dtype, device)
@@ -161,8 +169,7 @@ def expert_weight_grad(
         return torch._grouped_mm(a_rows.t(), b_rows, offs=expert_ends)
 
     backend = weight_grad_backend()
-    fits_grouped_mm = a.dtype == torch.bfloat16 or (a.dtype == torch.float32 and a.device.type == "cpu")
-    if backend == "triton" or not fits_grouped_mm:
+    if backend == "triton" or not _grouped_mm_fits(a):
         return on_triton()
     if backend == "auto":
         key = (weight.shape[1], weight.shape[2], kernels._rows_bucket(sorted_pairs.numel()), a_gathered, b_gathered,
