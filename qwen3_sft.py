@@ -16,7 +16,7 @@ import transformers
 from transformers.trainer_utils import get_last_checkpoint
 
 from callback import EfficiencyCallback, ModelFlops, device_peak_tflops
-from monkey_patch import apply_frozen_weight_patches, apply_patches, preflight
+from monkey_patch import apply_patches, apply_peft_patches, preflight
 from monkey_patch.sft_trainer import TurboSFTTrainer
 from turbo_tune.arguments import TurboTuneConfig, parse_config
 from turbo_tune.data import load_sft_dataset, record_kind
@@ -100,7 +100,7 @@ def train(config: TurboTuneConfig) -> Path:
     model = apply_patches(model, config)
     if config.use_lora:
         model = apply_lora(model, config)
-        apply_frozen_weight_patches(model, config)  # after peft made its adapters in the weights' own dtype
+        apply_peft_patches(model, config)  # after peft made its adapters in the weights' own dtype
 
     efficiency = None
     if config.use_liger_efficiency_callback:

@@ -6,7 +6,7 @@
 
 The model has Qwen3-30B-A3B's shape (hidden 2048, 128 experts, top-8, moe_intermediate 768, 32/4 heads of 128,
 vocab 151,936) with --layers decoder layers, built from its config (no download). Each variant runs in its own
-process, built the way qwen3_sft.py builds a run (preflight, attention choice, apply_patches, TurboSFTTrainer), and
+process, built the way qwen3_sft.py builds a run (preflight, attention choice, patches, LoRA, TurboSFTTrainer), and
 times full optimizer steps: forward, backward and AdamW, data loading included. Unpacked variants train on rows of
 exactly --seq tokens; packing variants on examples of a realistic length spread, packed into rows of --seq tokens
 (padding-free); both data sets are the same for every variant of their kind, so their losses are comparable.
@@ -188,7 +188,7 @@ def run_child(args: argparse.Namespace) -> dict:
     """One variant in this process: build, patch, train --warmup + --steps steps, return the measurements."""
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-    from monkey_patch import apply_patches, preflight
+    from monkey_patch import apply_patches, apply_peft_patches, preflight
     from monkey_patch.sft_trainer import TurboSFTTrainer
     from monkey_patch.torch_compile import compile_fell_back
     from turbo_tune.arguments import TurboTuneConfig
@@ -215,7 +215,7 @@ def run_child(args: argparse.Namespace) -> dict:
         )
     model = apply_patches(model, config)
     if config.use_lora:
-        model = apply_lora(model, config)  # after the patches, as qwen3_sft.py does
+        model = apply_peft_patches(apply_lora(model, config), config)  # after the patches, as qwen3_sft.py does
 
     recorder = StepRecorder(ModelFlops.from_config(model_config), device_peak_tflops())
     tokenizer = load_tokenizer(config)  # only its pad token matters: the data is token ids already

@@ -50,7 +50,7 @@ def worker(args: argparse.Namespace) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from monkey_patch.fast_moe import apply_fast_moe_block
+    from monkey_patch.fast_moe import apply_fast_moe_block, hand_expert_lora_to_scattermoe
     from monkey_patch.frozen_experts import apply_fp8_frozen_experts
 
     torch.manual_seed(0)
@@ -65,6 +65,8 @@ def worker(args: argparse.Namespace) -> dict:
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                       target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
+    if args.path != "peft":
+        hand_expert_lora_to_scattermoe(model)  # as qwen3_sft's apply_peft_patches: peft wrapped after the patch
     if args.path == "scattermoe_fp8":
         apply_fp8_frozen_experts(model)
         torch.cuda.empty_cache()

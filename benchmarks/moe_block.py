@@ -1,6 +1,7 @@
 """Time the Qwen3-MoE expert block: transformers `eager` and `grouped_mm` (also compiled), Liger-Kernel's fused MoE
 (what `--use_liger_kernel` alone runs the experts with), `scattermoe` (its weight gradients on torch's grouped GEMM, the
-default), and `scattermoe_wgrad_triton` (scattermoe with ScatterMoE's Triton weight-gradient kernel), in one run.
+default), `scattermoe_wgrad_triton` (ScatterMoE's Triton weight-gradient kernel) and
+`scattermoe_wgrad_grouped_mm_gate_up` (grouped GEMM for dW_gate_up only, a lower peak), in one run.
 
 Forward and forward+backward in bf16 (median of CUDA-event timings after warm-up), TFLOP/s
 (18 * tokens * top_k * H * I for forward+backward, 6 * ... for forward), extra peak memory of one
@@ -28,6 +29,10 @@ from monkey_patch.scattermoe.ops import WEIGHT_GRAD_ENV
 
 logger = logging.getLogger("moe_block")
 SCATTERMOE_WGRAD_TRITON = "scattermoe_wgrad_triton"
+SCATTERMOE_WGRAD_GATE_UP = "scattermoe_wgrad_grouped_mm_gate_up"
+# scattermoe under each TURBO_TUNE_MOE_WEIGHT_GRAD backend (plain ``scattermoe``: the default, grouped_mm)
+WEIGHT_GRAD_OF = {"scattermoe": "grouped_mm", SCATTERMOE_WGRAD_TRITON: "triton",
+                  SCATTERMOE_WGRAD_GATE_UP: "grouped_mm_gate_up"}
 GROUPED_MM_COMPILED = "grouped_mm_compiled"
 GIB = 1024**3
 
@@ -67,13 +72,12 @@ def register_liger_fused_moe() -> None:
 
 
 def use_implementation(experts: Qwen3MoeExperts, impl: str) -> None:
-    """Select ``impl``: ``scattermoe_wgrad_triton`` is scattermoe with its weight gradients on the Triton kernel
-    (``TURBO_TUNE_MOE_WEIGHT_GRAD=triton``) instead of torch's grouped GEMM; ``grouped_mm_compiled`` is
-    ``grouped_mm`` under torch.compile, what ``--torch_compile`` makes of the transformers default (run_case compiles
-    it)."""
-    os.environ[WEIGHT_GRAD_ENV] = "triton" if impl == SCATTERMOE_WGRAD_TRITON else "grouped_mm"
-    experts.config._experts_implementation = {SCATTERMOE_WGRAD_TRITON: "scattermoe",
-                                              GROUPED_MM_COMPILED: "grouped_mm"}.get(impl, impl)
+    """Select ``impl``: the ``scattermoe_wgrad_*`` names are scattermoe under another weight-gradient backend
+    (``WEIGHT_GRAD_OF``); ``grouped_mm_compiled`` is ``grouped_mm`` under torch.compile, what ``--torch_compile``
+    makes of the transformers default (run_case compiles it)."""
+    os.environ[WEIGHT_GRAD_ENV] = WEIGHT_GRAD_OF.get(impl, "grouped_mm")
+    experts.config._experts_implementation = "scattermoe" if impl in WEIGHT_GRAD_OF else {
+        GROUPED_MM_COMPILED: "grouped_mm"}.get(impl, impl)
 
 
 def make_experts(case: Case, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Qwen3MoeExperts:
@@ -235,7 +239,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--implementations",
                         default=f"eager,grouped_mm,{GROUPED_MM_COMPILED},liger_fused_moe,scattermoe,"
-                        f"{SCATTERMOE_WGRAD_TRITON}")
+                        f"{SCATTERMOE_WGRAD_TRITON},{SCATTERMOE_WGRAD_GATE_UP}")
     parser.add_argument("--cases", default="all", help="comma-separated indices into CASES, or 'all'")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--profile", default="2", help="comma-separated indices of the cases to profile ('' for none)")

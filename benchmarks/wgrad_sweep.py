@@ -88,8 +88,8 @@ def sweep(problem: tuple, configs: list[tuple[int, ...]], flops: float) -> list[
     rows = [{"config": "autotuned", "ms": median_ms(lambda: kernels.grouped_weight_grad(
         a, b, sorted_pairs, expert_ends, top_k, a_gathered, b_gathered, dw), WARMUP, REPEATS)}]
     os.environ[ops.WEIGHT_GRAD_ENV] = "grouped_mm"
-    rows.append(checked_and_timed(GROUPED_MM, lambda: ops.expert_weight_grad(
-        a, b, (sorted_pairs, expert_ends, top_k), a_gathered, b_gathered, dw)))
+    rows.append(checked_and_timed(GROUPED_MM, lambda: ops.expert_weight_grad(  # either projection: grouped_mm
+        a, b, (sorted_pairs, expert_ends, top_k), a_gathered, b_gathered, dw, "gate_up")))
     os.environ[ops.WEIGHT_GRAD_ENV] = "triton"
     for config in configs:
         try:

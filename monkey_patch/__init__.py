@@ -54,9 +54,13 @@ def apply_patches(model: torch.nn.Module, config: TurboTuneConfig) -> torch.nn.M
     return model
 
 
-def apply_frozen_weight_patches(model: torch.nn.Module, config: TurboTuneConfig) -> torch.nn.Module:
-    """What applies to LoRA's frozen weights, once peft has wrapped the model (its adapters take the weights' dtype
-    when created, so they must exist before the weights change)."""
+def apply_peft_patches(model: torch.nn.Module, config: TurboTuneConfig) -> torch.nn.Module:
+    """What needs peft's wrappers in place: ScatterMoE taking the expert adapters as factors, then FP8 frozen
+    experts (the adapters take the weights' dtype when created, so they must exist before the weights change)."""
+    if config.use_fast_moe_block:
+        from monkey_patch.fast_moe import hand_expert_lora_to_scattermoe
+
+        hand_expert_lora_to_scattermoe(model)
     if config.fp8_frozen_experts:
         from monkey_patch.frozen_experts import apply_fp8_frozen_experts
 
@@ -65,7 +69,7 @@ def apply_frozen_weight_patches(model: torch.nn.Module, config: TurboTuneConfig)
 
 
 def revert_patches(model: torch.nn.Module) -> torch.nn.Module:
-    """Undo apply_patches and apply_frozen_weight_patches, so the model runs as transformers ships it (FP8 frozen
+    """Undo apply_patches and apply_peft_patches, so the model runs as transformers ships it (FP8 frozen
     experts come back in their dtype with their FP8 rounding)."""
     from monkey_patch.fast_moe import revert_fast_moe_block
     from monkey_patch.fp8 import revert_fp8

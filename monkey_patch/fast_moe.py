@@ -2,16 +2,26 @@
 
 The kernels plug into transformers' own experts dispatch (``ALL_EXPERTS_FUNCTIONS``) under the name
 ``scattermoe``, so the router, ``norm_topk_prob``, the load-balancing loss and ``output_router_logits`` stay
-transformers' code, and the expert weights keep their layout: checkpoints save and load unchanged. peft LoRA on
-the experts (``target_parameters``) runs through a low-rank path that never forms the per-expert delta.
+transformers' code, and the expert weights keep their layout: checkpoints save and load unchanged.
+
+peft LoRA on the experts (``target_parameters``) runs through a low-rank path that never forms the per-expert delta.
+peft's ``ParamWrapper`` activates an adapter by registering a parametrization on the weight for the length of its
+forward, and registering one evaluates it: with one adapter that is a ``baddbmm`` of the whole expert stack
+(``W + s·B·A``) per layer and forward, and with an FP8 weight a full fp32 delta rounded into FP8. So each wrapper of
+an expert weight gets its own activation (``hand_expert_lora_to_scattermoe``): while scattermoe runs the experts and
+one adapter is active it hands the experts module that adapter's factors and registers nothing; otherwise peft's own
+activation runs.
 """
 
 import logging
 import os
+import types
+from contextlib import contextmanager
 
 import torch
+from peft.tuners.lora.layer import ParamWrapper
 
-from .frozen_experts import fp8_scale, lora_factors
+from .frozen_experts import fp8_scale
 from .model_parts import (
     check_swiglu_experts_layout,
     experts_modules,
@@ -21,42 +31,74 @@ from .model_parts import (
 from .scattermoe.compilable_ops import scattermoe_experts
 from .scattermoe.ops import LowRank
 
-try:  # peft's parametrization for one unmerged adapter on a 3D parameter (peft >= 0.21); absent: fold fallback
-    from peft.tuners.lora.layer import _LoraFactorsProxy
-except ImportError:
-    _LoraFactorsProxy = None
-
 logger = logging.getLogger(__name__)
 
 IMPLEMENTATION_NAME = "scattermoe"
+ACTIVE_LORA = "scattermoe_lora"  # experts-module attribute while peft's forward runs: {weight name: LowRank}
 _warned_folded_lora = False
 
 
 def _weight_and_lora(experts: torch.nn.Module, name: str) -> tuple[torch.Tensor, LowRank | None]:
-    """The base weight and, when peft's LoRA is active on it, its low-rank factors.
-
-    peft's ``ParamWrapper`` (``target_parameters``) registers a parametrization on the experts module for the
-    length of its forward; with one enabled, unmerged adapter it is a ``_LoraFactorsProxy`` holding the factors.
-    Reading them (and the parametrization's ``original``) instead of the attribute skips peft's fold of
-    ``W + s·B·A`` into a new expert stack. Any other parametrization falls back to the folded attribute.
-    """
+    """The base weight and, while a peft wrapper hands them over, its LoRA factors."""
     global _warned_folded_lora
-    if fp8_scale(experts, name) is not None:
-        return getattr(experts, name), lora_factors(experts, name)
     parametrizations = getattr(experts, "parametrizations", None)
-    if parametrizations is None or name not in parametrizations:
-        return getattr(experts, name), None
-    chain = parametrizations[name]
-    if _LoraFactorsProxy is not None and len(chain) == 1 and isinstance(chain[0], _LoraFactorsProxy):
-        proxy = chain[0]
-        return chain.original, LowRank(a=proxy.rhs, b=proxy.lhs, scale=proxy.scaling)
-    if not _warned_folded_lora:
+    if parametrizations is not None and name in parametrizations and not _warned_folded_lora:
         logger.warning(
-            "scattermoe: %s carries a parametrization other than one peft LoRA adapter (several adapters or "
-            "a newer peft); the experts use the folded weight, which costs a full expert stack.", name
+            "scattermoe: peft folded its LoRA into %s (several active adapters, or peft wrapped the model after "
+            "apply_fast_moe_block without hand_expert_lora_to_scattermoe); each forward builds a full expert stack.",
+            name,
         )
         _warned_folded_lora = True
-    return getattr(experts, name), None
+    return getattr(experts, name), getattr(experts, ACTIVE_LORA, {}).get(name)
+
+
+def _low_rank(wrapper: ParamWrapper, adapter: str) -> LowRank:
+    """peft's ``ParamWrapper.get_delta_factors`` as a LowRank, in the adapter's dtype (the op casts)."""
+    a = wrapper.lora_A[adapter].weight
+    b = wrapper.lora_B[adapter].weight
+    a = a.reshape(wrapper.num_experts, -1, a.shape[-1])  # (E, r, in)
+    b = b.reshape(b.shape[0], -1, wrapper.num_experts).permute(2, 0, 1)  # (E, out, r)
+    if not wrapper._did_swap_in_out_features:  # weight stored (E, in, out): delta = Aᵀ·Bᵀ
+        a, b = b.transpose(-2, -1), a.transpose(-2, -1)
+    return LowRank(a=a, b=b, scale=wrapper.scaling[adapter])
+
+
+@contextmanager
+def _hand_over_factors(wrapper: ParamWrapper, active_adapters: list[str]):
+    """Stands in for ``ParamWrapper._activate_lora`` (see the module docstring)."""
+    experts = wrapper.get_base_layer()
+    name = wrapper.parameter_name
+    adapters = [a for a in active_adapters if a in wrapper.lora_A]
+    if len(adapters) == 1 and experts.config._experts_implementation == IMPLEMENTATION_NAME:
+        active = getattr(experts, ACTIVE_LORA, {})
+        active[name] = _low_rank(wrapper, adapters[0])
+        setattr(experts, ACTIVE_LORA, active)
+        try:
+            yield
+        finally:
+            active.pop(name)
+        return
+    if adapters and fp8_scale(experts, name) is not None:
+        raise ValueError(
+            f"--fp8_frozen_experts: the FP8 {name} takes LoRA only through scattermoe with one active adapter; "
+            f"here adapters {adapters} are active under the {experts.config._experts_implementation!r} experts. "
+            "Activate one adapter (model.set_adapter) and keep --use_fast_moe_block, or train without the flag."
+        )
+    with ParamWrapper._activate_lora(wrapper, active_adapters):
+        yield
+
+
+def _expert_lora_wrappers(model: torch.nn.Module) -> list[ParamWrapper]:
+    experts = {id(module) for module in experts_modules(model)}
+    return [m for m in model.modules() if isinstance(m, ParamWrapper) and id(m.get_base_layer()) in experts]
+
+
+def hand_expert_lora_to_scattermoe(model: torch.nn.Module) -> int:
+    """Give every peft wrapper of an expert weight the factor hand-over (idempotent); returns how many."""
+    wrappers = _expert_lora_wrappers(model)
+    for wrapper in wrappers:
+        wrapper._activate_lora = types.MethodType(_hand_over_factors, wrapper)
+    return len(wrappers)
 
 
 def scattermoe_experts_forward(
@@ -65,7 +107,7 @@ def scattermoe_experts_forward(
     """Experts forward with transformers' signature.
 
     Weights are read from the module at call time, never cached: DeepSpeed ZeRO-3 and FSDP gather them just
-    before this runs, and peft's LoRA on them is active only then (see ``_weight_and_lora``).
+    before this runs, and peft's LoRA on them is active only then (see ``hand_expert_lora_to_scattermoe``).
     """
     if hidden_states.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
@@ -93,10 +135,13 @@ def apply_fast_moe_block(model: torch.nn.Module) -> None:
     for module in experts:
         check_swiglu_experts_layout(module, IMPLEMENTATION_NAME)
     set_experts_implementation(model, IMPLEMENTATION_NAME)
+    hand_expert_lora_to_scattermoe(model)
     logger.info("scattermoe experts enabled for %d experts modules", len(experts))
 
 
 def revert_fast_moe_block(model: torch.nn.Module, implementation: str = "grouped_mm") -> None:
     """Switch the experts of ``model`` back to a transformers implementation (default ``grouped_mm``)."""
     set_experts_implementation(model, implementation)
+    for wrapper in _expert_lora_wrappers(model):
+        wrapper.__dict__.pop("_activate_lora", None)  # peft's own activation again
     logger.info("experts implementation reverted to %s", implementation)

@@ -8,30 +8,23 @@ FP8 tensor for backward, so no bf16 copy outlives its layer. peft's adapters are
 original dtype (quantize after ``get_peft_model``), and train as usual; saved adapters are ordinary peft adapters
 for the original full-precision model.
 
-peft's ``ParamWrapper`` treats an FP8 parameter as one to fold: each forward it forms the whole delta ``s·B·A`` of
-the expert stack in fp32, adds it to the FP8 values and rounds the sum back to FP8 (which also adds it in the
-wrong units, the weights being scaled). So each wrapper of a quantized weight gets its own adapter activation
-instead: it hands the experts module the low-rank factors in the original dtype for the length of the forward,
-and ScatterMoE applies them per routed token (``lora_factors``).
+peft would fold the adapters into FP8 weights (a full fp32 delta per forward, rounded into FP8); ScatterMoE takes
+them as factors instead (``fast_moe.hand_expert_lora_to_scattermoe``), which must be in place first.
 """
 
 import logging
-import types
-from contextlib import contextmanager
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .model_parts import experts_modules
 from .scattermoe.compilable_ops import dequantize
-from .scattermoe.ops import LowRank
 
 logger = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 SCALE_SUFFIX = "_fp8_scale"
-ACTIVE_LORA = "fp8_active_lora"  # experts-module attribute: {weight name: LowRank} while a peft forward runs
 
 
 def quantize_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,55 +39,23 @@ def fp8_scale(experts: torch.nn.Module, name: str) -> torch.Tensor | None:
     return getattr(experts, name + SCALE_SUFFIX, None)
 
 
-def lora_factors(experts: torch.nn.Module, name: str) -> LowRank | None:
-    """The LoRA factors of FP8 weight ``experts.<name>`` while its peft wrapper runs, else None."""
-    return getattr(experts, ACTIVE_LORA, {}).get(name)
-
-
-def _low_rank(wrapper: torch.nn.Module, adapter: str, dtype: torch.dtype) -> LowRank:
-    """peft's ``ParamWrapper.get_delta_factors`` in ``dtype`` rather than the parameter's (FP8) one."""
-    a = wrapper.lora_A[adapter].weight
-    b = wrapper.lora_B[adapter].weight
-    a = a.reshape(wrapper.num_experts, -1, a.shape[-1])  # (E, r, in)
-    b = b.reshape(b.shape[0], -1, wrapper.num_experts).permute(2, 0, 1)  # (E, out, r)
-    if not wrapper._did_swap_in_out_features:  # weight stored (E, in, out): delta = Aᵀ·Bᵀ
-        a, b = b.transpose(-2, -1), a.transpose(-2, -1)
-    return LowRank(a=a.to(dtype), b=b.to(dtype), scale=wrapper.scaling[adapter])
-
-
-@contextmanager
-def _activate_factors(wrapper: torch.nn.Module, active_adapters: list[str]):
-    """Stands in for ``ParamWrapper._activate_lora`` on an FP8 weight: expose the factors, fold nothing."""
-    adapters = [a for a in active_adapters if a in wrapper.lora_A]
-    if not adapters:
-        yield
-        return
-    if len(adapters) > 1:
-        raise ValueError(
-            f"--fp8_frozen_experts runs one LoRA adapter at a time on the experts; adapters {adapters} are active. "
-            "Activate one (model.set_adapter) or train without --fp8_frozen_experts."
-        )
-    experts = wrapper.get_base_layer()
-    active = getattr(experts, ACTIVE_LORA, {})
-    active[wrapper.parameter_name] = _low_rank(wrapper, adapters[0], experts.fp8_frozen_from)
-    setattr(experts, ACTIVE_LORA, active)
-    try:
-        yield
-    finally:
-        active.pop(wrapper.parameter_name)
-
-
-def _fp8_param_wrappers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """peft's wrappers of the expert weights stored in FP8."""
+def _peft_wrappers_folding(model: torch.nn.Module) -> list[str]:
+    """peft wrappers of expert weights still on peft's own adapter activation (which would fold into FP8)."""
     return [
-        module for module in model.modules()
-        if hasattr(module, "parameter_name") and hasattr(module, "get_base_layer")
-        and fp8_scale(module.get_base_layer(), module.parameter_name) is not None
+        name for name, module in model.named_modules()
+        if hasattr(module, "parameter_name") and module.parameter_name in EXPERT_WEIGHTS
+        and "_activate_lora" not in module.__dict__
     ]
 
 
 def apply_fp8_frozen_experts(model: torch.nn.Module) -> None:
     """Store every frozen expert weight of ``model`` (after peft wrapped it) in FP8 (idempotent)."""
+    folding = _peft_wrappers_folding(model)
+    if folding:
+        raise ValueError(
+            f"--fp8_frozen_experts: peft would fold its LoRA into the FP8 weights at {folding[0]}; run "
+            "apply_fast_moe_block (or hand_expert_lora_to_scattermoe) on the peft model first."
+        )
     modules = experts_modules(model)
     saved_gib = 0.0
     for experts in modules:
@@ -112,8 +73,6 @@ def apply_fp8_frozen_experts(model: torch.nn.Module) -> None:
             setattr(experts, name, torch.nn.Parameter(quantized, requires_grad=False))
             experts.register_buffer(name + SCALE_SUFFIX, scale, persistent=False)
             experts.fp8_frozen_from = weight.dtype
-    for wrapper in _fp8_param_wrappers(model):
-        wrapper._activate_lora = types.MethodType(_activate_factors, wrapper)
     # Every rank quantizes the same checkpoint the same way: DDP need not broadcast these (gloo cannot broadcast FP8).
     frozen = [n for n, p in model.named_parameters() if p.dtype == FP8]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
@@ -124,8 +83,6 @@ def apply_fp8_frozen_experts(model: torch.nn.Module) -> None:
 
 def revert_fp8_frozen_experts(model: torch.nn.Module) -> None:
     """Dequantize the expert weights back to their original dtype (the FP8 rounding stays)."""
-    for wrapper in _fp8_param_wrappers(model):
-        del wrapper._activate_lora  # peft's own method again
     for experts in experts_modules(model):
         for name in EXPERT_WEIGHTS:
             scale = fp8_scale(experts, name)

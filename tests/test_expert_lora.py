@@ -9,7 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
-from monkey_patch.fast_moe import apply_fast_moe_block, register_scattermoe
+from monkey_patch.fast_moe import apply_fast_moe_block, hand_expert_lora_to_scattermoe, register_scattermoe
 from monkey_patch.scattermoe.compilable_ops import scattermoe_experts
 from monkey_patch.scattermoe.ops import LowRank, compute_routing
 from tests.test_fast_moe import DEVICE, batch, relative_error, tiny_model
@@ -39,6 +39,7 @@ def lora_block(hidden, inter, num_experts, top_k, rank, targets) -> tuple[PeftMo
     lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=[], target_parameters=targets,
                       init_lora_weights=False)
     model = get_peft_model(block, lora)
+    assert hand_expert_lora_to_scattermoe(model) == len(targets)  # what apply_fast_moe_block does on a peft model
     return model, model.base_model.model.mlp.experts.get_base_layer()
 
 
@@ -157,6 +158,36 @@ def test_whole_model_loss_and_lora_gradients_match_peft_and_base_experts_get_no_
         assert relative_error(grad, expected[name]) <= TOLERANCE, name
     experts = model.base_model.model.model.layers[0].mlp.experts.get_base_layer()
     assert experts.gate_up_proj.grad is None and experts.down_proj.grad is None
+
+
+def test_scattermoe_takes_the_factors_and_peft_never_builds_an_expert_stack(monkeypatch):
+    """peft's activation would register a parametrization, whose registration evaluates it: W + s·B·A for the whole
+    expert stack. Under scattermoe neither that fold nor a delta may run, and nothing is left registered."""
+    from peft.tuners.lora.layer import ParamWrapper, _LoraFactorsProxy
+
+    model = lora_model()
+    apply_fast_moe_block(model)
+    monkeypatch.setattr(_LoraFactorsProxy, "forward", lambda *a: pytest.fail("peft folded the expert factors"))
+    monkeypatch.setattr(ParamWrapper, "get_delta_weight", lambda *a, **k: pytest.fail("peft formed a delta"))
+    loss, grads = loss_and_lora_grads(model)
+    assert torch.isfinite(loss) and sum("experts" in name for name in grads) == 8
+    experts = model.base_model.model.model.layers[0].mlp.experts.get_base_layer()
+    assert not hasattr(experts, "parametrizations") and not experts.scattermoe_lora
+
+
+def test_two_active_adapters_fall_back_to_peft_and_still_match_it():
+    model = lora_model()
+    model.add_adapter("second", LoraConfig(r=2, target_modules=["q_proj"], target_parameters=EXPERT_TARGETS,
+                                           init_lora_weights=False))
+    model.base_model.set_adapter(["default", "second"])
+    model.base_model.model.set_experts_implementation("grouped_mm")
+    expected_loss, expected = loss_and_lora_grads(model)
+    apply_fast_moe_block(model)
+    loss, grads = loss_and_lora_grads(model)
+    assert relative_error(loss, expected_loss) <= TOLERANCE
+    assert grads.keys() == expected.keys() and sum("second" in name for name in grads) > 0
+    for name, grad in grads.items():
+        assert relative_error(grad, expected[name]) <= TOLERANCE, name
 
 
 def test_adapter_saves_in_peft_format_and_restores_and_merges(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from monkey_patch import apply_frozen_weight_patches, revert_patches
+from monkey_patch import apply_peft_patches, revert_patches
 from monkey_patch.fast_moe import apply_fast_moe_block
 from monkey_patch.frozen_experts import (
     FP8,
@@ -108,7 +108,7 @@ def test_lora_model_with_fp8_experts_equals_the_model_on_their_dequantized_value
     for name, grad in grads.items():
         assert relative_error(grad, expected[name]) <= 1e-4, name
     assert experts.gate_up_proj.grad is None  # frozen, and FP8 parameters cannot hold gradients anyway
-    assert not experts.fp8_active_lora  # the factors are handed over for the forward only
+    assert not experts.scattermoe_lora  # the factors are handed over for the forward only
 
 
 def test_several_active_adapters_on_fp8_experts_are_refused_by_name():
@@ -182,5 +182,5 @@ def test_fp8_frozen_experts_flag_combinations_are_checked(tmp_path, flags, messa
 
 def test_frozen_weight_patches_do_nothing_without_the_flag(tmp_path):
     model = lora_model()
-    apply_frozen_weight_patches(model, parse_config(["--output_dir", str(tmp_path), "--use_lora"]))
+    apply_peft_patches(model, parse_config(["--output_dir", str(tmp_path), "--use_lora"]))
     assert experts_of(model).get_base_layer().gate_up_proj.dtype == torch.float32

@@ -108,8 +108,30 @@ def test_unknown_weight_grad_backend_is_refused_by_name(monkeypatch):
     weights, index = make_routing(3, 2, 1, "uniform")
     x = torch.randn(3, 16, device=DEVICE, requires_grad=True)
     out = scattermoe_experts(x, experts.gate_up_proj, experts.down_proj, weights, index)
-    with pytest.raises(ValueError, match="TURBO_TUNE_MOE_WEIGHT_GRAD='cublas': choose one of triton, grouped_mm, auto"):
+    with pytest.raises(ValueError, match="TURBO_TUNE_MOE_WEIGHT_GRAD='cublas': choose one of triton, grouped_mm, "
+                       "grouped_mm_gate_up, auto"):
         out.sum().backward()
+
+
+def test_grouped_mm_gate_up_runs_only_dw_gate_up_on_the_grouped_gemm(monkeypatch):
+    """dW_down is computed while dW_gate_up is held: on the Triton kernel it needs no copy of the routed rows."""
+    monkeypatch.setenv(WEIGHT_GRAD_ENV, "grouped_mm_gate_up")
+    calls = []
+    grouped_mm, triton_kernel = torch._grouped_mm, kernels.grouped_weight_grad
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: (calls.append("grouped_mm"), grouped_mm(*a, **k))[1])
+    monkeypatch.setattr(kernels, "grouped_weight_grad",
+                        lambda *a, **k: (calls.append("triton"), triton_kernel(*a, **k))[1])
+    torch.manual_seed(4)
+    experts = make_eager_experts(48, 40, 6, 2)
+    weights, index = make_routing(29, 6, 2, "skewed")
+    x = torch.randn(29, 48, device=DEVICE)
+    grad_out = torch.randn(29, 48, device=DEVICE)
+    params = (experts.gate_up_proj, experts.down_proj)
+    expected = torch.autograd.grad(experts(x, index, weights), params, grad_out)
+    actual = torch.autograd.grad(scattermoe_experts(x, *params, weights, index), params, grad_out)
+    assert calls == ["grouped_mm", "triton"]
+    for got, want in zip(actual, expected, strict=True):
+        assert relative_error(got, want) <= TOLERANCE
 
 
 def test_auto_weight_grad_keeps_the_faster_backend_per_shape(monkeypatch):

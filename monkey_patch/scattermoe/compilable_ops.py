@@ -49,13 +49,13 @@ def _forward_op(
     scale_down: float,
     w_gate_up_scale: torch.Tensor | None,
     w_down_scale: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, gate_up, h, su, sv = experts_forward(
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, gate_up, su, sv = experts_forward(
         x, dequantize(w_gate_up, w_gate_up_scale, x.dtype), dequantize(w_down, w_down_scale, x.dtype),
         routing_weights, sorted_pairs, expert_ends,
         _low_rank(a_gate_up, b_gate_up, scale_gate_up), _low_rank(a_down, b_down, scale_down),
     )
-    return out, gate_up, h, _or_empty(su, x), _or_empty(sv, x)
+    return out, gate_up, _or_empty(su, x), _or_empty(sv, x)
 
 
 @_forward_op.register_fake
@@ -70,7 +70,6 @@ def _forward_fake(x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_en
     return (
         x.new_empty(x.shape),
         x.new_empty(num_rows, two_inter),
-        x.new_empty(num_rows, two_inter // 2),
         low_rank(a_gate_up),
         low_rank(a_down),
     )
@@ -86,7 +85,6 @@ def _backward_op(
     sorted_pairs: torch.Tensor,
     expert_ends: torch.Tensor,
     gate_up: torch.Tensor,
-    h: torch.Tensor,
     needs_weight_grads: bool,
     a_gate_up: torch.Tensor | None,
     b_gate_up: torch.Tensor | None,
@@ -102,14 +100,14 @@ def _backward_op(
            torch.Tensor]:
     grads = experts_backward(
         grad_out, x, dequantize(w_gate_up, w_gate_up_scale, x.dtype), dequantize(w_down, w_down_scale, x.dtype),
-        routing_weights, sorted_pairs, expert_ends, gate_up, h, needs_weight_grads,
+        routing_weights, sorted_pairs, expert_ends, gate_up, needs_weight_grads,
         _low_rank(a_gate_up, b_gate_up, scale_gate_up), _low_rank(a_down, b_down, scale_down), su, sv,
     )
     return tuple(_or_empty(grad, x) for grad in grads)
 
 
 @_backward_op.register_fake
-def _backward_fake(grad_out, x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends, gate_up, h,
+def _backward_fake(grad_out, x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends, gate_up,
                    needs_weight_grads, a_gate_up, b_gate_up, scale_gate_up, a_down, b_down, scale_down, su, sv,
                    w_gate_up_scale, w_down_scale):
     def like(tensor, dtype_of, present=True):
@@ -125,22 +123,22 @@ def _backward_fake(grad_out, x, w_gate_up, w_down, routing_weights, sorted_pairs
 def _setup_context(ctx, inputs, output):
     (x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends,
      a_gate_up, b_gate_up, scale_gate_up, a_down, b_down, scale_down, w_gate_up_scale, w_down_scale) = inputs
-    _, gate_up, h, su, sv = output
-    ctx.mark_non_differentiable(gate_up, h, su, sv)
+    _, gate_up, su, sv = output
+    ctx.mark_non_differentiable(gate_up, su, sv)
     ctx.scales = (scale_gate_up, scale_down)
     ctx.has_lora = (a_gate_up is not None, a_down is not None)
-    ctx.save_for_backward(x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends, gate_up, h,
+    ctx.save_for_backward(x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends, gate_up,
                           a_gate_up, b_gate_up, a_down, b_down, su, sv, w_gate_up_scale, w_down_scale)
 
 
-def _backward(ctx, grad_out, _grad_gate_up, _grad_h, _grad_su, _grad_sv):
-    (x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends, gate_up, h,
+def _backward(ctx, grad_out, _grad_gate_up, _grad_su, _grad_sv):
+    (x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends, gate_up,
      a_gate_up, b_gate_up, a_down, b_down, su, sv, w_gate_up_scale, w_down_scale) = ctx.saved_tensors
     scale_gate_up, scale_down = ctx.scales
     has_gate_up, has_down = ctx.has_lora
     needs_weight_grads = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     grads = torch.ops.turbo_tune.scattermoe_experts_backward(
-        grad_out, x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends, gate_up, h, needs_weight_grads,
+        grad_out, x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends, gate_up, needs_weight_grads,
         a_gate_up, b_gate_up, scale_gate_up, a_down, b_down, scale_down,
         su if has_gate_up else None, sv if has_down else None, w_gate_up_scale, w_down_scale,
     )

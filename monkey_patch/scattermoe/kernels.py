@@ -216,12 +216,13 @@ def _scatter_matmul_kernel(
 
 @triton.jit
 def _swiglu_backward_kernel(
-    grad_h_ptr, gate_up_ptr, sorted_pairs_ptr, scale_ptr, grad_gate_up_ptr, grad_scale_ptr,
-    num_rows, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    grad_h_ptr, gate_up_ptr, sorted_pairs_ptr, scale_ptr, grad_gate_up_ptr, grad_scale_ptr, h_ptr,
+    num_rows, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, STORE_H: tl.constexpr,
 ):
     """BLOCK_R grouped rows (one on a GPU; more in the interpreter, where programs are costly): from
     g = grad_out[token] @ W_down[e] (unweighted), the routing-weight gradient rowsum(g * silu(gate) * up) and
-    the pre-activation gradients of scale * g.
+    the pre-activation gradients of scale * g; with STORE_H also the forward's h = scale * silu(gate) * up, which
+    costs one write here instead of an activation kept from forward to backward.
 
     Kept apart from the matmul: fused, its epilogue forced small tiles and halved the matmul's rate.
     """
@@ -242,6 +243,9 @@ def _swiglu_backward_kernel(
     grad_gate = grad_h * up * sig * (1.0 + gate * (1.0 - sig))
     tl.store(grad_gate_up_ptr + offsets, grad_gate.to(grad_gate_up_ptr.dtype.element_ty), mask=mask)
     tl.store(grad_gate_up_ptr + offsets + N, (grad_h * silu).to(grad_gate_up_ptr.dtype.element_ty), mask=mask)
+    if STORE_H:
+        h = silu * up * scale[:, None]
+        tl.store(h_ptr + rows[:, None] * N + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
 _SUM_TOP_K_CONFIGS = [
@@ -386,18 +390,20 @@ def scatter_matmul(
 
 
 def swiglu_backward(
-    grad_h: torch.Tensor, gate_up: torch.Tensor, sorted_pairs: torch.Tensor, row_scale: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """grad_h (T*k, I) unweighted, grouped -> grad of pre-activations (T*k, 2I) and of row_scale (T*k,) fp32."""
+    grad_h: torch.Tensor, gate_up: torch.Tensor, sorted_pairs: torch.Tensor, row_scale: torch.Tensor, want_h: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """grad_h (T*k, I) unweighted, grouped -> grad of pre-activations (T*k, 2I), of row_scale (T*k,) fp32 and,
+    when ``want_h``, the weighted activations h (T*k, I) recomputed (else None)."""
     num_rows, inter = grad_h.shape
     grad_gate_up = torch.empty_like(gate_up)
     grad_scale = torch.empty(num_rows, device=grad_h.device, dtype=torch.float32)
+    h = torch.empty_like(grad_h) if want_h else None
     rows_per_program = 64 if INTERPRET else 1
     _swiglu_backward_kernel[(triton.cdiv(num_rows, rows_per_program),)](
-        grad_h, gate_up, sorted_pairs, row_scale, grad_gate_up, grad_scale, num_rows, inter,
-        BLOCK_R=rows_per_program, BLOCK_N=triton.next_power_of_2(inter), num_warps=4,
+        grad_h, gate_up, sorted_pairs, row_scale, grad_gate_up, grad_scale, grad_h if h is None else h, num_rows,
+        inter, BLOCK_R=rows_per_program, BLOCK_N=triton.next_power_of_2(inter), STORE_H=want_h, num_warps=4,
     )
-    return grad_gate_up, grad_scale
+    return grad_gate_up, grad_scale, h
 
 
 def grouped_weight_grad(

@@ -25,7 +25,7 @@ import torch
 from . import kernels
 
 WEIGHT_GRAD_ENV = "TURBO_TUNE_MOE_WEIGHT_GRAD"
-WEIGHT_GRAD_BACKENDS = ("triton", "grouped_mm", "auto")
+WEIGHT_GRAD_BACKENDS = ("triton", "grouped_mm", "grouped_mm_gate_up", "auto")
 
 
 class LowRank(NamedTuple):
@@ -56,10 +56,11 @@ def experts_forward(
     expert_ends: torch.Tensor,
     gate_up_lora: LowRank | None = None,
     down_lora: LowRank | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Returns the block output (T, H) and what backward needs: pre-activations (T*k, 2I), the routing-weighted
-    activations h (T*k, I), and the scaled rank-r inputs of B: su = s·x·A_guᵀ and sv = s·h·A_downᵀ (T*k, r),
-    all grouped by expert (su, sv None without that adapter)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Returns the block output (T, H) and what backward needs: pre-activations (T*k, 2I) and the scaled rank-r
+    inputs of B, su = s·x·A_guᵀ and sv = s·h·A_downᵀ (T*k, r), all grouped by expert (su, sv None without that
+    adapter). The routing-weighted activations h (T*k, I) are not kept: backward recomputes them from the
+    pre-activations in the pass it reads those anyway."""
     top_k = routing_weights.shape[1]
     su = sv = None
     if gate_up_lora is not None:
@@ -78,28 +79,31 @@ def experts_forward(
         h, w_down.transpose(1, 2), sorted_pairs, expert_ends, top_k, a_gathered=False, y_scattered=True,
         a2=sv, w2=None if sv is None else down_lora.b.transpose(1, 2),
     )
-    return kernels.sum_top_k(out_pairs, top_k), gate_up, h, su, sv
+    return kernels.sum_top_k(out_pairs, top_k), gate_up, su, sv
 
 
-def _factor_grads(
+def _low_rank_grads(
     grad_p: torch.Tensor,
     grad_p_gathered: bool,
-    inputs: torch.Tensor,
-    inputs_gathered: bool,
     lora: LowRank,
     low_rank_inputs: torch.Tensor,
     routing: tuple[torch.Tensor, torch.Tensor, int],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For P = inputs·Wᵀ + low_rank_inputs·Bᵀ (low_rank_inputs = s·inputs·Aᵀ): ds = s·dP·B (grouped), dA, dB.
-    ``*_gathered``: that tensor is in pair/token order and is read through the routing, else grouped."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For P = inputs·Wᵀ + low_rank_inputs·Bᵀ (low_rank_inputs = s·inputs·Aᵀ): ds = s·dP·B (grouped) and dB.
+    ``grad_p_gathered``: dP is in pair/token order and is read through the routing, else grouped."""
     ds = kernels.scatter_matmul(grad_p, lora.b, *routing, a_gathered=grad_p_gathered, y_scattered=False)
     ds.mul_(lora.scale)
-    grad_b = torch.empty(lora.b.shape, device=lora.b.device, dtype=inputs.dtype)
+    grad_b = torch.empty(lora.b.shape, device=lora.b.device, dtype=grad_p.dtype)
     kernels.grouped_weight_grad(grad_p, low_rank_inputs, *routing, a_gathered=grad_p_gathered, b_gathered=False,
                                 dw=grad_b)
+    return ds, grad_b
+
+
+def _grad_a(ds: torch.Tensor, inputs: torch.Tensor, inputs_gathered: bool, lora: LowRank,
+            routing: tuple[torch.Tensor, torch.Tensor, int]) -> torch.Tensor:
+    """dA = dsᵀ·inputs per expert (``inputs_gathered``: inputs in token order, read through the routing)."""
     grad_a = torch.empty(lora.a.shape, device=lora.a.device, dtype=inputs.dtype)
-    kernels.grouped_weight_grad(ds, inputs, *routing, a_gathered=False, b_gathered=inputs_gathered, dw=grad_a)
-    return ds, grad_a, grad_b
+    return kernels.grouped_weight_grad(ds, inputs, *routing, a_gathered=False, b_gathered=inputs_gathered, dw=grad_a)
 
 
 def weight_grad_backend() -> str:
@@ -109,7 +113,9 @@ def weight_grad_backend() -> str:
     torch's grouped GEMM (CUTLASS on Hopper) reduces over each expert's rows; 1.2-1.7x the Triton kernel on an H200
     (docs/benchmarks.md), for one transient copy of the routed rows. It needs bf16 on a Hopper-or-newer GPU (or the
     CPU); elsewhere the Triton kernel runs. ``triton``: ScatterMoE's kernel reads token rows through the routing,
-    no copy. ``auto``: both are timed at the first call of each shape and the faster one is kept for it.
+    no copy. ``grouped_mm_gate_up``: the grouped GEMM for dW_gate_up only; dW_down, computed while dW_gate_up is
+    held, stays on the Triton kernel, so no row copy sits beside both weight gradients (a lower peak, for part of
+    the speed). ``auto``: both are timed at the first call of each shape and the faster one is kept for it.
     """
     backend = os.environ.get(WEIGHT_GRAD_ENV, "grouped_mm")
     if backend not in WEIGHT_GRAD_BACKENDS:
@@ -154,8 +160,10 @@ def expert_weight_grad(
     a_gathered: bool,
     b_gathered: bool,
     weight: torch.Tensor,
+    projection: str,
 ) -> torch.Tensor:
-    """Per expert, aᵀ·b over the expert's rows, shaped like ``weight`` (E, M, N); a is (., M), b is (., N)."""
+    """Per expert, aᵀ·b over the expert's rows, shaped like ``weight`` (E, M, N); a is (., M), b is (., N).
+    ``projection`` ("gate_up" or "down") is which weight it is, for ``grouped_mm_gate_up``."""
     sorted_pairs, expert_ends, top_k = routing
 
     def on_triton() -> torch.Tensor:
@@ -169,6 +177,8 @@ def expert_weight_grad(
         return torch._grouped_mm(a_rows.t(), b_rows, offs=expert_ends)
 
     backend = weight_grad_backend()
+    if backend == "grouped_mm_gate_up":
+        backend = "grouped_mm" if projection == "gate_up" else "triton"
     if backend == "triton" or not _grouped_mm_fits(a):
         return on_triton()
     if backend == "auto":
@@ -190,7 +200,6 @@ def experts_backward(
     sorted_pairs: torch.Tensor,
     expert_ends: torch.Tensor,
     gate_up: torch.Tensor,
-    h: torch.Tensor,
     needs_weight_grads: bool,
     gate_up_lora: LowRank | None = None,
     down_lora: LowRank | None = None,
@@ -210,24 +219,29 @@ def experts_backward(
     dsv = a_down = None
     if down_lora is not None:
         a_down = down_lora.a
-        dsv, grad_a_down, grad_b_down = _factor_grads(grad_out, True, h, False, down_lora, sv, routing)
+        dsv, grad_b_down = _low_rank_grads(grad_out, True, down_lora, sv, routing)
     grad_h = kernels.scatter_matmul(grad_out, w_down, *routing, a_gathered=True, y_scattered=False, a2=dsv, w2=a_down)
-    del dsv
-    grad_gate_up, grad_scale = kernels.swiglu_backward(grad_h, gate_up, sorted_pairs, routing_weights.reshape(-1))
+    grad_gate_up, grad_scale, h = kernels.swiglu_backward(
+        grad_h, gate_up, sorted_pairs, routing_weights.reshape(-1), want_h=needs_weight_grads or dsv is not None
+    )
     del grad_h
+    if down_lora is not None:
+        grad_a_down = _grad_a(dsv, h, False, down_lora, routing)
+    del dsv
 
     dsu = a_gate_up = None
     if gate_up_lora is not None:
         a_gate_up = gate_up_lora.a
-        dsu, grad_a_gu, grad_b_gu = _factor_grads(grad_gate_up, False, x, True, gate_up_lora, su, routing)
+        dsu, grad_b_gu = _low_rank_grads(grad_gate_up, False, gate_up_lora, su, routing)
+        grad_a_gu = _grad_a(dsu, x, True, gate_up_lora, routing)
     grad_x = kernels.scatter_matmul(grad_gate_up, w_gate_up, *routing, a_gathered=False, y_scattered=True,
                                     a2=dsu, w2=a_gate_up)
     del dsu
     grad_x = kernels.sum_top_k(grad_x, top_k)
     if needs_weight_grads:
         # dW_gate_up first, so grad_gate_up is freed before dW_down is allocated: lower peak memory.
-        grad_w_gate_up = expert_weight_grad(grad_gate_up, x, routing, False, True, w_gate_up)
+        grad_w_gate_up = expert_weight_grad(grad_gate_up, x, routing, False, True, w_gate_up, "gate_up")
         del grad_gate_up
-        grad_w_down = expert_weight_grad(grad_out, h, routing, True, False, w_down)
+        grad_w_down = expert_weight_grad(grad_out, h, routing, True, False, w_down, "down")
     grad_weights = grad_scale.view(num_tokens, top_k).to(routing_weights.dtype)
     return grad_x, grad_w_gate_up, grad_w_down, grad_weights, grad_a_gu, grad_b_gu, grad_a_down, grad_b_down
