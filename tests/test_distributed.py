@@ -159,7 +159,7 @@ def test_zero3_expert_lora_through_scattermoe_matches_peft_path(tmp_path, checkp
     lora = ("--use_lora", "--save_strategy", "no", "--max_steps", "2")
     expected = train(tmp_path / "peft", 2, checkpoint, *ZERO3, *lora)
     losses, log = train_and_log(tmp_path / "scattermoe", 2, checkpoint, *ZERO3, *lora, "--use_fast_moe_block")
-    assert "expert LoRA: scattermoe low-rank path" in log and "the experts use the folded weight" not in log
+    assert "expert LoRA: scattermoe low-rank path" in log and "peft folded its LoRA" not in log
     assert sorted(losses) == sorted(expected) == [1, 2]
     for step, loss in expected.items():
         assert losses[step] == pytest.approx(loss, rel=1e-4), step
