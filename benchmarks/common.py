@@ -111,3 +111,13 @@ def kernel_table(events, on_gpu: bool, rows: int) -> str:
         us = getattr(event, attribute)
         lines.append(f"| `{event.key[:100]}` | {event.count} | {us / 1e3:.2f} | {us / total_us:.1%} |")
     return "\n".join(lines) + "\n"
+
+
+def step_profile(events, on_gpu: bool, rows: int, wall_s: float | None = None) -> str:
+    """kernel_table, then on a GPU the host's side too: the profiled step's wall time against its GPU busy time,
+    and the ops with the most self CPU time, which is where a launch-bound step's gaps come from."""
+    report = kernel_table(events, on_gpu, rows)
+    if not on_gpu:
+        return report
+    wall = "" if wall_s is None else f"Wall time of the profiled step (profiler on): {wall_s * 1e3:.1f} ms\n\n"
+    return f"{report}\n{wall}Host side:\n\n{kernel_table(events, on_gpu=False, rows=rows)}"

@@ -52,9 +52,9 @@ from common import (  # noqa: E402
     child_env,
     fmt,
     is_oom,
-    kernel_table,
     relative_error,
     run_logged,
+    step_profile,
 )
 from transformers import TrainerCallback  # noqa: E402
 
@@ -321,7 +321,7 @@ class StepProfile(TrainerCallback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.profiler.__exit__(None, None, None)
-        self.path.write_text(kernel_table(self.profiler.key_averages(), torch.cuda.is_available(), self.rows))
+        self.path.write_text(step_profile(self.profiler.key_averages(), torch.cuda.is_available(), self.rows))
         self.profiler = None
 
 

@@ -11,9 +11,9 @@ sequence of 4096 tokens:
 
 Each (path, gradient checkpointing) pair runs in its own subprocess, so an out-of-memory is a table row.
 Reports the median step time, tokens/s, peak allocated memory, and the peak above the frozen weights; the
-first and last losses show both paths train the same model; --profile adds each run's costliest GPU kernels of one
-more step. Logs go to --out (default: $OUT, else ./expert_lora_bench); the markdown table is printed last. One H200,
-under 8 minutes:
+first and last losses show both paths train the same model; --profile adds each run's costliest GPU kernels and
+host-side ops of one more step. Logs go to --out (default: $OUT, else ./expert_lora_bench); the markdown table is
+printed last. One H200, under 8 minutes:
 
     python benchmarks/expert_lora.py            # --layers 8 for a quicker look
 """
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import QWEN3_30B_A3B, ROOT, child_env, is_oom, kernel_table
+from common import QWEN3_30B_A3B, ROOT, child_env, is_oom, step_profile
 
 GIB = 1024**3
 RESULT = "RESULT "
@@ -99,8 +99,10 @@ def worker(args: argparse.Namespace) -> dict:
     if args.profile_to:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as profiler:
+            start = time.perf_counter()
             step()
-        args.profile_to.write_text(kernel_table(profiler.key_averages(), on_gpu=True, rows=25))
+            wall_s = time.perf_counter() - start
+        args.profile_to.write_text(step_profile(profiler.key_averages(), on_gpu=True, rows=25, wall_s=wall_s))
     return {
         "experts": experts_implementation, "step_s": step_s, "tokens_per_s": args.seq / step_s,
         "peak_gib": torch.cuda.max_memory_allocated() / GIB, "weights_gib": weights_gib,

@@ -151,3 +151,19 @@ def test_gpu_profile_table_counts_each_kernel_once():
     table = common.kernel_table(events, on_gpu=True, rows=10)
     assert table.startswith("GPU time of one step: 0.4 ms")
     assert "nvjet_gemm" in table and "aten::mm" not in table
+
+
+def test_gpu_step_profile_adds_wall_time_and_the_host_ops():
+    def event(key, device_type, device_us, cpu_us):
+        return SimpleNamespace(key=key, count=2, device_type=device_type, self_device_time_total=device_us,
+                               self_cpu_time_total=cpu_us)
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    events = [event("aten::mm", cpu, 300, 50), event("nvjet_gemm", cuda, 300, 0), event("Triton launch", cpu, 0, 950)]
+    report = common.step_profile(events, on_gpu=True, rows=10, wall_s=1.5)
+    gpu, host = report.split("Host side:")
+    assert gpu.startswith("GPU time of one step: 0.3 ms")
+    assert "Wall time of the profiled step (profiler on): 1500.0 ms" in gpu
+    assert host.strip().startswith("CPU time of one step: 1.0 ms")
+    assert host.index("Triton launch") < host.index("aten::mm")
+    assert common.step_profile(events, on_gpu=False, rows=10) == common.kernel_table(events, on_gpu=False, rows=10)
