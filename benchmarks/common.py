@@ -96,20 +96,21 @@ def run_qwen3_sft(output_dir: Path, log_path: Path, flags: list[str], timeout_s:
     return True, wall_s, [e for e in json.loads(state.read_text())["log_history"] if "loss" in e]
 
 
-def kernel_table(events, on_gpu: bool, rows: int) -> str:
+def kernel_table(events, on_gpu: bool, rows: int, steps: int = 1) -> str:
     """Markdown: the ``rows`` GPU kernels with the most time or, on a CPU, the ops with the most self time on the
-    host. On a GPU only kernel events count: a CPU op's self device time is its kernels' again."""
+    host, per step of the ``steps`` profiled. On a GPU only kernel events count: a CPU op's self device time is its
+    kernels' again."""
     import torch  # here, so that the scripts' parent processes need not import it
 
     attribute = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     kernels = (e for e in events if not on_gpu or e.device_type != torch.autograd.DeviceType.CPU)
     timed = sorted((e for e in kernels if getattr(e, attribute) > 0), key=lambda e: -getattr(e, attribute))
-    total_us = sum(getattr(e, attribute) for e in timed)
+    total_us = sum(getattr(e, attribute) for e in timed) / steps
     lines = [f"{'GPU' if on_gpu else 'CPU'} time of one step: {total_us / 1e3:.1f} ms", "",
              "| kernel | calls | ms | share |", "|---|---|---|---|"]
     for event in timed[:rows]:
-        us = getattr(event, attribute)
-        lines.append(f"| `{event.key[:100]}` | {event.count} | {us / 1e3:.2f} | {us / total_us:.1%} |")
+        us = getattr(event, attribute) / steps
+        lines.append(f"| `{event.key[:100]}` | {event.count // steps} | {us / 1e3:.2f} | {us / total_us:.1%} |")
     return "\n".join(lines) + "\n"
 
 

@@ -15,10 +15,11 @@ import argparse
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import torch
-from common import median_ms, relative_error
+from common import kernel_table, median_ms, relative_error
 from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
@@ -185,10 +186,13 @@ def profile_kernels(case: Case, impl: str) -> str:
         torch.autograd.grad(experts(x, index, weights), params, grad_out)
     torch.cuda.synchronize()
     steps = 5
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
         for _ in range(steps):
             torch.autograd.grad(experts(x, index, weights), params, grad_out)
         torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - start) / steps * 1e3
     pair_gemm = 2 * case.tokens * case.top_k * case.hidden * case.inter
     flops = {
         "_gather_gate_up_swiglu_kernel": 2 * pair_gemm,
@@ -197,13 +201,17 @@ def profile_kernels(case: Case, impl: str) -> str:
     }
     lines = [f"### {impl} kernels, {case.shape} {case.tokens} tokens {case.routing}", "",
              "| kernel | ms per step | TFLOP/s |", "|---|---|---|"]
-    events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+    all_events = prof.key_averages()
+    kernels_only = [e for e in all_events if e.device_type != torch.autograd.DeviceType.CPU]
+    events = sorted(kernels_only, key=lambda e: -e.device_time_total)
     total = sum(e.device_time_total for e in events) / steps / 1e3
     for event in events[:12]:
         ms = event.device_time_total / steps / 1e3
         rate = next((f / ms / 1e9 for name, f in flops.items() if name in event.key), None)
         lines.append(f"| {event.key[:60]} | {ms:.3f} | {'' if rate is None else f'{rate:.0f}'} |")
     lines.append(f"| total | {total:.3f} | {3 * pair_gemm / total / 1e9:.0f} |")
+    lines += ["", f"Wall time per step with the profiler on: {wall_ms:.3f} ms. Host side:", "",
+              kernel_table(all_events, on_gpu=False, rows=8, steps=steps)]
     return "\n".join(lines)
 
 

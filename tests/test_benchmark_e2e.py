@@ -167,3 +167,4 @@ def test_gpu_step_profile_adds_wall_time_and_the_host_ops():
     assert host.strip().startswith("CPU time of one step: 1.0 ms")
     assert host.index("Triton launch") < host.index("aten::mm")
     assert common.step_profile(events, on_gpu=False, rows=10) == common.kernel_table(events, on_gpu=False, rows=10)
+    assert common.kernel_table(events, on_gpu=False, rows=10, steps=2).startswith("CPU time of one step: 0.5 ms")
