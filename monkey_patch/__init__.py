@@ -27,6 +27,11 @@ def preflight(config: TurboTuneConfig) -> None:
             "--use_liger_kernel needs a CUDA GPU: Liger's kernels do not run on the CPU, not even in Triton's "
             "interpreter (liger-kernel 0.8.5's RMSNorm kernel fails there); drop the flag."
         )
+    if config.activation_offloading and not torch.cuda.is_available():
+        raise ConfigError(
+            "--activation_offloading moves activations from GPU memory to pinned CPU memory between forward and "
+            "backward (TRL's OffloadActivations); without a CUDA GPU there is nothing to offload. Drop the flag."
+        )
     if config.use_fast_moe_block and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         os.environ["TRITON_INTERPRET"] = "1"
         logger.warning("--use_fast_moe_block without a GPU: the Triton kernels run in the interpreter (slow).")

@@ -92,9 +92,12 @@ def test_budget_or_an_error_stops_the_search_and_says_so():
     assert error["stopped"].startswith("error at 8,192: exit 1: ValueError") and error["first_fail"] is None
 
     results = [{"variant": "lora", "flags": "--use_lora", **search(fake_probe(cap=37_000))},
-               {"variant": "all_lora", "flags": "--use_fast_moe_block", **short}]
+               {"variant": "all_lora", "flags": "--use_fast_moe_block", **short},
+               {"variant": "all_lora_offload", "flags": "--activation_offloading", **search(fake_probe(cap=80_000))}]
     summary = e2e.search_summary(results, e2e.parse_args(["--max_seq_search"]))
     assert "all_lora / lora longest trainable sequence: 16,384 / 36,864 = 0.44× (a lower bound" in summary
+    assert "all_lora_offload / lora longest trainable sequence: 79,872 / 36,864 = 2.17× (target ≥ 2×)" in summary
+    results.pop()
     table = e2e.search_table(results).splitlines()
     assert table[2].startswith("| lora | `--use_lora` | 36,864 | 27 | 0.04 | 36.0 | 37,888 (oom) |")
     assert table[3].startswith("| all_lora | `--use_fast_moe_block` | ≥ 16,384 |")
@@ -131,6 +134,12 @@ def test_max_seq_search_runs_tiny_probes_on_the_cpu(tmp_path):
     assert row["longest"] == 128 and row["at_longest"]["tokens_per_s"] > 0 and row["stopped"] is None
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.rstrip().splitlines()[-1].startswith("| lora | `--use_lora` | 128 |")  # the table comes last
+
+
+def test_flag_by_flag_comparison_leaves_the_lora_variants_to_the_sequence_search():
+    assert e2e.parse_args([]).variants == ["defaults", "fast_moe", "liger", "compile", "packing", "fp8",
+                                           "compile_fast_moe", "all", "all_fp8", "all_adamw8bit"]
+    assert e2e.parse_args(["--max_seq_search"]).variants == ["lora", "all_lora"]
 
 
 def test_variants_carry_boolean_and_valued_flags_as_a_user_types_them():

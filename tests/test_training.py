@@ -106,9 +106,10 @@ def test_earlier_run_is_never_overwritten(finished_run, capsys):
     (["--deepspeed_config", "/nonexistent/zero3.json"], "--deepspeed_config (DS_CONFIG_PATH) /nonexistent"),
     (["--use_fp8"], "--use_fp8 needs a CUDA GPU with FP8 tensor cores"),
     (["--use_liger_kernel"], "--use_liger_kernel needs a CUDA GPU"),
+    (["--activation_offloading"], "--activation_offloading moves activations from GPU memory"),
 ])
 def test_bad_input_stops_before_any_output(tmp_path, capsys, flags, message):
-    if flags[0] in ("--use_liger_kernel", "--use_fp8") and torch.cuda.is_available():
+    if flags[0] in ("--use_liger_kernel", "--use_fp8", "--activation_offloading") and torch.cuda.is_available():
         pytest.skip("the flag may run on this machine's GPU")
     output_dir = tmp_path / "out"
     assert run(output_dir, "--report_to", "none", *flags) == 2
