@@ -11,6 +11,9 @@ import os
 import sys
 from pathlib import Path
 
+import turbo_tune.triton_mode  # noqa: F401  (before anything imports triton)
+
+# isort: split
 import torch.distributed as dist
 import transformers
 from transformers.trainer_utils import get_last_checkpoint

@@ -1,7 +1,6 @@
 """The one place where Turbo-Tune's patches are chosen and applied to a model, from the flags."""
 
 import logging
-import os
 
 import torch
 
@@ -32,8 +31,7 @@ def preflight(config: TurboTuneConfig) -> None:
             "--activation_offloading moves activations from GPU memory to pinned CPU memory between forward and "
             "backward (TRL's OffloadActivations); without a CUDA GPU there is nothing to offload. Drop the flag."
         )
-    if config.use_fast_moe_block and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        os.environ["TRITON_INTERPRET"] = "1"
+    if config.use_fast_moe_block and not torch.cuda.is_available():
         logger.warning("--use_fast_moe_block without a GPU: the Triton kernels run in the interpreter (slow).")
 
 

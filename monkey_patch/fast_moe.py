@@ -14,12 +14,13 @@ activation runs.
 """
 
 import logging
-import os
 import types
 from contextlib import contextmanager
 
 import torch
+import triton.language as tl
 from peft.tuners.lora.layer import ParamWrapper
+from triton.runtime.interpreter import InterpretedFunction
 
 from .frozen_experts import fp8_scale
 from .model_parts import (
@@ -109,10 +110,11 @@ def scattermoe_experts_forward(
     Weights are read from the module at call time, never cached: DeepSpeed ZeRO-3 and FSDP gather them just
     before this runs, and peft's LoRA on them is active only then (see ``hand_expert_lora_to_scattermoe``).
     """
-    if hidden_states.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if hidden_states.device.type == "cpu" and not isinstance(tl.cdiv, InterpretedFunction):
         raise RuntimeError(
-            "scattermoe got CPU tensors: its Triton kernels need a GPU. Move the model to a GPU, or set "
-            "TRITON_INTERPRET=1 before importing triton to run them (slowly) on the CPU."
+            "scattermoe got CPU tensors: its Triton kernels need a GPU, or Triton's interpreter, which is on only "
+            "when TRITON_INTERPRET=1 is set before triton is first imported (qwen3_sft.py does so on a machine "
+            "without a GPU). Move the model to a GPU, or set the variable before your imports."
         )
     w_gate_up, gate_up_lora = _weight_and_lora(self, "gate_up_proj")
     w_down, down_lora = _weight_and_lora(self, "down_proj")

@@ -2,12 +2,13 @@
 
 import os
 
+import turbo_tune.triton_mode  # noqa: F401  (first: Triton's interpreter on a CPU, before anything imports triton)
+
+# isort: split
 import pytest
 import torch
 from accelerate.state import AcceleratorState
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -3,6 +3,7 @@
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,18 @@ def test_single_node_script_trains_the_embedded_default_into_ckpt_prefix(tmp_pat
     assert f"+ python qwen3_sft.py --output_dir {tmp_path}/qwen3-sft-" in result.stderr
     (run_dir,) = tmp_path.iterdir()
     assert (run_dir / "model.safetensors").is_file()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the interpreter is the CPU's path")
+def test_fast_moe_block_trains_on_a_cpu_without_triton_interpret_in_the_environment(tmp_path):
+    """qwen3_sft.py turns Triton's interpreter on before anything imports triton; set later, Triton's own helpers
+    stay compiled and the first kernel fails."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(ROOT / "qwen3_sft.py"), "--output_dir", str(tmp_path / "run"),
+                             "--use_fast_moe_block", "--use_lora", "--max_length", "64", *SHORT_RUN],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the Triton kernels run in the interpreter" in result.stderr
 
 
 def test_single_node_script_passes_paths_from_the_environment(tmp_path):
