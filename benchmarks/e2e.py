@@ -46,6 +46,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere; child processes get it through PYTHONPATH
 
+import turbo_tune.triton_mode  # noqa: E402, F401  (as qwen3_sft.py: before anything imports triton)
+
+# isort: split
 from common import (  # noqa: E402
     QWEN3_30B_A3B,
     QWEN3_30B_A3B_LAYERS,
