@@ -197,6 +197,8 @@ if trainer.is_world_process_zero():  # one line: two ranks printing at once can 
         "leaf": [z3_leaf_module(block) for block in blocks],
         "owned": [all(getattr(p, "ds_z3_leaf_module", None) is block for p in block.parameters()) for block in blocks],
     }))
+import torch.distributed as dist
+dist.destroy_process_group()  # as qwen3_sft.py: gloo can abort at interpreter exit while its group is alive
 """
 
 
@@ -240,6 +242,8 @@ if trainer.is_world_process_zero():  # one line: two ranks printing at once can 
     print("PROBE", json.dumps({"partitioned": partitioned, "chosen": selection.chosen,
                                "skipped": sorted(selection.skipped), "finite": all(map(math.isfinite, losses)),
                                "steps": len(losses)}))
+import torch.distributed as dist
+dist.destroy_process_group()  # as qwen3_sft.py: gloo can abort at interpreter exit while its group is alive
 """
 
 
