@@ -25,6 +25,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from .frozen_experts import fp8_scale
 from .model_parts import (
     check_swiglu_experts_layout,
+    expert_lora_wrappers,
     experts_modules,
     register_experts_function,
     set_experts_implementation,
@@ -89,14 +90,9 @@ def _hand_over_factors(wrapper: ParamWrapper, active_adapters: list[str]):
         yield
 
 
-def _expert_lora_wrappers(model: torch.nn.Module) -> list[ParamWrapper]:
-    experts = {id(module) for module in experts_modules(model)}
-    return [m for m in model.modules() if isinstance(m, ParamWrapper) and id(m.get_base_layer()) in experts]
-
-
 def hand_expert_lora_to_scattermoe(model: torch.nn.Module) -> int:
     """Give every peft wrapper of an expert weight the factor hand-over (idempotent); returns how many."""
-    wrappers = _expert_lora_wrappers(model)
+    wrappers = expert_lora_wrappers(model)
     for wrapper in wrappers:
         wrapper._activate_lora = types.MethodType(_hand_over_factors, wrapper)
     return len(wrappers)
@@ -144,6 +140,6 @@ def apply_fast_moe_block(model: torch.nn.Module) -> None:
 def revert_fast_moe_block(model: torch.nn.Module, implementation: str = "grouped_mm") -> None:
     """Switch the experts of ``model`` back to a transformers implementation (default ``grouped_mm``)."""
     set_experts_implementation(model, implementation)
-    for wrapper in _expert_lora_wrappers(model):
+    for wrapper in expert_lora_wrappers(model):
         wrapper.__dict__.pop("_activate_lora", None)  # peft's own activation again
     logger.info("experts implementation reverted to %s", implementation)

@@ -17,7 +17,7 @@ import logging
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .model_parts import experts_modules
+from .model_parts import expert_lora_wrappers, experts_modules
 from .scattermoe.compilable_ops import dequantize
 
 logger = logging.getLogger(__name__)
@@ -39,21 +39,13 @@ def fp8_scale(experts: torch.nn.Module, name: str) -> torch.Tensor | None:
     return getattr(experts, name + SCALE_SUFFIX, None)
 
 
-def _peft_wrappers_folding(model: torch.nn.Module) -> list[str]:
-    """peft wrappers of expert weights still on peft's own adapter activation (which would fold into FP8)."""
-    return [
-        name for name, module in model.named_modules()
-        if hasattr(module, "parameter_name") and module.parameter_name in EXPERT_WEIGHTS
-        and "_activate_lora" not in module.__dict__
-    ]
-
-
 def apply_fp8_frozen_experts(model: torch.nn.Module) -> None:
     """Store every frozen expert weight of ``model`` (after peft wrapped it) in FP8 (idempotent)."""
-    folding = _peft_wrappers_folding(model)
+    # still on peft's own adapter activation, which would fold into FP8
+    folding = [w.parameter_name for w in expert_lora_wrappers(model) if "_activate_lora" not in w.__dict__]
     if folding:
         raise ValueError(
-            f"--fp8_frozen_experts: peft would fold its LoRA into the FP8 weights at {folding[0]}; run "
+            f"--fp8_frozen_experts: peft would fold its LoRA into the FP8 weights of {folding[0]}; run "
             "apply_fast_moe_block (or hand_expert_lora_to_scattermoe) on the peft model first."
         )
     modules = experts_modules(model)

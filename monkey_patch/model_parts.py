@@ -1,6 +1,7 @@
 """Where the patches find what they change in a Qwen3-MoE model, whether or not peft wraps it."""
 
 import torch
+from peft.tuners.lora.layer import ParamWrapper
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
 
@@ -12,6 +13,12 @@ def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
 def experts_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """Every experts module: transformers 5 keeps each MoE layer's experts as 3D ``gate_up_proj``/``down_proj``."""
     return [m for m in model.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "down_proj")]
+
+
+def expert_lora_wrappers(model: torch.nn.Module) -> list[ParamWrapper]:
+    """peft's wrappers (``target_parameters``) of the experts' weights."""
+    experts = {id(module) for module in experts_modules(model)}
+    return [m for m in model.modules() if isinstance(m, ParamWrapper) and id(m.get_base_layer()) in experts]
 
 
 def check_swiglu_experts_layout(experts: torch.nn.Module, user: str) -> None:

@@ -113,6 +113,19 @@ def test_unknown_weight_grad_backend_is_refused_by_name(monkeypatch):
         out.sum().backward()
 
 
+def eager_and_scattermoe_weight_grads(seed: int, tokens: int):
+    """The eager experts' weight gradients (H 48, I 40, 6 experts, top-2, skewed routing), and a function giving
+    scattermoe's for the same inputs."""
+    torch.manual_seed(seed)
+    experts = make_eager_experts(48, 40, 6, 2)
+    weights, index = make_routing(tokens, 6, 2, "skewed")
+    x = torch.randn(tokens, 48, device=DEVICE)
+    grad_out = torch.randn(tokens, 48, device=DEVICE)
+    params = (experts.gate_up_proj, experts.down_proj)
+    expected = torch.autograd.grad(experts(x, index, weights), params, grad_out)
+    return expected, lambda: torch.autograd.grad(scattermoe_experts(x, *params, weights, index), params, grad_out)
+
+
 def test_grouped_mm_gate_up_runs_only_dw_gate_up_on_the_grouped_gemm(monkeypatch):
     """dW_down is computed while dW_gate_up is held: on the Triton kernel it needs no copy of the routed rows."""
     monkeypatch.setenv(WEIGHT_GRAD_ENV, "grouped_mm_gate_up")
@@ -121,14 +134,8 @@ def test_grouped_mm_gate_up_runs_only_dw_gate_up_on_the_grouped_gemm(monkeypatch
     monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: (calls.append("grouped_mm"), grouped_mm(*a, **k))[1])
     monkeypatch.setattr(kernels, "grouped_weight_grad",
                         lambda *a, **k: (calls.append("triton"), triton_kernel(*a, **k))[1])
-    torch.manual_seed(4)
-    experts = make_eager_experts(48, 40, 6, 2)
-    weights, index = make_routing(29, 6, 2, "skewed")
-    x = torch.randn(29, 48, device=DEVICE)
-    grad_out = torch.randn(29, 48, device=DEVICE)
-    params = (experts.gate_up_proj, experts.down_proj)
-    expected = torch.autograd.grad(experts(x, index, weights), params, grad_out)
-    actual = torch.autograd.grad(scattermoe_experts(x, *params, weights, index), params, grad_out)
+    expected, weight_grads = eager_and_scattermoe_weight_grads(seed=4, tokens=29)
+    actual = weight_grads()
     assert calls == ["grouped_mm", "triton"]
     for got, want in zip(actual, expected, strict=True):
         assert relative_error(got, want) <= TOLERANCE
@@ -139,15 +146,9 @@ def test_auto_weight_grad_keeps_the_faster_backend_per_shape(monkeypatch):
     monkeypatch.setattr(ops, "_FASTEST_WEIGHT_GRAD", {})
     timings = iter([2.0, 1.0, 2.0, 1.0])  # triton then grouped_mm, for dW_gate_up and then dW_down
     monkeypatch.setattr(ops, "_time_ms", lambda fn: (fn(), next(timings))[1])
-    torch.manual_seed(2)
-    experts = make_eager_experts(48, 40, 6, 2)
-    weights, index = make_routing(37, 6, 2, "skewed")
-    x = torch.randn(37, 48, device=DEVICE)
-    grad_out = torch.randn(37, 48, device=DEVICE)
-    params = (experts.gate_up_proj, experts.down_proj)
-    expected = torch.autograd.grad(experts(x, index, weights), params, grad_out)
+    expected, weight_grads = eager_and_scattermoe_weight_grads(seed=2, tokens=37)
     for _ in range(2):  # the second backward reuses the choices: no more timings to draw
-        actual = torch.autograd.grad(scattermoe_experts(x, *params, weights, index), params, grad_out)
+        actual = weight_grads()
         for got, want in zip(actual, expected, strict=True):
             assert relative_error(got, want) <= TOLERANCE
     assert sorted(ops._FASTEST_WEIGHT_GRAD.values()) == ["grouped_mm", "grouped_mm"]

@@ -7,8 +7,6 @@ in FP8 with per-row scales (``--fp8_frozen_experts``): both ops dequantize them 
 tensors, not a full-precision copy.
 """
 
-import os
-
 import torch
 
 from . import kernels
@@ -28,7 +26,7 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dt
     once to ``dtype`` (one fused Triton pass where Triton runs, the same arithmetic in torch elsewhere)."""
     if scale is None:
         return weight
-    if weight.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+    if weight.is_cuda or kernels.INTERPRET:
         return kernels.dequantize_rows(weight, scale, dtype)
     return (weight.float() * scale.float()).to(dtype)
 
