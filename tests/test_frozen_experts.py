@@ -157,6 +157,14 @@ def test_revert_brings_the_weights_back_in_their_dtype_and_the_model_runs_as_tra
     assert torch.isfinite(model(**batch()).loss)
 
 
+def test_peft_wrappers_without_the_factor_hand_over_are_refused_before_any_weight_changes():
+    model = lora_model()  # no apply_fast_moe_block: peft's own activation would fold into the FP8 weights
+    folding = r"peft would fold its LoRA into the FP8 weights of (gate_up|down)_proj; run apply_fast_moe_block"
+    with pytest.raises(ValueError, match=folding):
+        apply_fp8_frozen_experts(model)
+    assert experts_of(model).get_base_layer().gate_up_proj.dtype == torch.float32
+
+
 def test_trainable_expert_weights_are_refused():
     model = tiny_model()
     with pytest.raises(ValueError, match="gate_up_proj trains, so it cannot be stored in FP8"):
