@@ -83,6 +83,7 @@ VARIANTS = {
     "lora": ["use_lora"],
     "all_lora": ["use_fast_moe_block", "use_liger_kernel", "use_packing", "use_lora"],
     # and with TRL's activation offloading: the checkpointed hidden states wait in pinned CPU memory for backward
+    "lora_offload": ["use_lora", "activation_offloading"],
     "all_lora_offload": ["use_fast_moe_block", "use_liger_kernel", "use_packing", "use_lora", "activation_offloading"],
 }
 SEARCH_VARIANTS = ("lora", "all_lora")  # the defaults' and ours, in that order (ratios are to the first)

@@ -1,7 +1,7 @@
 """Time the Qwen3-MoE expert block: transformers `eager` and `grouped_mm` (also compiled), Liger-Kernel's fused MoE
-(what `--use_liger_kernel` alone runs the experts with), `scattermoe` (its weight gradients on torch's grouped GEMM, the
-default), `scattermoe_wgrad_triton` (ScatterMoE's Triton weight-gradient kernel) and
-`scattermoe_wgrad_grouped_mm_gate_up` (grouped GEMM for dW_gate_up only, a lower peak), in one run.
+(what `--use_liger_kernel` alone runs the experts with), `scattermoe` (the default: dW_gate_up on torch's grouped GEMM,
+dW_down on ScatterMoE's Triton kernel), `scattermoe_wgrad_triton` (both on the Triton kernel, the lowest peak) and
+`scattermoe_wgrad_grouped_mm` (both on the grouped GEMM, a row copy beside both gradients), in one run.
 
 Forward and forward+backward in bf16 (median of CUDA-event timings after warm-up), TFLOP/s
 (18 * tokens * top_k * H * I for forward+backward, 6 * ... for forward), extra peak memory of one
@@ -30,10 +30,10 @@ from monkey_patch.scattermoe.ops import WEIGHT_GRAD_ENV
 
 logger = logging.getLogger("moe_block")
 SCATTERMOE_WGRAD_TRITON = "scattermoe_wgrad_triton"
-SCATTERMOE_WGRAD_GATE_UP = "scattermoe_wgrad_grouped_mm_gate_up"
-# scattermoe under each TURBO_TUNE_MOE_WEIGHT_GRAD backend (plain ``scattermoe``: the default, grouped_mm)
-WEIGHT_GRAD_OF = {"scattermoe": "grouped_mm", SCATTERMOE_WGRAD_TRITON: "triton",
-                  SCATTERMOE_WGRAD_GATE_UP: "grouped_mm_gate_up"}
+SCATTERMOE_WGRAD_GROUPED_MM = "scattermoe_wgrad_grouped_mm"
+# scattermoe under each TURBO_TUNE_MOE_WEIGHT_GRAD backend (plain ``scattermoe``: the default, grouped_mm_gate_up)
+WEIGHT_GRAD_OF = {"scattermoe": "grouped_mm_gate_up", SCATTERMOE_WGRAD_TRITON: "triton",
+                  SCATTERMOE_WGRAD_GROUPED_MM: "grouped_mm"}
 GROUPED_MM_COMPILED = "grouped_mm_compiled"
 GIB = 1024**3
 
@@ -247,7 +247,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--implementations",
                         default=f"eager,grouped_mm,{GROUPED_MM_COMPILED},liger_fused_moe,scattermoe,"
-                        f"{SCATTERMOE_WGRAD_TRITON},{SCATTERMOE_WGRAD_GATE_UP}")
+                        f"{SCATTERMOE_WGRAD_TRITON},{SCATTERMOE_WGRAD_GROUPED_MM}")
     parser.add_argument("--cases", default="all", help="comma-separated indices into CASES, or 'all'")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--profile", default="2", help="comma-separated indices of the cases to profile ('' for none)")

@@ -3,9 +3,9 @@
 The autotuner only chooses among `_WEIGHT_GRAD_CONFIGS` in monkey_patch/scattermoe/kernels.py. This times a wider
 grid (tile sizes, warps, pipeline stages) on the two weight gradients of a Qwen3-MoE expert block, at the shapes of
 benchmarks/moe_block.py, checks each result against the autotuned kernel, and prints the fastest configs per case
-beside the autotuned one, so a better config can be added to the list with its measured gain. The second row is the
-default backend of ops.expert_weight_grad (TURBO_TUNE_MOE_WEIGHT_GRAD=grouped_mm: rows copied into expert order, then
-torch's grouped GEMM), copy included.
+beside the autotuned one, so a better config can be added to the list with its measured gain. The second row is
+ops.expert_weight_grad's grouped-GEMM backend (rows copied into expert order, then torch's grouped GEMM; by default
+dW_gate_up's, TURBO_TUNE_MOE_WEIGHT_GRAD=grouped_mm for both), copy included.
 
     python benchmarks/wgrad_sweep.py [--cases 30b-32k,235b-16k] [--top 5]
 """
@@ -33,7 +33,7 @@ CASES = {"30b-8k": (8192, 2048, 768), "30b-32k": (32768, 2048, 768), "235b-16k":
 TILES = [(m, n, k) for m, n in ((128, 128), (128, 256), (256, 128)) for k in (32, 64, 128)]
 LAUNCH = [(w, s) for w in (4, 8) for s in (2, 3, 4, 5)]
 WARMUP, REPEATS = 1, 10
-GROUPED_MM = "torch._grouped_mm, rows copied"  # ops.expert_weight_grad's default backend, beside the tile configs
+GROUPED_MM = "torch._grouped_mm, rows copied"  # ops.expert_weight_grad's grouped-GEMM backend, beside the tiles
 DOES_NOT_RUN = (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError, RuntimeError)
 
 

@@ -21,7 +21,7 @@ def registered():
 
 def test_every_cpu_implementation_agrees_with_grouped_mm_in_fp32():
     implementations = ["eager", "grouped_mm", "scattermoe", moe_block.SCATTERMOE_WGRAD_TRITON,
-                       moe_block.SCATTERMOE_WGRAD_GATE_UP]
+                       moe_block.SCATTERMOE_WGRAD_GROUPED_MM]
     rows = moe_block.run_case(TINY, implementations, repeats=1, dtype=torch.float32)
     assert [row["impl"] for row in rows] == implementations
     for row in rows:

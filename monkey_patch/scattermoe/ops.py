@@ -109,15 +109,16 @@ def _grad_a(ds: torch.Tensor, inputs: torch.Tensor, inputs_gathered: bool, lora:
 def weight_grad_backend() -> str:
     """Which kernel computes the experts' weight gradients, from ``TURBO_TUNE_MOE_WEIGHT_GRAD``.
 
-    ``grouped_mm`` (default): the gathered operand is copied into expert order once (T*k rows, freed at once) and
-    torch's grouped GEMM (CUTLASS on Hopper) reduces over each expert's rows; 1.2-1.7x the Triton kernel on an H200
-    (docs/benchmarks.md), for one transient copy of the routed rows. It needs bf16 on a Hopper-or-newer GPU (or the
-    CPU); elsewhere the Triton kernel runs. ``triton``: ScatterMoE's kernel reads token rows through the routing,
-    no copy. ``grouped_mm_gate_up``: the grouped GEMM for dW_gate_up only; dW_down, computed while dW_gate_up is
-    held, stays on the Triton kernel, so no row copy sits beside both weight gradients (a lower peak, for part of
-    the speed). ``auto``: both are timed at the first call of each shape and the faster one is kept for it.
+    ``grouped_mm_gate_up`` (default): dW_gate_up on torch's grouped GEMM (CUTLASS on Hopper) over a copy of the
+    routed input rows in expert order; dW_down, computed while dW_gate_up is held, on ScatterMoE's Triton kernel,
+    so no row copy sits beside both weight gradients: the block's extra peak stays below transformers'
+    ``grouped_mm`` at every shape measured on an H200 (docs/benchmarks.md). ``grouped_mm``: both on the grouped
+    GEMM, a few percent faster but above ``grouped_mm``'s peak at 235B-A22B and 30B-A3B/8k. ``triton``: both on
+    ScatterMoE's kernel, which reads token rows through the routing with no copy (the lowest peak). ``auto``: the
+    grouped GEMM and the Triton kernel are timed at the first call of each shape and the faster one is kept. The
+    grouped GEMM needs bf16 on a Hopper-or-newer GPU (or the CPU); elsewhere the Triton kernel runs.
     """
-    backend = os.environ.get(WEIGHT_GRAD_ENV, "grouped_mm")
+    backend = os.environ.get(WEIGHT_GRAD_ENV, "grouped_mm_gate_up")
     if backend not in WEIGHT_GRAD_BACKENDS:
         raise ValueError(f"{WEIGHT_GRAD_ENV}={backend!r}: choose one of {', '.join(WEIGHT_GRAD_BACKENDS)}.")
     return backend
