@@ -82,6 +82,7 @@ VARIANTS = {
     # no --torch_compile, which would recompile in every probe of --max_seq_search
     "lora": ["use_lora"],
     "all_lora": ["use_fast_moe_block", "use_liger_kernel", "use_packing", "use_lora"],
+    "fast_moe_lora": ["use_fast_moe_block", "use_lora"],  # the expert-LoRA path alone, as expert_lora.py times it
     # and with TRL's activation offloading: the checkpointed hidden states wait in pinned CPU memory for backward
     "lora_offload": ["use_lora", "activation_offloading"],
     "all_lora_offload": ["use_fast_moe_block", "use_liger_kernel", "use_packing", "use_lora", "activation_offloading"],
