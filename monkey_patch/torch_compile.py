@@ -1,14 +1,22 @@
 """``--torch_compile``: compile each decoder layer, and fall back to eager with one warning if compilation fails.
 
-Per layer rather than the whole model: the layers are identical, so Dynamo compiles one graph and reuses it; the
-ScatterMoE experts are ``torch.library`` custom ops, so a layer traces without a graph break; and TRL's fused LM head
-and the data-dependent loss masking stay eager. torch.compile is lazy, so a failure (Dynamo or Inductor) surfaces at
-the first forward: the guard catches it there, logs its cause, and runs every layer eagerly from then on, instead of
-stopping the run. The Trainer's own whole-model compile is switched off (``TurboSFTTrainer``), so nothing is compiled
-twice.
+Per layer rather than the whole model: the layers are identical, so Dynamo compiles their graphs once and reuses
+them; the ScatterMoE experts are ``torch.library`` custom ops, so they trace without a graph break; and TRL's fused
+LM head and the data-dependent loss masking stay eager. torch.compile is lazy, so a failure (Dynamo or Inductor)
+surfaces at the first forward: the guard catches it there, logs its cause, and runs every layer eagerly from then on,
+instead of stopping the run. The Trainer's own whole-model compile is switched off (``TurboSFTTrainer``), so nothing
+is compiled twice.
+
+Gradient checkpointing (on by default) runs inside a transformers 5 layer's ``forward``. Compiled around it, the
+checkpoint becomes a higher-order op in which Dynamo cannot take a graph break, and transformers' output-capturing
+hooks (router logits for the load-balancing loss, ...) break the graph there (they read a ``ContextVar``): Dynamo
+then ran the whole layer eagerly, compiling nothing. Under checkpointing the layer is therefore called eagerly and
+the checkpointed body is what gets compiled (``_CompiledCheckpoint``), for the forward and for its recompute in
+backward alike; the hooks cut it into a few graphs, as they do without checkpointing.
 """
 
 import logging
+from functools import partial
 
 import torch
 from torch._dynamo.exc import TorchDynamoException
@@ -36,34 +44,60 @@ def root_cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {message[:300]}"
 
 
+def _call(function, *args):
+    """The checkpointed layer body, called: what ``_CompiledCheckpoint`` compiles."""
+    return function(*args)
+
+
 class _Fallback:
     """Shared by the layers of one model: once compilation failed, every layer runs eagerly."""
 
-    def __init__(self) -> None:
+    def __init__(self, options: dict) -> None:
         self.failed = False
+        self.compiled_body = torch.compile(_call, **options)
+
+    def run(self, compiled, eager, *args, **kwargs):
+        """``compiled(*args, **kwargs)``, or ``eager`` (from now on) if compiling fails."""
+        if not self.failed:
+            try:
+                return compiled(*args, **kwargs)
+            except TorchDynamoException as error:
+                self.failed = True
+                logger.warning(
+                    "--torch_compile: compiling the decoder layers failed (%s); continuing uncompiled.",
+                    root_cause(error),
+                )
+        return eager(*args, **kwargs)
 
     def guard(self, layer: torch.nn.Module, compiled):
         def call(*args, **kwargs):
-            if not self.failed:
-                try:
-                    return compiled(*args, **kwargs)
-                except TorchDynamoException as error:
-                    self.failed = True
-                    logger.warning(
-                        "--torch_compile: compiling the decoder layers failed (%s); continuing uncompiled.",
-                        root_cause(error),
-                    )
-            return layer._call_impl(*args, **kwargs)
+            if layer.gradient_checkpointing and layer.training:
+                checkpoint = layer._gradient_checkpointing_func  # set anew by each gradient_checkpointing_enable()
+                if not isinstance(checkpoint, _CompiledCheckpoint):
+                    layer._gradient_checkpointing_func = _CompiledCheckpoint(checkpoint, self)
+                return layer._call_impl(*args, **kwargs)
+            return self.run(compiled, layer._call_impl, *args, **kwargs)
 
         return call
+
+
+class _CompiledCheckpoint:
+    """A layer's gradient-checkpointing function that checkpoints the compiled body instead of the eager one."""
+
+    def __init__(self, checkpoint, fallback: _Fallback) -> None:
+        self.checkpoint, self.fallback = checkpoint, fallback
+
+    def __call__(self, function, *args, **kwargs):
+        compiled = partial(self.fallback.run, self.fallback.compiled_body, _call, function)
+        return self.checkpoint(function if self.fallback.failed else compiled, *args, **kwargs)
 
 
 def compile_decoder_layers(model: torch.nn.Module, config: TurboTuneConfig) -> None:
     """Compile every decoder layer with the Trainer's backend and mode flags (idempotent)."""
     if is_compiled_per_layer(model):
         return
-    fallback = _Fallback()
     options = {"backend": config.torch_compile_backend or "inductor", "mode": config.torch_compile_mode}
+    fallback = _Fallback(options)
     layers = decoder_layers(model)
     for layer in layers:
         # What nn.Module.compile() does, with the guard around the compiled call
@@ -95,4 +129,6 @@ def uncompile_decoder_layers(model: torch.nn.Module) -> None:
         return
     for layer in decoder_layers(model):
         layer._compiled_call_impl = None
+        if isinstance(layer.__dict__.get("_gradient_checkpointing_func"), _CompiledCheckpoint):
+            layer._gradient_checkpointing_func = layer._gradient_checkpointing_func.checkpoint
     delattr(model, COMPILED_MARK)

@@ -58,6 +58,45 @@ def test_decoder_layer_with_scattermoe_compiles_without_graph_breaks():
     assert layer.mlp.experts.gate_up_proj.grad is not None
 
 
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_compiled_layers_train_like_eager_layers_with_and_without_gradient_checkpointing(checkpointing):
+    """Under checkpointing (the default) the layers once compiled nothing: the checkpoint, inside the compiled call,
+    became a higher-order op that cannot take the output-capturing hooks' graph breaks, so Dynamo ran it all
+    eagerly. Now the checkpointed body is compiled; loss, router logits and gradients stay those of eager layers."""
+
+    def train_steps(model: torch.nn.Module) -> list[tuple]:
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        results = []
+        for step, length in enumerate((10, 13)):  # a second length: the static-to-dynamic recompile included
+            tokens = torch.randint(3, 300, (1, length), generator=torch.Generator().manual_seed(step))
+            out = model(tokens, labels=tokens, use_cache=False, output_router_logits=True)
+            out.loss.backward()
+            grads = [p.grad.clone() for p in model.parameters()]
+            model.zero_grad()
+            results.append((out.loss.detach(), out.aux_loss.detach(), len(out.router_logits), grads))
+        return results
+
+    expected = train_steps(tiny_model())
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = tiny_model()
+    config = TurboTuneConfig(output_dir="unused", report_to="none", torch_compile=True,
+                             torch_compile_backend="aot_eager")
+    compile_decoder_layers(model, config)
+    actual = train_steps(model)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # 0 before, under checkpointing
+    assert not compile_fell_back(model)
+    for (loss, aux, routers, grads), (want_loss, want_aux, want_routers, want_grads) in zip(actual, expected,
+                                                                                            strict=True):
+        assert rel_err(loss, want_loss) < 1e-6 and rel_err(aux, want_aux) < 1e-6 and routers == want_routers
+        assert max(rel_err(g, w) for g, w in zip(grads, want_grads, strict=True) if w.norm() > 0) < 1e-4
+    revert_patches(model)
+    assert not any(hasattr(layer.__dict__.get("_gradient_checkpointing_func"), "fallback")
+                   for layer in model.model.layers)  # the Trainer's checkpoint function is back
+
+
 def test_failed_compile_falls_back_to_eager_with_a_warning(caplog):
     def broken_backend(graph_module, example_inputs):
         raise RuntimeError("backend exploded on purpose")
