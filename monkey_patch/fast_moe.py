@@ -55,7 +55,8 @@ def _weight_and_lora(experts: torch.nn.Module, name: str) -> tuple[torch.Tensor,
 
 
 def _low_rank(wrapper: ParamWrapper, adapter: str) -> LowRank:
-    """peft's ``ParamWrapper.get_delta_factors`` as a LowRank, in the adapter's dtype (the op casts)."""
+    """peft's ``ParamWrapper.get_delta_factors`` as a LowRank, but in the adapter's dtype: peft's casts the factors to
+    the weight's, which is FP8 under --fp8_frozen_experts (the op casts them to the compute dtype)."""
     a = wrapper.lora_A[adapter].weight
     b = wrapper.lora_B[adapter].weight
     a = a.reshape(wrapper.num_experts, -1, a.shape[-1])  # (E, r, in)
@@ -96,6 +97,11 @@ def hand_expert_lora_to_scattermoe(model: torch.nn.Module) -> int:
     for wrapper in wrappers:
         wrapper._activate_lora = types.MethodType(_hand_over_factors, wrapper)
     return len(wrappers)
+
+
+def hands_over_factors(wrapper: ParamWrapper) -> bool:
+    """Whether ``wrapper`` has the hand-over, rather than peft's own activation (which folds the adapter)."""
+    return getattr(wrapper._activate_lora, "__func__", None) is _hand_over_factors
 
 
 def scattermoe_experts_forward(

@@ -41,8 +41,9 @@ def fp8_scale(experts: torch.nn.Module, name: str) -> torch.Tensor | None:
 
 def apply_fp8_frozen_experts(model: torch.nn.Module) -> None:
     """Store every frozen expert weight of ``model`` (after peft wrapped it) in FP8 (idempotent)."""
-    # still on peft's own adapter activation, which would fold into FP8
-    folding = [w.parameter_name for w in expert_lora_wrappers(model) if "_activate_lora" not in w.__dict__]
+    from .fast_moe import hands_over_factors  # here: fast_moe imports this module
+
+    folding = [w.parameter_name for w in expert_lora_wrappers(model) if not hands_over_factors(w)]
     if folding:
         raise ValueError(
             f"--fp8_frozen_experts: peft would fold its LoRA into the FP8 weights of {folding[0]}; run "
