@@ -6,13 +6,11 @@ to pair order itself. Every weight tensor is passed as a logical (E, K, N) view,
 projection and its transpose through strides. Each launcher below owns exactly one kernel.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from .launch import INTERPRET, launch
 
 
 def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
@@ -214,7 +212,7 @@ def _scatter_matmul_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])  # varies with packed rows: no second compile when it hits a multiple of 16
 def _swiglu_backward_kernel(
     grad_h_ptr, gate_up_ptr, sorted_pairs_ptr, scale_ptr, grad_gate_up_ptr, grad_scale_ptr, h_ptr,
     num_rows, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, STORE_H: tl.constexpr,
@@ -255,7 +253,7 @@ _SUM_TOP_K_CONFIGS = [
 
 
 @triton.autotune(configs=_SUM_TOP_K_CONFIGS, key=["H", "TOP_K"])
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # as num_rows above
 def _sum_top_k_kernel(y_ptr, out_ptr, T, H, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
     """out[t] = sum_j y[t * TOP_K + j] in fp32: the combine of a token's k expert outputs, at memory speed
     (torch's reduction over the middle dim of (T, k, H) runs at about half the bandwidth)."""
@@ -347,12 +345,11 @@ def gather_gate_up_swiglu(
         return (blocks_m * triton.cdiv(inter, meta["BLOCK_N"]),)
 
     a2, w2, k2, a2_strides = _second_operand(a2, w2, x)
-    _gather_gate_up_swiglu_kernel[grid](
+    launch(_gather_gate_up_swiglu_kernel, grid, (
         x, w_gate_up, a2, w2, sorted_pairs, expert_ends, row_scale, gate_up, h,
         num_experts, hidden, k2, inter, top_k, _rows_bucket(num_rows),
         x.stride(0), x.stride(1), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), *a2_strides,
-        HAS_A2=k2 > 0, E_POW2=triton.next_power_of_2(num_experts), INPUT_PRECISION=_input_precision(x.dtype),
-    )
+    ), dict(HAS_A2=k2 > 0, E_POW2=triton.next_power_of_2(num_experts), INPUT_PRECISION=_input_precision(x.dtype)))
     return gate_up, h
 
 
@@ -379,13 +376,12 @@ def scatter_matmul(
         return (blocks_m * triton.cdiv(n_dim, meta["BLOCK_N"]),)
 
     a2, w2, k2, a2_strides = _second_operand(a2, w2, a)
-    _scatter_matmul_kernel[grid](
+    launch(_scatter_matmul_kernel, grid, (
         a, w, a2, w2, sorted_pairs, expert_ends, y,
         num_experts, k_dim, k2, n_dim, top_k, _rows_bucket(num_rows),
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), *a2_strides,
-        A_GATHERED=a_gathered, Y_SCATTERED=y_scattered, HAS_A2=k2 > 0,
-        E_POW2=triton.next_power_of_2(num_experts), INPUT_PRECISION=_input_precision(a.dtype),
-    )
+    ), dict(A_GATHERED=a_gathered, Y_SCATTERED=y_scattered, HAS_A2=k2 > 0,
+            E_POW2=triton.next_power_of_2(num_experts), INPUT_PRECISION=_input_precision(a.dtype)))
     return y
 
 
@@ -399,10 +395,10 @@ def swiglu_backward(
     grad_scale = torch.empty(num_rows, device=grad_h.device, dtype=torch.float32)
     h = torch.empty_like(grad_h) if want_h else None
     rows_per_program = 64 if INTERPRET else 1
-    _swiglu_backward_kernel[(triton.cdiv(num_rows, rows_per_program),)](
+    launch(_swiglu_backward_kernel, lambda meta: (triton.cdiv(num_rows, rows_per_program),), (
         grad_h, gate_up, sorted_pairs, row_scale, grad_gate_up, grad_scale, grad_h if h is None else h, num_rows,
-        inter, BLOCK_R=rows_per_program, BLOCK_N=triton.next_power_of_2(inter), STORE_H=want_h, num_warps=4,
-    )
+        inter,
+    ), dict(BLOCK_R=rows_per_program, BLOCK_N=triton.next_power_of_2(inter), STORE_H=want_h, num_warps=4))
     return grad_gate_up, grad_scale, h
 
 
@@ -423,12 +419,11 @@ def grouped_weight_grad(
     def grid(meta):
         return (num_experts * triton.cdiv(m_dim, meta["BLOCK_M"]) * triton.cdiv(n_dim, meta["BLOCK_N"]),)
 
-    _grouped_weight_grad_kernel[grid](
+    launch(_grouped_weight_grad_kernel, grid, (
         a, b, sorted_pairs, expert_ends, dw,
         m_dim, n_dim, top_k, _rows_bucket(num_rows),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
-        A_GATHERED=a_gathered, B_GATHERED=b_gathered, INPUT_PRECISION=_input_precision(a.dtype),
-    )
+    ), dict(A_GATHERED=a_gathered, B_GATHERED=b_gathered, INPUT_PRECISION=_input_precision(a.dtype)))
     return dw
 
 
@@ -443,7 +438,7 @@ def sum_top_k(y: torch.Tensor, top_k: int) -> torch.Tensor:
     def grid(meta):
         return (triton.cdiv(num_tokens, meta["BLOCK_T"]), triton.cdiv(hidden, meta["BLOCK_H"]))
 
-    _sum_top_k_kernel[grid](y.contiguous(), out, num_tokens, hidden, TOP_K=top_k)
+    launch(_sum_top_k_kernel, grid, (y.contiguous(), out, num_tokens, hidden), dict(TOP_K=top_k))
     return out
 
 
@@ -463,7 +458,6 @@ def dequantize_rows(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtyp
     out = torch.empty(weight.shape, device=weight.device, dtype=dtype)
     block = 1024 if INTERPRET else 4096
     if weight.numel():
-        _dequantize_rows_kernel[(triton.cdiv(weight.numel(), block),)](
-            weight, scale, out, weight.numel(), weight.shape[-1], BLOCK=block, num_warps=8
-        )
+        launch(_dequantize_rows_kernel, lambda meta: (triton.cdiv(weight.numel(), block),),
+               (weight, scale, out, weight.numel(), weight.shape[-1]), dict(BLOCK=block, num_warps=8))
     return out
