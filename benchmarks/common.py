@@ -122,3 +122,33 @@ def step_profile(events, on_gpu: bool, rows: int, wall_s: float | None = None) -
         return report
     wall = "" if wall_s is None else f"Wall time of the profiled step (profiler on): {wall_s * 1e3:.1f} ms\n\n"
     return f"{report}\n{wall}Host side:\n\n{kernel_table(events, on_gpu=False, rows=rows)}"
+
+
+def timeline(trace_events: list[dict]) -> str:
+    """Markdown from a profiler's chrome-trace events: the span of the trace against the time the GPU was busy (the
+    union of kernels, copies and memsets) and, per host thread, the time inside its outermost ops. A step whose GPU
+    is busy for a fraction of its span while a host thread is busy for most of it is bound by the host."""
+    spans = [e for e in trace_events if e.get("ph") == "X" and "dur" in e]
+    if not spans:
+        return "No timed events in the trace.\n"
+    start = min(e["ts"] for e in spans)
+    span_us = max(e["ts"] + e["dur"] for e in spans) - start
+    busy_us, busy_until = 0.0, None
+    gpu_work = (e for e in spans if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    for e in sorted(gpu_work, key=lambda e: e["ts"]):
+        begin, end = e["ts"], e["ts"] + e["dur"]
+        if busy_until is None or begin >= busy_until:
+            busy_us, busy_until = busy_us + e["dur"], end
+        elif end > busy_until:
+            busy_us, busy_until = busy_us + end - busy_until, end
+    outermost: dict = {}
+    for e in sorted((e for e in spans if e.get("cat") == "cpu_op"), key=lambda e: (e["ts"], -e["dur"])):
+        total, until = outermost.get(e["tid"], (0.0, None))
+        if until is None or e["ts"] >= until:
+            outermost[e["tid"]] = (total + e["dur"], e["ts"] + e["dur"])
+    lines = [f"Trace span {span_us / 1e3:.1f} ms; GPU busy {busy_us / 1e3:.1f} ms ({busy_us / span_us:.0%}).", "",
+             "| host thread | ms in its outermost ops |", "|---|---|"]
+    for tid, (total, _) in sorted(outermost.items(), key=lambda item: -item[1][0]):
+        lines.append(f"| {tid} | {total / 1e3:.1f} |")
+    return "\n".join(lines) + "\n"
+

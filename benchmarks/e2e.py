@@ -30,6 +30,7 @@ budget cut the search short; OUT/max_seq.json, OUT/max_seq.png, table last.
 """
 
 import argparse
+import gzip
 import json
 import math
 import os
@@ -58,6 +59,7 @@ from common import (  # noqa: E402
     relative_error,
     run_logged,
     step_profile,
+    timeline,
 )
 from transformers import TrainerCallback  # noqa: E402
 
@@ -311,7 +313,9 @@ class StepRecorder(EfficiencyCallback):
 
 
 class StepProfile(TrainerCallback):
-    """Profiles the optimizer step that starts after ``step`` completed ones; writes its costliest kernels."""
+    """Profiles the optimizer step that starts after ``step`` completed ones; writes its costliest kernels, the
+    GPU's busy time against the step's span and the host threads' (``<variant>.profile.md``), and the chrome trace
+    (``<variant>.trace.json.gz``, for Perfetto)."""
 
     def __init__(self, step: int, path: Path, rows: int = 25) -> None:
         self.step, self.path, self.rows, self.profiler = step, path, rows, None
@@ -330,7 +334,12 @@ class StepProfile(TrainerCallback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.profiler.__exit__(None, None, None)
-        self.path.write_text(step_profile(self.profiler.key_averages(), torch.cuda.is_available(), self.rows))
+        trace = self.path.with_name(self.path.name.replace(".profile.md", ".trace.json.gz"))
+        self.profiler.export_chrome_trace(str(trace))
+        with gzip.open(trace, "rt") as file:
+            events = json.load(file)["traceEvents"]
+        report = step_profile(self.profiler.key_averages(), torch.cuda.is_available(), self.rows)
+        self.path.write_text(f"{timeline(events)}\n{report}")
         self.profiler = None
 
 

@@ -32,8 +32,10 @@ def test_tiny_variants_run_and_a_failure_is_a_row(tmp_path):
     assert "varlen_sdpa" in rows["packing"]["notes"]
     errors = rows["packing"]["notes"].split("rel err out/grad ")[1].split(",")[0].split("/")
     assert all(float(e) < 1e-5 for e in errors)  # fp32 on the CPU
-    profile = (tmp_path / "packing.profile.md").read_text().splitlines()
-    assert profile[0].startswith("CPU time of one step:") and "| `aten::mm` |" in "\n".join(profile)
+    profile = (tmp_path / "packing.profile.md").read_text()
+    assert profile.startswith("Trace span ") and "GPU busy 0.0 ms (0%)" in profile.splitlines()[0]
+    assert "CPU time of one step:" in profile and "| `aten::mm` |" in profile
+    assert (tmp_path / "packing.trace.json.gz").read_bytes().startswith(b"\x1f\x8b")  # gzip
     assert not rows["liger"]["ok"] and "--use_liger_kernel needs a CUDA GPU" in rows["liger"]["error"]
     assert result.returncode == 1
     assert result.stdout.rstrip().splitlines()[-1].startswith("| liger |")  # the table comes last
@@ -177,3 +179,21 @@ def test_gpu_step_profile_adds_wall_time_and_the_host_ops():
     assert host.index("Triton launch") < host.index("aten::mm")
     assert common.step_profile(events, on_gpu=False, rows=10) == common.kernel_table(events, on_gpu=False, rows=10)
     assert common.kernel_table(events, on_gpu=False, rows=10, steps=2).startswith("CPU time of one step: 0.5 ms")
+
+
+def test_timeline_unions_overlapping_gpu_work_and_counts_each_threads_outermost_ops():
+    def span(cat, ts, dur, tid=1):
+        return {"ph": "X", "cat": cat, "ts": ts, "dur": dur, "tid": tid, "name": cat}
+
+    events = [
+        span("cpu_op", 0, 100), span("cpu_op", 10, 50), span("cpu_op", 150, 20),  # thread 1: 100 + 20 outermost
+        span("cpu_op", 40, 30, tid=2),
+        span("kernel", 20, 30), span("kernel", 40, 30), span("gpu_memcpy", 90, 10), span("kernel", 95, 3),
+        {"ph": "i", "ts": 500, "name": "instant"},  # no duration: not part of the span
+    ]
+    report = common.timeline(events)
+    assert report.startswith("Trace span 0.2 ms; GPU busy 0.1 ms (35%).")  # 170 us span, 20-70 and 90-100 busy
+    assert "| 1 | 0.1 |" in report and "| 2 | 0.0 |" in report
+    assert report.index("| 1 |") < report.index("| 2 |")
+    assert common.timeline([]) == "No timed events in the trace.\n"
+
