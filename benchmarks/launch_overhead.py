@@ -32,7 +32,7 @@ from monkey_patch.scattermoe.ops import LowRank, compute_routing  # noqa: E402
 
 SHAPES = {  # hidden, intermediate, experts, top-k, LoRA rank
     "full": (2048, 768, 128, 8, 16),  # Qwen3-30B-A3B
-    "small": (64, 32, 8, 2, 4),  # CPU smoke test
+    "small": (32, 16, 4, 2, 4),  # CPU smoke test
 }
 
 
