@@ -1,6 +1,8 @@
-"""Shared test setup: Triton kernels run in the interpreter when there is no GPU."""
+"""Shared test setup: Triton kernels run in the interpreter when there is no GPU; the tiny checkpoint that the
+distributed tests start from."""
 
 import os
+from pathlib import Path
 
 import turbo_tune.triton_mode  # noqa: F401  (first: Triton's interpreter on a CPU, before anything imports triton)
 
@@ -8,6 +10,9 @@ import turbo_tune.triton_mode  # noqa: F401  (first: Triton's interpreter on a C
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from turbo_tune.modeling import EMBEDDED_MODEL_DIR
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -23,3 +28,14 @@ def isolated_process_state():
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """The embedded tiny model saved as a checkpoint, so that every engine starts from the same weights: under ZeRO-3
+    a randomly initialised model is built already partitioned and draws different random numbers."""
+    path = tmp_path_factory.mktemp("tiny-checkpoint")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(EMBEDDED_MODEL_DIR)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(EMBEDDED_MODEL_DIR).save_pretrained(path)
+    return path

@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh && ensure_venv requirements-dev.txt
 ruff check .
-python -m pytest tests -q --durations=10 "$@"
+# Two workers (CI has two cores), each taking whole files, so a file's module-scoped runs are made once.
+python -m pytest tests -q --durations=10 -n 2 --dist loadfile "$@"
