@@ -12,7 +12,13 @@ checkpoint becomes a higher-order op in which Dynamo cannot take a graph break, 
 hooks (router logits for the load-balancing loss, ...) break the graph there (they read a ``ContextVar``): Dynamo
 then ran the whole layer eagerly, compiling nothing. Under checkpointing the layer is therefore called eagerly and
 the checkpointed body is what gets compiled (``_CompiledCheckpoint``), for the forward and for its recompute in
-backward alike; the hooks cut it into a few graphs, as they do without checkpointing.
+backward alike.
+
+Those hooks would still cut every layer into several graphs (the break at a hook inside a submodule splits each
+enclosing frame too: seven graph regions a layer on a GPU profile, each with its guard check and autograd node, in a
+step bound by host time). So inside compiled code a hook call is recorded instead (``_DEFERRED``, a list Dynamo
+appends to as a side effect) and replayed eagerly right after the compiled call, in order, where the ``ContextVar``
+reads fine: the collected outputs are the same tensors, in the same order.
 """
 
 import logging
@@ -21,6 +27,7 @@ from functools import partial
 import torch
 from torch._dynamo.exc import TorchDynamoException
 from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.utils.output_capturing import maybe_install_capturing_hooks
 
 from turbo_tune.arguments import TurboTuneConfig
 
@@ -49,12 +56,56 @@ def _call(function, *args):
     return function(*args)
 
 
+_CAPTURING_HOOKS_MODULE = "transformers.utils.output_capturing"
+# (hook, module, args, output) of output-capturing hook calls made inside compiled code, in call order
+_DEFERRED: list = []
+
+
+def _deferring(hook):
+    """transformers' output-capturing ``hook``, recorded instead of run while Dynamo traces (see the module doc)."""
+
+    def deferred(module, args, output):
+        if torch.compiler.is_compiling():
+            _DEFERRED.append((hook, module, args, output))
+        else:
+            hook(module, args, output)
+
+    deferred.__wrapped__ = hook
+    return deferred
+
+
+def _replaying_hooks(compiled):
+    """``compiled``, then the hook calls it recorded, replayed; emptied even on failure, for the next call's guard."""
+
+    def call(*args, **kwargs):
+        try:
+            result = compiled(*args, **kwargs)
+            calls = list(_DEFERRED)
+        finally:
+            _DEFERRED.clear()
+        for hook, module, hook_args, output in calls:
+            hook(module, hook_args, output)
+        return result
+
+    return call
+
+
+def _defer_capturing_hooks(layers: torch.nn.ModuleList, defer: bool) -> None:
+    """Wrap (or unwrap) the output-capturing hooks on the layers and their submodules."""
+    for module in layers.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if defer and getattr(hook, "__module__", None) == _CAPTURING_HOOKS_MODULE:
+                module._forward_hooks[key] = _deferring(hook)
+            elif not defer and getattr(hook, "__module__", None) == __name__ and hasattr(hook, "__wrapped__"):
+                module._forward_hooks[key] = hook.__wrapped__
+
+
 class _Fallback:
     """Shared by the layers of one model: once compilation failed, every layer runs eagerly."""
 
     def __init__(self, options: dict) -> None:
         self.failed = False
-        self.compiled_body = torch.compile(_call, **options)
+        self.compiled_body = _replaying_hooks(torch.compile(_call, **options))
 
     def run(self, compiled, eager, *args, **kwargs):
         """``compiled(*args, **kwargs)``, or ``eager`` (from now on) if compiling fails."""
@@ -99,9 +150,11 @@ def compile_decoder_layers(model: torch.nn.Module, config: TurboTuneConfig) -> N
     options = {"backend": config.torch_compile_backend or "inductor", "mode": config.torch_compile_mode}
     fallback = _Fallback(options)
     layers = decoder_layers(model)
+    maybe_install_capturing_hooks(unwrap_peft(model).model)  # what transformers does at the first capturing call
+    _defer_capturing_hooks(layers, defer=True)
     for layer in layers:
         # What nn.Module.compile() does, with the guard around the compiled call
-        layer._compiled_call_impl = fallback.guard(layer, torch.compile(layer._call_impl, **options))
+        layer._compiled_call_impl = fallback.guard(layer, _replaying_hooks(torch.compile(layer._call_impl, **options)))
     setattr(model, COMPILED_MARK, fallback)
     logger.info("torch.compile (%s) on each of the %d decoder layers.", options["backend"], len(layers))
     if is_deepspeed_zero3_enabled():
@@ -127,6 +180,7 @@ def uncompile_decoder_layers(model: torch.nn.Module) -> None:
     """Undo compile_decoder_layers: the layers run eagerly again (Liger's patches, applied by the Trainer, stay)."""
     if not is_compiled_per_layer(model):
         return
+    _defer_capturing_hooks(decoder_layers(model), defer=False)
     for layer in decoder_layers(model):
         layer._compiled_call_impl = None
         if isinstance(layer.__dict__.get("_gradient_checkpointing_func"), _CompiledCheckpoint):

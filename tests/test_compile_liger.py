@@ -62,7 +62,8 @@ def test_decoder_layer_with_scattermoe_compiles_without_graph_breaks():
 def test_compiled_layers_train_like_eager_layers_with_and_without_gradient_checkpointing(checkpointing):
     """Under checkpointing (the default) the layers once compiled nothing: the checkpoint, inside the compiled call,
     became a higher-order op that cannot take the output-capturing hooks' graph breaks, so Dynamo ran it all
-    eagerly. Now the checkpointed body is compiled; loss, router logits and gradients stay those of eager layers."""
+    eagerly. Now the checkpointed body is compiled, without a graph break (the hooks' calls are replayed after it);
+    loss, router logits and gradients stay those of eager layers."""
 
     def train_steps(model: torch.nn.Module) -> list[tuple]:
         if checkpointing:
@@ -87,6 +88,7 @@ def test_compiled_layers_train_like_eager_layers_with_and_without_gradient_check
     compile_decoder_layers(model, config)
     actual = train_steps(model)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # 0 before, under checkpointing
+    assert not torch._dynamo.utils.counters["graph_break"]  # the output-capturing hooks broke every layer before
     assert not compile_fell_back(model)
     for (loss, aux, routers, grads), (want_loss, want_aux, want_routers, want_grads) in zip(actual, expected,
                                                                                             strict=True):
