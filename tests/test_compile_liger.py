@@ -97,6 +97,8 @@ def test_compiled_layers_train_like_eager_layers_with_and_without_gradient_check
     revert_patches(model)
     assert not any(hasattr(layer.__dict__.get("_gradient_checkpointing_func"), "fallback")
                    for layer in model.model.layers)  # the Trainer's checkpoint function is back
+    hooks = [hook for module in model.model.layers.modules() for hook in module._forward_hooks.values()]
+    assert hooks and all(hook.__module__ == "transformers.utils.output_capturing" for hook in hooks)  # unwrapped
 
 
 def test_failed_compile_falls_back_to_eager_with_a_warning(caplog):
