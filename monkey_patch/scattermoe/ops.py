@@ -43,7 +43,7 @@ def compute_routing(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.
     """
     sorted_experts, sorted_pairs = torch.sort(top_k_index.reshape(-1), stable=True)
     expert_ids = torch.arange(num_experts, device=top_k_index.device, dtype=sorted_experts.dtype)
-    expert_ends = torch.searchsorted(sorted_experts, expert_ids, right=True).to(torch.int32)
+    expert_ends = torch.searchsorted(sorted_experts, expert_ids, right=True, out_int32=True)
     return sorted_pairs, expert_ends
 
 
