@@ -8,6 +8,7 @@ and compiles; later ones call the compiled kernel it chose. The cache key holds 
 compiled kernel on, so a hit runs exactly the kernel Triton would have run.
 """
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -65,7 +66,8 @@ def launch(kernel: Any, grid: Callable[[dict], tuple], args: tuple, constexprs: 
     if not enabled:
         kernel[grid](*args, **constexprs)
         return
-    key = (kernel, args[0].device, tuple(constexprs.items()), _autotune_key(kernel, args), specialization(args))
+    tuned_by = tuple(args[i] for i in _autotune_positions(kernel, len(args)))
+    key = (kernel, args[0].device, tuple(constexprs.items()), tuned_by, specialization(args))
     hit = _COMPILED.get(key)
     if hit is None:
         kernel[grid](*args, **constexprs)
@@ -75,9 +77,11 @@ def launch(kernel: Any, grid: Callable[[dict], tuple], args: tuple, constexprs: 
     compiled[_as_3d(grid(meta))](*(args[i] if i is not None else value for i, value in order))
 
 
-def _autotune_key(kernel: Any, args: tuple) -> tuple:
-    """The values the autotuner picks a configuration by (exact, unlike ``specialization``)."""
+@functools.cache
+def _autotune_positions(kernel: Any, num_args: int) -> tuple[int, ...]:
+    """Positions of the arguments the autotuner picks a configuration by (their values go into the cache key exactly,
+    unlike ``specialization``); the others are constexprs, already in the key. Once per kernel, off the hot path."""
     if not isinstance(kernel, triton.runtime.Autotuner):
         return ()
-    names = kernel.arg_names
-    return tuple(args[names.index(name)] for name in kernel.keys if names.index(name) < len(args))
+    positions = (kernel.arg_names.index(name) for name in kernel.keys)
+    return tuple(position for position in positions if position < num_args)
