@@ -85,18 +85,24 @@ def check_exact(block: Block, token_counts: list[int]) -> list[dict]:
     return rows
 
 
-def host_ms(block: Block, tokens: int, repeats: int) -> float:
-    """Host milliseconds per forward + backward, with the GPU left to run behind (synchronized only at the end)."""
-    inputs = block.inputs(tokens, misaligned=False)
-    block.forward_backward(*inputs)
-    sync = torch.cuda.synchronize if block.device == "cuda" else (lambda: None)
+def host_ms(fn: Callable[[], object], device: str, repeats: int) -> float:
+    """Host milliseconds per ``fn()`` after a warm-up call, the GPU left to run behind (synchronized only before and
+    after the timed calls)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fn()
     sync()
     start = time.perf_counter()
     for _ in range(repeats):
-        block.forward_backward(*inputs)
+        fn()
     elapsed = time.perf_counter() - start
     sync()
     return elapsed / repeats * 1e3
+
+
+def block_ms(block: Block, tokens: int, repeats: int) -> float:
+    """Host milliseconds per LoRA expert-block forward + backward."""
+    inputs = block.inputs(tokens, misaligned=False)
+    return host_ms(lambda: block.forward_backward(*inputs), block.device, repeats)
 
 
 def one_launch_ms(block: Block, tokens: int, repeats: int) -> float:
@@ -104,18 +110,8 @@ def one_launch_ms(block: Block, tokens: int, repeats: int) -> float:
     x, _, ids = block.inputs(tokens, misaligned=False)
     routing = compute_routing(ids, block.experts)
     w = block.w_gate_up.transpose(1, 2)
-
-    def once() -> torch.Tensor:
-        return kernels.scatter_matmul(x, w, *routing, block.top_k, a_gathered=True, y_scattered=False)
-
-    once()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        once()
-    elapsed = time.perf_counter() - start
-    if block.device == "cuda":
-        torch.cuda.synchronize()
-    return elapsed / repeats * 1e3
+    return host_ms(lambda: kernels.scatter_matmul(x, w, *routing, block.top_k, a_gathered=True, y_scattered=False),
+                   block.device, repeats)
 
 
 def time_paths(measure: Callable[[], float], trials: int) -> dict[str, float]:
@@ -140,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     block = Block(args.shape, device, torch.bfloat16 if device == "cuda" else torch.float32)
     checks = check_exact(block, [int(n) for n in args.tokens.split(",")])
-    per_block = time_paths(lambda: host_ms(block, args.timing_tokens, args.repeats), args.trials)
+    per_block = time_paths(lambda: block_ms(block, args.timing_tokens, args.repeats), args.trials)
     per_launch = time_paths(lambda: one_launch_ms(block, args.timing_tokens, 10 * args.repeats), args.trials)
 
     print(f"\n{torch.cuda.get_device_name() if device == 'cuda' else 'CPU (Triton interpreter)'}, shape {args.shape}\n")
