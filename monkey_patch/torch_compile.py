@@ -56,7 +56,7 @@ def _call(function, *args):
     return function(*args)
 
 
-_CAPTURING_HOOKS_MODULE = "transformers.utils.output_capturing"
+_CAPTURING_HOOKS_MODULE = maybe_install_capturing_hooks.__module__  # where transformers defines the hooks
 # (hook, module, args, output) of output-capturing hook calls made inside compiled code, in call order
 _DEFERRED: list = []
 
