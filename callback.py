@@ -1,10 +1,12 @@
-"""Efficiency metrics for each logging window: step time, throughput, MFU, memory and time to completion.
+"""Efficiency metrics for each logging window: step time, throughput, MFU, time in Python's garbage collector,
+memory and time to completion.
 
 The trainer (monkey_patch/sft_trainer.py) shows this callback every micro-batch, so it counts real tokens (padding
 excluded) and each sequence's length, which sets the attention FLOPs; it merges `pop_metrics()` into each training
 log, so every reporter the Trainer has (MLflow by default) records them beside the loss.
 """
 
+import gc
 import os
 import resource
 import time
@@ -94,10 +96,34 @@ def sequence_lengths(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return ends - starts
 
 
+class GarbageCollectionTimer:
+    """Seconds this process has spent in Python's garbage collector since it was created (``gc.callbacks``)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started: float | None = None
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self.seconds += time.perf_counter() - self._started
+            self._started = None
+
+    def start(self) -> None:
+        if self not in gc.callbacks:
+            gc.callbacks.append(self)
+
+    def stop(self) -> None:
+        if self in gc.callbacks:
+            gc.callbacks.remove(self)
+
+
 class EfficiencyCallback(TrainerCallback):
     def __init__(self, model_flops: ModelFlops, peak_tflops: float | None = None) -> None:
         self.model_flops = model_flops
         self.peak_tflops = peak_tflops
+        self.gc_timer = GarbageCollectionTimer()
         self._reset_window(time.perf_counter())
 
     def _reset_window(self, now: float) -> None:
@@ -105,6 +131,7 @@ class EfficiencyCallback(TrainerCallback):
         self.window_steps = 0
         self.window_tokens = 0
         self.window_sum_squared_lengths = 0
+        self.window_gc_start = self.gc_timer.seconds
 
     def observe_batch(self, inputs: dict[str, torch.Tensor]) -> None:
         lengths = sequence_lengths(inputs).to(torch.float64)
@@ -114,7 +141,11 @@ class EfficiencyCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        self.gc_timer.start()
         self._reset_window(time.perf_counter())
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        self.gc_timer.stop()
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         self.window_steps += 1
@@ -142,6 +173,7 @@ class EfficiencyCallback(TrainerCallback):
             "tokens_per_s_per_device": tokens / elapsed / world_size,
             "tflops_per_device": tflops_per_device,
             "eta_s": max(state.max_steps - state.global_step, 0) * step_time,
+            "gc_s_per_step": (self.gc_timer.seconds - self.window_gc_start) / steps,
             **memory_metrics(),
         }
         if self.peak_tflops:

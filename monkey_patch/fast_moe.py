@@ -96,6 +96,9 @@ def hand_expert_lora_to_scattermoe(model: torch.nn.Module) -> int:
     wrappers = expert_lora_wrappers(model)
     for wrapper in wrappers:
         wrapper._activate_lora = types.MethodType(_hand_over_factors, wrapper)
+        experts = wrapper.get_base_layer()
+        if not hasattr(experts, ACTIVE_LORA):  # now, not at the first forward: torch.compile guards on it
+            setattr(experts, ACTIVE_LORA, {})
     return len(wrappers)
 
 

@@ -19,6 +19,11 @@ enclosing frame too: seven graph regions a layer on a GPU profile, each with its
 step bound by host time). So inside compiled code a hook call is recorded instead (``_DEFERRED``, a list Dynamo
 appends to as a side effect) and replayed eagerly right after the compiled call, in order, where the ``ContextVar``
 reads fine: the collected outputs are the same tensors, in the same order.
+
+The token count of a batch changes from step to step (packed rows, or padding to the longest example), and so does
+the number of sequence boundaries. Left alone, Dynamo compiles a static graph first and recompiles once for each
+such size as it changes (13 s apiece at the 30B-A3B shape), ending at a graph dynamic in exactly those sizes; they
+are marked dynamic before the first call instead (``_mark_varying_sizes``).
 """
 
 import logging
@@ -100,6 +105,27 @@ def _defer_capturing_hooks(layers: torch.nn.ModuleList, defer: bool) -> None:
                 module._forward_hooks[key] = hook.__wrapped__
 
 
+def _mark_varying_sizes(args: tuple, kwargs: dict) -> None:
+    """Mark a layer call's token dimensions (every dimension past the first whose size is the hidden states'
+    sequence length) and sequence-boundary counts (1-D integer tensors) dynamic; a hint, which Dynamo may still
+    specialize. ``args`` may start with the checkpointed function, a ``partial`` that holds the keyword arguments."""
+    if args and isinstance(args[0], partial):
+        kwargs = {**args[0].keywords, **kwargs}
+        args = args[1:]
+    tensors = [t for value in (*args, *kwargs.values()) for t in (value if isinstance(value, tuple) else (value,))
+               if isinstance(t, torch.Tensor)]
+    if not tensors or tensors[0].dim() < 2:
+        return
+    tokens = tensors[0].shape[1]
+    for tensor in tensors:
+        if tensor.dim() == 1 and not tensor.is_floating_point():
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+            continue
+        for dim in range(1, tensor.dim()):
+            if tensor.shape[dim] == tokens:
+                torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
 class _Fallback:
     """Shared by the layers of one model: once compilation failed, every layer runs eagerly."""
 
@@ -110,6 +136,7 @@ class _Fallback:
     def run(self, compiled, eager, *args, **kwargs):
         """``compiled(*args, **kwargs)``, or ``eager`` (from now on) if compiling fails."""
         if not self.failed:
+            _mark_varying_sizes(args, kwargs)
             try:
                 return compiled(*args, **kwargs)
             except TorchDynamoException as error:

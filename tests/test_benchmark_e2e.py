@@ -29,6 +29,8 @@ def test_tiny_variants_run_and_a_failure_is_a_row(tmp_path):
     rows = {row["variant"]: row for row in json.loads((tmp_path / "e2e.json").read_text())}
     assert rows["packing"]["ok"], (tmp_path / "packing.log").read_text()[-2000:]
     assert rows["packing"]["tokens_per_s"] > 0 and rows["packing"]["first_loss"] > 0
+    fastest, slowest = rows["packing"]["step_time_range_s"]
+    assert fastest <= rows["packing"]["step_time_s"] <= slowest and rows["packing"]["gc_s_per_step"] >= 0
     assert "varlen_sdpa" in rows["packing"]["notes"]
     errors = rows["packing"]["notes"].split("rel err out/grad ")[1].split(",")[0].split("/")
     assert all(float(e) < 1e-5 for e in errors)  # fp32 on the CPU
@@ -197,3 +199,10 @@ def test_timeline_unions_overlapping_gpu_work_and_counts_each_threads_outermost_
     assert report.index("| 1 |") < report.index("| 2 |")
     assert common.timeline([]) == "No timed events in the trace.\n"
 
+
+
+def test_short_packed_rows_are_left_out_of_the_timed_steps():
+    from datasets import Dataset
+
+    packed = Dataset.from_dict({"input_ids": [[5] * 128, [5] * 40, [5] * 116, [5] * 115]})
+    assert [len(row) for row in e2e.full_rows(packed, 128)["input_ids"]] == [128, 116]

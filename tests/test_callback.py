@@ -1,5 +1,7 @@
 """The efficiency callback's arithmetic: FLOPs per token, real sequence lengths, and windowed metrics."""
 
+import gc
+
 import pytest
 import torch
 from transformers import Qwen3MoeConfig, TrainerState
@@ -48,3 +50,20 @@ def test_window_metrics_count_tokens_steps_and_remaining_time():
     assert metrics["eta_s"] == pytest.approx(6 * metrics["step_time_s"])
     assert metrics["peak_rss_gib"] > 0
     assert callback.window_tokens == 0 and callback.window_steps == 0
+
+
+def test_time_in_python_garbage_collection_is_reported_per_step_while_training():
+    callback = EfficiencyCallback(ModelFlops(flops_per_token=1e9, attention_flops_per_token_pair=0.0))
+    callback.on_train_begin(None, None, None)
+    for _ in range(2):
+        cycles = [[] for _ in range(20000)]
+        for item in cycles:
+            item.append(item)  # reference cycles: only the collector frees them
+        del cycles
+        gc.collect()
+        callback.on_step_end(None, None, None)
+    collected = callback.pop_metrics(TrainerState(max_steps=10, global_step=2))["gc_s_per_step"]
+    callback.on_train_end(None, None, None)
+    gc.collect()
+    assert collected > 0
+    assert callback.gc_timer.seconds == pytest.approx(collected * 2)  # collections after training are not counted
