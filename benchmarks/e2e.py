@@ -198,7 +198,7 @@ def make_dataset(args: argparse.Namespace, packing: bool, vocab: int):
 
 def full_rows(packed, seq: int):
     """The packed rows at least 90% full. Packing leaves a few short bins, and one of them in a timed step (1,640
-    tokens of 4,096 on an H200) changes the kernels' shapes: a one-off Triton autotune or recompile, and half the work."""
+    tokens of 4,096 on an H200) changes the kernels' shapes: a one-off autotune or recompile, and half the work."""
     return packed.filter(lambda ids: len(ids) >= 0.9 * seq, input_columns="input_ids")
 
 
