@@ -72,7 +72,7 @@ def test_mlflow_holds_loss_and_efficiency_metrics(finished_run):
     experiment = client.get_experiment_by_name("turbo-tune-test")
     (mlflow_run,) = client.search_runs([experiment.experiment_id])
     for key in ("loss", "mean_token_accuracy", "aux_loss", "step_time_s", "tokens_per_s", "tokens_per_s_per_device",
-                "tflops_per_device", "eta_s", "peak_rss_gib"):
+                "tflops_per_device", "eta_s", "gc_s_per_step", "peak_rss_gib"):
         history = client.get_metric_history(mlflow_run.info.run_id, key)
         assert len(history) >= STEPS - 1, key
     tokens_per_s = [m.value for m in client.get_metric_history(mlflow_run.info.run_id, "tokens_per_s")]
