@@ -6,6 +6,7 @@ With no --model_path and --data_path it trains the embedded tiny Qwen3-MoE on th
 the flags, the model folder and the data runs before the output folder is touched.
 """
 
+import gc
 import logging
 import os
 import sys
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(config)
         configure_mlflow()
         train(config)
+        gc.collect()  # the trainer and its engine sit in reference cycles: free them while the process group lives
         if dist.is_initialized():
             dist.barrier()  # leave together: rank 0 may still be writing the final model the others helped gather
     except ConfigError as error:
