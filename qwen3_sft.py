@@ -6,7 +6,7 @@ With no --model_path and --data_path it trains the embedded tiny Qwen3-MoE on th
 the flags, the model folder and the data runs before the output folder is touched.
 """
 
-import gc
+import atexit
 import logging
 import os
 import sys
@@ -128,7 +128,6 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(config)
         configure_mlflow()
         train(config)
-        gc.collect()  # the trainer and its engine sit in reference cycles: free them while the process group lives
         if dist.is_initialized():
             dist.barrier()  # leave together: rank 0 may still be writing the final model the others helped gather
     except ConfigError as error:
@@ -140,5 +139,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_now(code: int) -> None:
+    """Exit a distributed worker without interpreter finalization: run the exit handlers (MLflow, logging, temporary
+    files) and flush, then end the process. Finalization races the C++ threads of Gloo and autograd, which touch
+    Python objects while the interpreter is torn down (pytorch/pytorch#190489): a run that had written everything
+    still died with SIGABRT ("terminate called without an active exception") in two CI runs of seven."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_now(exit_code)
+    sys.exit(exit_code)
