@@ -82,3 +82,18 @@ def test_no_venv_mode_runs_the_python3_on_path_and_creates_no_venv(tmp_path):
     assert f"+ python3 qwen3_sft.py --output_dir {tmp_path}/runs/qwen3-sft-" in result.stderr
     assert "--model_dtype 'float13' is not one of" in result.stderr
     assert not venv.exists()
+
+
+def test_distributed_worker_exit_runs_exit_handlers_and_keeps_the_exit_code(tmp_path):
+    """exit_now skips interpreter finalization (where Gloo's threads crashed finished runs), not what exit does
+    before it: the atexit handlers (MLflow, logging, temporary files) run and buffered output is written."""
+    marker = tmp_path / "handler-ran"
+    script = (
+        "import atexit, pathlib, qwen3_sft\n"
+        f"atexit.register(pathlib.Path({str(marker)!r}).write_text, 'yes')\n"
+        "print('buffered', end='')\n"
+        "qwen3_sft.exit_now(3)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert result.stdout.endswith("buffered") and marker.read_text() == "yes"
