@@ -73,9 +73,8 @@ def _hand_over_factors(wrapper: ParamWrapper, active_adapters: list[str]):
     name = wrapper.parameter_name
     adapters = [a for a in active_adapters if a in wrapper.lora_A]
     if len(adapters) == 1 and experts.config._experts_implementation == IMPLEMENTATION_NAME:
-        active = getattr(experts, ACTIVE_LORA, {})
+        active = getattr(experts, ACTIVE_LORA)  # made with the hand-over (hand_expert_lora_to_scattermoe)
         active[name] = _low_rank(wrapper, adapters[0])
-        setattr(experts, ACTIVE_LORA, active)
         try:
             yield
         finally:
@@ -151,4 +150,5 @@ def revert_fast_moe_block(model: torch.nn.Module, implementation: str = "grouped
     set_experts_implementation(model, implementation)
     for wrapper in expert_lora_wrappers(model):
         wrapper.__dict__.pop("_activate_lora", None)  # peft's own activation again
+        wrapper.get_base_layer().__dict__.pop(ACTIVE_LORA, None)
     logger.info("experts implementation reverted to %s", implementation)

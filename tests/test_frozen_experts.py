@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 
 from monkey_patch import apply_peft_patches, revert_patches
-from monkey_patch.fast_moe import apply_fast_moe_block
+from monkey_patch.fast_moe import ACTIVE_LORA, apply_fast_moe_block
 from monkey_patch.frozen_experts import (
     FP8,
     apply_fp8_frozen_experts,
@@ -154,6 +154,7 @@ def test_revert_brings_the_weights_back_in_their_dtype_and_the_model_runs_as_tra
     revert_fp8_frozen_experts(model)  # a second revert changes nothing
     experts = experts_of(model).get_base_layer()
     assert experts.gate_up_proj.dtype == torch.float32 and fp8_scale(experts, "gate_up_proj") is None
+    assert not hasattr(experts, ACTIVE_LORA)  # the factor hand-over's slot goes with it
     assert torch.isfinite(model(**batch()).loss)
 
 
