@@ -3,10 +3,11 @@
 Under LoRA the experts' ``gate_up_proj`` and ``down_proj`` never change, and they are most of a Qwen3-MoE model
 (~54 of Qwen3-30B-A3B's 57 GiB). Each is stored as float8 e4m3 with one fp32 scale per expert row (amax / 448), as
 a frozen ``Parameter`` of that dtype, and the scale as a buffer ``<name>_fp8_scale`` beside it. The ScatterMoE op
-dequantizes a layer's weights to the compute dtype when the layer runs, forward and backward, and keeps only the
-FP8 tensor for backward, so no bf16 copy outlives its layer. peft's adapters are created first, in the weights'
-original dtype (quantize after ``get_peft_model``), and train as usual; saved adapters are ordinary peft adapters
-for the original full-precision model.
+dequantizes a layer's weights to the compute dtype when the layer runs, forward and backward (a checkpointed
+layer's backward takes its recompute's copy), and autograd keeps only the FP8 tensors, so at most one layer's bf16
+copy exists at a time. peft's adapters are created first, in the weights' original dtype (quantize after
+``get_peft_model``), and train as usual; saved adapters are ordinary peft adapters for the original full-precision
+model.
 
 peft would fold the adapters into FP8 weights (a full fp32 delta per forward, rounded into FP8); ScatterMoE takes
 them as factors instead (``fast_moe.hand_expert_lora_to_scattermoe``), which must be in place first.

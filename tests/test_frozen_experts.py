@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from torch.utils.checkpoint import checkpoint
 
 from monkey_patch import apply_peft_patches, revert_patches
 from monkey_patch.fast_moe import ACTIVE_LORA, apply_fast_moe_block
@@ -17,7 +18,7 @@ from monkey_patch.frozen_experts import (
     quantize_rowwise,
     revert_fp8_frozen_experts,
 )
-from monkey_patch.scattermoe import kernels
+from monkey_patch.scattermoe import compilable_ops, kernels
 from monkey_patch.scattermoe.compilable_ops import dequantize, scattermoe_experts
 from monkey_patch.scattermoe.ops import LowRank
 from tests.test_expert_lora import lora_model, loss_and_lora_grads, routing
@@ -91,6 +92,50 @@ def test_block_on_fp8_weights_equals_the_block_on_their_dequantized_values():
     assert relative_error(actual, expected) <= 1e-6
     for got, want in zip(grads, expected_grads, strict=True):
         assert relative_error(got, want) <= 1e-6
+
+
+def fp8_layers(count: int, num_experts: int = 6, hidden: int = 32, inter: int = 24) -> list[tuple]:
+    """``count`` layers' FP8 experts: (gate_up, gate_up scale, down, down scale) on DEVICE."""
+    torch.manual_seed(5)
+    return [tuple(t.to(DEVICE) for t in (*quantize_rowwise(torch.randn(num_experts, 2 * inter, hidden) * 0.2),
+                                          *quantize_rowwise(torch.randn(num_experts, hidden, inter) * 0.2)))
+            for _ in range(count)]
+
+
+@pytest.mark.parametrize("checkpointed", [True, False], ids=["checkpointed", "plain"])
+def test_backward_reuses_the_pair_its_own_forward_dequantized_and_nothing_else(monkeypatch, checkpointed):
+    """Under checkpointing each layer's recompute hands its dequantized experts to the backward right after it (two
+    dequantizations a weight per step, not three); without, only the last layer's forward is followed by its own
+    backward. Gradients stay those of the full-precision block, and nothing is held after backward."""
+    layers = fp8_layers(3)
+    weights, index = routing(19, 6, 2, "skewed")
+    x = torch.randn(19, 32, device=DEVICE, requires_grad=True)
+    calls = []
+    real = compilable_ops.dequantize
+    monkeypatch.setattr(compilable_ops, "dequantize", lambda *args: calls.append(args[0]) or real(*args))
+
+    def run(quantized: bool) -> torch.Tensor:
+        hidden = x
+        for gate_up, gate_up_scale, down, down_scale in layers:
+            if quantized:
+                def layer(h, gate_up=gate_up, down=down, scales=(gate_up_scale, down_scale)):
+                    return h + scattermoe_experts(h, gate_up, down, weights, index, None, None, *scales)
+            else:
+                full = real(gate_up, gate_up_scale, torch.float32), real(down, down_scale, torch.float32)
+
+                def layer(h, full=full):
+                    return h + scattermoe_experts(h, *full, weights, index)
+            hidden = checkpoint(layer, hidden, use_reentrant=False) if checkpointed and quantized else layer(hidden)
+        return torch.autograd.grad(hidden.square().sum(), x)[0]
+
+    expected = run(quantized=False)
+    calls.clear()
+    actual = run(quantized=True)
+    assert relative_error(actual, expected) <= 1e-6
+    # checkpointed: each weight dequantized in the forward and the recompute, the backward takes the recompute's;
+    # plain: in each forward, and again in the backward of all but the last layer
+    assert len(calls) == (3 * 2 * 2 if checkpointed else 3 * 2 + 2 * 2)
+    assert compilable_ops.DEQUANTIZED.pair is None
 
 
 def test_lora_model_with_fp8_experts_equals_the_model_on_their_dequantized_values_without_folding(monkeypatch):

@@ -4,7 +4,9 @@ Forward and backward are opaque ops with fake (meta) implementations over ops.ex
 routing metadata is plain torch and traces normally. LoRA factors are optional inputs; custom ops cannot
 return None, so an absent result (no adapter, frozen weights) travels as an empty tensor. Frozen weights may come
 in FP8 with per-row scales (``--fp8_frozen_experts``): both ops dequantize them on entry, so backward keeps the FP8
-tensors, not a full-precision copy.
+tensors, not a full-precision copy. Under gradient checkpointing a layer's recompute and its backward run back to
+back and would dequantize the same weights twice: the forward op leaves its dequantized pair behind
+(``_DequantizedPair``) and the backward op takes it when it is of the same, unchanged tensors.
 """
 
 import torch
@@ -31,6 +33,39 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dt
     return (weight.float() * scale.float()).to(dtype)
 
 
+class _DequantizedPair:
+    """The last expert pair the forward op dequantized, for the backward op that follows it. At most one pair is
+    held (one layer's experts in full precision, ~1.2 GB at Qwen3-30B-A3B's shape): it is dropped before the next
+    pair is dequantized and when a backward takes it. Its key is the FP8 tensors' and scales' addresses and
+    version counters: a backward finds it only if its weights are those tensors, unchanged, which autograd keeps
+    alive from the forward to the backward."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.pair: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def drop(self) -> None:
+        self.key = self.pair = None
+
+    def get(self, weights: tuple, scales: tuple, dtype: torch.dtype, for_backward: bool):
+        """The weights in ``dtype``, dequantized now or, for a backward, taken from the forward before it."""
+        if scales == (None, None):
+            return weights
+        key = (dtype, *((t.data_ptr(), t._version) for t in (*weights, *scales) if t is not None))
+        if for_backward and key == self.key:
+            pair = self.pair
+            self.drop()
+            return pair
+        self.drop()
+        pair = tuple(dequantize(weight, scale, dtype) for weight, scale in zip(weights, scales, strict=True))
+        if not for_backward:
+            self.key, self.pair = key, pair
+        return pair
+
+
+DEQUANTIZED = _DequantizedPair()
+
+
 @torch.library.custom_op("turbo_tune::scattermoe_experts_forward", mutates_args=())
 def _forward_op(
     x: torch.Tensor,
@@ -49,7 +84,7 @@ def _forward_op(
     w_down_scale: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     out, gate_up, su, sv = experts_forward(
-        x, dequantize(w_gate_up, w_gate_up_scale, x.dtype), dequantize(w_down, w_down_scale, x.dtype),
+        x, *DEQUANTIZED.get((w_gate_up, w_down), (w_gate_up_scale, w_down_scale), x.dtype, for_backward=False),
         routing_weights, sorted_pairs, expert_ends,
         _low_rank(a_gate_up, b_gate_up, scale_gate_up), _low_rank(a_down, b_down, scale_down),
     )
@@ -97,7 +132,7 @@ def _backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     grads = experts_backward(
-        grad_out, x, dequantize(w_gate_up, w_gate_up_scale, x.dtype), dequantize(w_down, w_down_scale, x.dtype),
+        grad_out, x, *DEQUANTIZED.get((w_gate_up, w_down), (w_gate_up_scale, w_down_scale), x.dtype, for_backward=True),
         routing_weights, sorted_pairs, expert_ends, gate_up, needs_weight_grads,
         _low_rank(a_gate_up, b_gate_up, scale_gate_up), _low_rank(a_down, b_down, scale_down), su, sv,
     )

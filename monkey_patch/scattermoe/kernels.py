@@ -443,21 +443,29 @@ def sum_top_k(y: torch.Tensor, top_k: int) -> torch.Tensor:
 
 
 @triton.jit
-def _dequantize_rows_kernel(w_ptr, scale_ptr, out_ptr, numel, row_len, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
+def _dequantize_rows_kernel(w_ptr, scale_ptr, out_ptr, num_rows, row_len,
+                            BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    mask = (rows < num_rows)[:, None] & (cols < row_len)[None, :]
+    offs = rows[:, None] * row_len + cols[None, :]
+    scale = tl.load(scale_ptr + rows, mask=rows < num_rows)
     w = tl.load(w_ptr + offs, mask=mask).to(tl.float32)
-    scale = tl.load(scale_ptr + offs // row_len, mask=mask)
-    tl.store(out_ptr + offs, (w * scale).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, (w * scale[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def dequantize_rows(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(..., K) FP8 weight times its fp32 per-row scales (..., 1), in ``dtype``: one read and one write per value
-    (torch's cast then multiply makes three passes, at a third of the bandwidth)."""
+    (torch's cast then multiply makes three passes, at a third of the bandwidth). Tiles of whole rows, so each
+    value finds its scale without a 64-bit division."""
     weight, scale = weight.contiguous(), scale.contiguous().float()
     out = torch.empty(weight.shape, device=weight.device, dtype=dtype)
-    block = 1024 if INTERPRET else 4096
     if weight.numel():
-        launch(_dequantize_rows_kernel, lambda meta: (triton.cdiv(weight.numel(), block),),
-               (weight, scale, out, weight.numel(), weight.shape[-1]), dict(BLOCK=block, num_warps=8))
+        row_len = weight.shape[-1]
+        num_rows = weight.numel() // row_len
+        cols = min(triton.next_power_of_2(row_len), 256 if INTERPRET else 1024)
+        rows = max(1, (1024 if INTERPRET else 4096) // cols)
+        launch(_dequantize_rows_kernel,
+               lambda meta: (triton.cdiv(num_rows, rows), triton.cdiv(row_len, cols)),
+               (weight, scale, out, num_rows, row_len), dict(BLOCK_ROWS=rows, BLOCK_COLS=cols, num_warps=8))
     return out
