@@ -9,6 +9,8 @@ back and would dequantize the same weights twice: the forward op leaves its dequ
 (``_DequantizedPair``) and the backward op takes it when it is of the same, unchanged tensors.
 """
 
+import threading
+
 import torch
 
 from . import kernels
@@ -38,28 +40,29 @@ class _DequantizedPair:
     held (one layer's experts in full precision, ~1.2 GB at Qwen3-30B-A3B's shape): it is dropped before the next
     pair is dequantized and when a backward takes it. Its key is the FP8 tensors' and scales' addresses and
     version counters: a backward finds it only if its weights are those tensors, unchanged, which autograd keeps
-    alive from the forward to the backward."""
+    alive from the forward to the backward. Forward and backward run on different threads (and DataParallel
+    replicas on several), so a lock keeps key and pair together."""
 
     def __init__(self) -> None:
         self.key: tuple | None = None
         self.pair: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def drop(self) -> None:
-        self.key = self.pair = None
+        self.lock = threading.Lock()
 
     def get(self, weights: tuple, scales: tuple, dtype: torch.dtype, for_backward: bool):
         """The weights in ``dtype``, dequantized now or, for a backward, taken from the forward before it."""
         if scales == (None, None):
             return weights
         key = (dtype, *((t.data_ptr(), t._version) for t in (*weights, *scales) if t is not None))
-        if for_backward and key == self.key:
-            pair = self.pair
-            self.drop()
+        with self.lock:
+            held, pair = self.key, self.pair
+            self.key = self.pair = None
+        if for_backward and held == key:
             return pair
-        self.drop()
+        del pair  # before dequantizing: never two layers' full-precision experts at once
         pair = tuple(dequantize(weight, scale, dtype) for weight, scale in zip(weights, scales, strict=True))
         if not for_backward:
-            self.key, self.pair = key, pair
+            with self.lock:
+                self.key, self.pair = key, pair
         return pair
 
 
