@@ -260,3 +260,22 @@ def test_expert_lora_flags_are_checked(tmp_path, flags, message):
     config = parse_config(["--output_dir", str(tmp_path), "--use_lora", *flags])
     with pytest.raises(ConfigError, match=re.escape(message)):
         apply_lora(load_model(config), config)
+
+
+@pytest.mark.parametrize("fast_block", [True, False], ids=["scattermoe", "peft"])
+def test_log_names_the_path_the_expert_lora_takes(tmp_path, caplog, fast_block):
+    """Without --use_fast_moe_block the experts fall back to peft's folding path, and the log says so."""
+    import logging
+
+    from monkey_patch import apply_patches
+    from turbo_tune.arguments import parse_config
+    from turbo_tune.modeling import apply_lora, load_model
+
+    flags = ["--use_fast_moe_block"] if fast_block else []
+    config = parse_config(["--output_dir", str(tmp_path), "--use_lora", *flags])
+    with caplog.at_level(logging.INFO, logger="turbo_tune.modeling"):
+        apply_lora(apply_patches(load_model(config), config), config)
+    expected, other = "expert LoRA: scattermoe low-rank path", "expert LoRA: peft's target_parameters path"
+    if not fast_block:
+        expected, other = other, expected
+    assert expected in caplog.text and other not in caplog.text
