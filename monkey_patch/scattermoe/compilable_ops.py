@@ -50,7 +50,7 @@ class _DequantizedPair:
 
     def get(self, weights: tuple, scales: tuple, dtype: torch.dtype, for_backward: bool):
         """The weights in ``dtype``, dequantized now or, for a backward, taken from the forward before it."""
-        if scales == (None, None):
+        if all(scale is None for scale in scales):
             return weights
         key = (dtype, *((t.data_ptr(), t._version) for t in (*weights, *scales) if t is not None))
         with self.lock:
