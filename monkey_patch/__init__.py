@@ -12,6 +12,14 @@ logger = logging.getLogger(__name__)
 
 def preflight(config: TurboTuneConfig) -> None:
     """Reject flags this machine cannot honour before any model is loaded."""
+    if config.n_gpu > 1:
+        # nn.DataParallel copies the modules into replicas each forward, sharing their Python state: the replicas of
+        # an experts module would share one LoRA hand-over slot (one replica could run without its adapter).
+        raise ConfigError(
+            f"one process sees {config.n_gpu} GPUs, so the Trainer would wrap the model in nn.DataParallel, which "
+            "Turbo-Tune does not support; start one process per GPU with `bash qwen3_sft.sh` (torchrun), or "
+            "choose one GPU with CUDA_VISIBLE_DEVICES=0."
+        )
     if config.use_fp8:
         from monkey_patch.fp8 import check_fp8_supported
 

@@ -173,3 +173,19 @@ def test_experts_block_compiles_without_graph_breaks():
     (grad,) = torch.autograd.grad(actual.sum(), (hidden,))
     (expected_grad,) = torch.autograd.grad(expected.sum(), (hidden,))
     assert relative_error(grad, expected_grad) <= TOLERANCE
+
+
+def test_one_process_over_several_gpus_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """nn.DataParallel replicas would share an experts module's LoRA hand-over slot, so one replica could run its
+    experts without the adapter: a process that sees several GPUs (no torchrun) stops with one line instead."""
+    import qwen3_sft
+    from turbo_tune.arguments import TurboTuneConfig
+
+    monkeypatch.setattr(TurboTuneConfig, "n_gpu", property(lambda self: 2))
+    monkeypatch.setattr(qwen3_sft, "load_model", lambda config: pytest.fail("the model must not load"))
+    output_dir = tmp_path / "out"
+    assert qwen3_sft.main(["--output_dir", str(output_dir), "--report_to", "none", "--use_fast_moe_block",
+                           "--use_lora"]) == 2
+    err = capsys.readouterr().err
+    assert "one process sees 2 GPUs" in err and "bash qwen3_sft.sh" in err and err.count("\n") == 1
+    assert not output_dir.exists()

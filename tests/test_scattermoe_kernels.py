@@ -211,3 +211,32 @@ def test_weight_grad_sweep_times_the_grouped_mm_backend_beside_the_tiles(wgrad_s
     autotuned, on_grouped_mm, *tiles = wgrad_sweep.sweep(problem, [(64, 64, 64, 4, 1)], flops=1e9)
     assert on_grouped_mm == {"config": wgrad_sweep.GROUPED_MM, "ms": 1.0, "tflops": 1.0}
     assert [row["config"] for row in tiles] == [(64, 64, 64, 4, 1)]
+
+
+def test_strided_misaligned_and_transposed_inputs_give_the_contiguous_results():
+    """x one element past an aligned start with an odd row stride, both weights transposed views, routing weights
+    every other column of a wider tensor (a (T, k) view that flattens with stride 2)."""
+    torch.manual_seed(5)
+    tokens, hidden, inter, num_experts, top_k = 37, 48, 40, 6, 2
+    experts = make_eager_experts(hidden, inter, num_experts, top_k)
+    weights, index = make_routing(tokens, num_experts, top_k, "skewed")
+    weights.requires_grad_(True)
+    x = torch.randn(tokens, hidden, device=DEVICE, requires_grad=True)
+    grad_out = torch.randn(tokens, hidden, device=DEVICE)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, experts.gate_up_proj, experts.down_proj, weights)]
+
+    def strided(x, w_gate_up, w_down, weights):
+        stride = 2 * hidden + 1
+        x_view = torch.empty(tokens * stride + 1, device=DEVICE).as_strided((tokens, hidden), (stride, 1), 1)
+        return (x_view.copy_(x), w_gate_up.transpose(1, 2).contiguous().transpose(1, 2),
+                w_down.transpose(1, 2).contiguous().transpose(1, 2),
+                torch.stack([weights, torch.zeros_like(weights)], -1).flatten(1)[:, ::2])
+
+    expected = experts(x, index, weights)
+    expected_grads = torch.autograd.grad(expected, (x, experts.gate_up_proj, experts.down_proj, weights), grad_out)
+    x_s, w_gate_up_s, w_down_s, weights_s = strided(*leaves)
+    assert not any(t.is_contiguous() for t in (x_s, w_gate_up_s, w_down_s, weights_s))
+    actual = scattermoe_experts(x_s, w_gate_up_s, w_down_s, weights_s, index)
+    assert relative_error(actual, expected) <= TOLERANCE
+    for got, want in zip(torch.autograd.grad(actual, leaves, grad_out), expected_grads, strict=True):
+        assert relative_error(got, want) <= TOLERANCE

@@ -102,3 +102,11 @@ def test_disabled_cache_always_launches_through_triton(monkeypatch):
         launch.launch(kernel, grid, (torch.zeros(4), 32, 2048), {"FLAG": True, "BLOCK": 64})
 
     assert [c[0] for c in calls] == ["triton", "triton"]
+
+
+def test_an_untested_triton_keeps_the_cache_off_with_one_warning(caplog):
+    with caplog.at_level("WARNING", logger=launch.__name__):
+        assert launch.cache_supported("9.9.0") is False
+    assert len(caplog.records) == 1
+    assert "Triton 9.9.0" in caplog.text and launch.TESTED_TRITON[0] in caplog.text
+    assert launch.cache_supported(launch.TESTED_TRITON[0]) is True

@@ -50,6 +50,17 @@ _WEIGHT_GRAD_CONFIGS = _configs(
 )
 
 
+# fp32 products are exact ("ieee"): no tensor cores, so the tiles above would spill registers and overflow shared
+# memory (a 128x256x64 fp32 tile pipelined 3 deep needs 288 KiB), and compiling and timing them all made a new shape
+# take minutes. fp32 runs (parity checks, --model_dtype float32) autotune over these small tiles instead.
+_FP32_CONFIGS = _configs([(64, 64, 32, 4, 2), (32, 64, 32, 4, 2), (64, 32, 32, 4, 2), (32, 32, 32, 4, 1)])
+
+
+def _tuned_for(kernel: triton.runtime.Autotuner, dtype: torch.dtype) -> triton.runtime.Autotuner:
+    """``kernel``, or for fp32 its twin that autotunes over ``_FP32_CONFIGS`` (same code, same autotune key)."""
+    return _FP32_TWINS[kernel] if dtype == torch.float32 else kernel
+
+
 def _input_precision(dtype: torch.dtype) -> str:
     """fp32 inputs use exact products so fp32 results match torch to 1e-4; bf16/fp16 go to tensor cores."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -311,6 +322,12 @@ def _grouped_weight_grad_kernel(
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+_FP32_TWINS = {
+    kernel: triton.autotune(configs=_FP32_CONFIGS, key=kernel.keys)(kernel.fn)
+    for kernel in (_gather_gate_up_swiglu_kernel, _scatter_matmul_kernel, _grouped_weight_grad_kernel)
+}
+
+
 def _second_operand(
     a2: torch.Tensor | None, w2: torch.Tensor | None, fallback: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, int, tuple[int, ...]]:
@@ -337,6 +354,7 @@ def gather_gate_up_swiglu(
     num_experts, hidden, two_inter = w_gate_up.shape
     inter = two_inter // 2
     num_rows = sorted_pairs.numel()
+    row_scale = row_scale.contiguous()  # indexed flat by pair; a strided (T, k) view flattens with a stride
     gate_up = torch.empty(num_rows, two_inter, device=x.device, dtype=x.dtype)
     h = torch.empty(num_rows, inter, device=x.device, dtype=x.dtype)
 
@@ -345,7 +363,7 @@ def gather_gate_up_swiglu(
         return (blocks_m * triton.cdiv(inter, meta["BLOCK_N"]),)
 
     a2, w2, k2, a2_strides = _second_operand(a2, w2, x)
-    launch(_gather_gate_up_swiglu_kernel, grid, (
+    launch(_tuned_for(_gather_gate_up_swiglu_kernel, x.dtype), grid, (
         x, w_gate_up, a2, w2, sorted_pairs, expert_ends, row_scale, gate_up, h,
         num_experts, hidden, k2, inter, top_k, _rows_bucket(num_rows),
         x.stride(0), x.stride(1), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), *a2_strides,
@@ -376,7 +394,7 @@ def scatter_matmul(
         return (blocks_m * triton.cdiv(n_dim, meta["BLOCK_N"]),)
 
     a2, w2, k2, a2_strides = _second_operand(a2, w2, a)
-    launch(_scatter_matmul_kernel, grid, (
+    launch(_tuned_for(_scatter_matmul_kernel, a.dtype), grid, (
         a, w, a2, w2, sorted_pairs, expert_ends, y,
         num_experts, k_dim, k2, n_dim, top_k, _rows_bucket(num_rows),
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), *a2_strides,
@@ -391,6 +409,7 @@ def swiglu_backward(
     """grad_h (T*k, I) unweighted, grouped -> grad of pre-activations (T*k, 2I), of row_scale (T*k,) fp32 and,
     when ``want_h``, the weighted activations h (T*k, I) recomputed (else None)."""
     num_rows, inter = grad_h.shape
+    row_scale = row_scale.contiguous()  # as in gather_gate_up_swiglu
     grad_gate_up = torch.empty_like(gate_up)
     grad_scale = torch.empty(num_rows, device=grad_h.device, dtype=torch.float32)
     h = torch.empty_like(grad_h) if want_h else None
@@ -419,7 +438,7 @@ def grouped_weight_grad(
     def grid(meta):
         return (num_experts * triton.cdiv(m_dim, meta["BLOCK_M"]) * triton.cdiv(n_dim, meta["BLOCK_N"]),)
 
-    launch(_grouped_weight_grad_kernel, grid, (
+    launch(_tuned_for(_grouped_weight_grad_kernel, a.dtype), grid, (
         a, b, sorted_pairs, expert_ends, dw,
         m_dim, n_dim, top_k, _rows_bucket(num_rows),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),

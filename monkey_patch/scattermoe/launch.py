@@ -9,6 +9,7 @@ compiled kernel on, so a hit runs exactly the kernel Triton would have run.
 """
 
 import functools
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -16,10 +17,29 @@ from typing import Any
 import torch
 import triton
 
+logger = logging.getLogger(__name__)
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# The Triton releases whose launch internals (``best_config``, ``warmup``, how a compiled kernel is called, the
+# specialization rules) this cache was checked against on a GPU, bit for bit, by tests/gpu (docs/results.md).
+TESTED_TRITON = ("3.6.0",)
+
+
+def cache_supported(version: str = triton.__version__) -> bool:
+    """Whether the cache may run on this Triton; on another release it stays off, with one warning."""
+    if version in TESTED_TRITON:
+        return True
+    logger.warning(
+        "Triton %s: the ScatterMoE launch cache was tested with Triton %s only, so kernels launch through Triton's "
+        "own path (correct, ~40 µs more host time per launch). Install a tested Triton (requirements.txt) to get it.",
+        version, ", ".join(TESTED_TRITON),
+    )
+    return False
+
+
 # Off in Triton's interpreter, which has no compiled kernels; benchmarks/launch_overhead.py turns it off to time
 # Triton's own path against it.
-enabled = not INTERPRET
+enabled = not INTERPRET and cache_supported()
 
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 _COMPILED: dict[tuple, tuple] = {}

@@ -143,11 +143,13 @@ def _time_ms(fn: Callable[[], torch.Tensor], repeats: int = 3) -> float:
     return min(times)
 
 
-def _grouped_mm_fits(a: torch.Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` takes ``a``: bf16 on sm90+ (its CUTLASS kernel), bf16 or fp32 on the CPU."""
+def _grouped_mm_fits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` takes aᵀ·b: bf16 on sm90+ (its CUTLASS kernel) with rows of a multiple of 16
+    bytes (TMA's alignment), bf16 or fp32 on the CPU."""
     if a.device.type == "cpu":
         return a.dtype in (torch.bfloat16, torch.float32)
-    return a.dtype == torch.bfloat16 and a.is_cuda and torch.cuda.get_device_capability(a.device) >= (9, 0)
+    aligned = all(t.shape[-1] * t.element_size() % 16 == 0 for t in (a, b))
+    return aligned and a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) >= (9, 0)
 
 
 # ``auto``'s choice per (M, N, row-count bucket, which operand is gathered, dtype, device)
@@ -180,7 +182,7 @@ def expert_weight_grad(
     backend = weight_grad_backend()
     if backend == "grouped_mm_gate_up":
         backend = "grouped_mm" if projection == "gate_up" else "triton"
-    if backend == "triton" or not _grouped_mm_fits(a):
+    if backend == "triton" or not _grouped_mm_fits(a, b):
         return on_triton()
     if backend == "auto":
         key = (weight.shape[1], weight.shape[2], kernels._rows_bucket(sorted_pairs.numel()), a_gathered, b_gathered,
