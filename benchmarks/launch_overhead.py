@@ -1,7 +1,7 @@
 """Host time of the expert block's kernel launches: Triton's own launch path against the launch cache
 (monkey_patch/scattermoe/launch.py), and a check that the cache runs exactly the kernels Triton would.
 
-A LoRA step of full-depth Qwen3-30B-A3B at 4,096 tokens is bound by host time, not the GPU (docs/benchmarks.md),
+A LoRA step of full-depth Qwen3-30B-A3B at 4,096 tokens is bound by host time, not the GPU (docs/history.md),
 so the Python spent per launch counts. For the block with LoRA on both projections, forward and backward, at a
 few token counts with 16-byte-aligned and misaligned inputs: the output and the six gradients through the cache,
 on its first (miss) and second (hit) call, against Triton's path bit for bit. Then the host time of one call on

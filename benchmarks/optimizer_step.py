@@ -1,7 +1,7 @@
 """One optimizer step on one stacked expert tensor: fused AdamW against torchao's AdamW8bit (the Trainer's
 ``--optim adamw_torch_8bit``), for the state each keeps and the memory its step needs on top.
 
-e2e.py's ``all_adamw8bit`` saved 2.9 GiB of peak where 8-bit moments should save ~5.8 (docs/benchmarks.md); a
+e2e.py's ``all_adamw8bit`` saved 2.9 GiB of peak where 8-bit moments should save ~5.8 (docs/history.md); a
 step whose temporaries scale with the largest parameter (a layer's stacked ``gate_up_proj``, 403M elements at
 Qwen3-30B-A3B) would explain it. Prints the optimizer state in bytes per parameter, the extra peak of a step
 (GPU only) and its median time.

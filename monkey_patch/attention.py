@@ -10,7 +10,7 @@ On a GPU each sequence runs through PyTorch's ``torch.nn.attention.varlen.varlen
 2.10); on the CPU, where that op has no kernel, each sequence goes through ``scaled_dot_product_attention`` with
 ``is_causal`` on its own rows — exact, and linear rather than quadratic in the packed row length. A batch whose
 rows each hold one whole sequence has nothing to split and goes to transformers' own causal ``sdpa`` (cuDNN's
-attention on Hopper ran 1.7x varlen_attn's TFLOP/s at 131k-token rows; docs/benchmarks.md).
+attention on Hopper ran 1.7x varlen_attn's TFLOP/s at 131k-token rows; docs/history.md).
 """
 
 import inspect

@@ -129,7 +129,7 @@ def eager_and_scattermoe_weight_grads(seed: int, tokens: int):
 @pytest.mark.parametrize("setting", ["grouped_mm_gate_up", None])
 def test_grouped_mm_gate_up_is_the_default_and_runs_only_dw_gate_up_on_the_grouped_gemm(monkeypatch, setting):
     """dW_down is computed while dW_gate_up is held: on the Triton kernel it needs no copy of the routed rows, so the
-    block's peak stays below transformers' grouped_mm (docs/benchmarks.md)."""
+    block's peak stays below transformers' grouped_mm (docs/results.md)."""
     if setting is None:
         monkeypatch.delenv(WEIGHT_GRAD_ENV, raising=False)
     else:

@@ -6,7 +6,7 @@
 - On a GPU, the ScatterMoE kernels' autotuning results are kept in Triton's cache (``TRITON_CACHE_DIR``), keyed by
   the kernel source, the GPU architecture and the shapes: the first step of a full-depth Qwen3-30B-A3B LoRA run
   took 77-104 s on an H200 while autotuning, 2-5 s when a run before it had tuned the same shapes
-  (docs/benchmarks.md). ``TRITON_CACHE_AUTOTUNING=0`` tunes afresh every time.
+  (docs/history.md). ``TRITON_CACHE_AUTOTUNING=0`` tunes afresh every time.
 """
 
 import os

@@ -38,7 +38,7 @@ _MATMUL_CONFIGS = _configs(
         (128, 32, 64, 4, 4),  # LoRA's rank-sized outputs (N = r)
     ]
 )
-# Short K steps, deep pipelines: a 72-config sweep on an H200 (benchmarks/wgrad_sweep.py, docs/benchmarks.md) found
+# Short K steps, deep pipelines: a 72-config sweep on an H200 (benchmarks/wgrad_sweep.py, docs/history.md) found
 # (256, 128, 32, 8, 5) and (128, 256, 32, 8, 5) 1.16-1.21x faster than the best of the older list at both model shapes.
 _WEIGHT_GRAD_CONFIGS = _configs(
     [

@@ -2,7 +2,7 @@
 
 Every ``kernel[grid](...)`` re-binds and re-specializes each argument and, for an autotuned kernel, rebuilds its
 autotune key: about 50 µs of host time per launch on an H200 host (9 µs straight to the compiled kernel;
-docs/benchmarks.md). A LoRA step of a 48-layer model makes about a thousand such launches, and it is bound by host
+docs/history.md). A LoRA step of a 48-layer model makes about a thousand such launches, and it is bound by host
 time, not the GPU. So the first launch of each (autotune key, specialization) goes through Triton, which autotunes
 and compiles; later ones call the compiled kernel it chose. The cache key holds everything Triton specializes a
 compiled kernel on, so a hit runs exactly the kernel Triton would have run.

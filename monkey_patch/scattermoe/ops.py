@@ -112,7 +112,7 @@ def weight_grad_backend() -> str:
     ``grouped_mm_gate_up`` (default): dW_gate_up on torch's grouped GEMM (CUTLASS on Hopper) over a copy of the
     routed input rows in expert order; dW_down, computed while dW_gate_up is held, on ScatterMoE's Triton kernel,
     so no row copy sits beside both weight gradients: the block's extra peak stays below transformers'
-    ``grouped_mm`` at every shape measured on an H200 (docs/benchmarks.md). ``grouped_mm``: both on the grouped
+    ``grouped_mm`` at every shape measured on an H200 (docs/history.md). ``grouped_mm``: both on the grouped
     GEMM, a few percent faster but above ``grouped_mm``'s peak at 235B-A22B and 30B-A3B/8k. ``triton``: both on
     ScatterMoE's kernel, which reads token rows through the routing with no copy (the lowest peak). ``auto``: the
     grouped GEMM and the Triton kernel are timed at the first call of each shape and the faster one is kept. The
