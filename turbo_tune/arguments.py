@@ -50,8 +50,9 @@ class TurboTuneConfig(SFTConfig):
     )
     attn_implementation: str = field(
         default="auto",
-        metadata={"help": "auto (flash_attention_2 when flash-attn is installed on GPU, else sdpa), or any name "
-                  "transformers' attention interface knows."},
+        metadata={"help": "auto (flash_attention_2 when flash-attn is installed on a GPU; with --use_packing and no "
+                  "flash-attn, varlen_sdpa; else sdpa), varlen_sdpa (padding-free attention for packed rows), or any "
+                  "name transformers' attention interface knows."},
     )
     use_fast_moe_block: bool = field(
         default=False, metadata={"help": "Run the experts through Turbo-Tune's Triton ScatterMoE kernels."}
