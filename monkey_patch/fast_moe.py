@@ -123,7 +123,14 @@ def scattermoe_experts_forward(
     w_gate_up, gate_up_lora = _weight_and_lora(self, "gate_up_proj")
     w_down, down_lora = _weight_and_lora(self, "down_proj")
     gate_up_scale, down_scale = fp8_scale(self, "gate_up_proj"), fp8_scale(self, "down_proj")
-    x = hidden_states if gate_up_scale is not None else hidden_states.to(w_gate_up.dtype)
+    if gate_up_scale is not None:  # FP8 weights: the op dequantizes them to the activations' dtype
+        x = hidden_states
+    elif torch.is_autocast_enabled(hidden_states.device.type):
+        # As nn.Linear under autocast: fp32 master weights compute in the autocast dtype (casts that autograd undoes).
+        compute = torch.get_autocast_dtype(hidden_states.device.type)
+        x, w_gate_up, w_down = hidden_states.to(compute), w_gate_up.to(compute), w_down.to(compute)
+    else:
+        x = hidden_states.to(w_gate_up.dtype)
     out = scattermoe_experts(x, w_gate_up, w_down, top_k_weights, top_k_index, gate_up_lora, down_lora,
                              gate_up_scale, down_scale)
     return out.to(hidden_states.dtype)

@@ -41,9 +41,32 @@ def load_tokenizer(config: TurboTuneConfig) -> PreTrainedTokenizerBase:
 
 
 def weight_dtype(config: TurboTuneConfig) -> torch.dtype:
-    if config.model_dtype == "auto":
-        return torch.bfloat16 if config.bf16 else torch.float32
-    return getattr(torch, config.model_dtype)
+    """The dtype weights load in. ``auto`` under bf16 mixed precision: bf16 where something else keeps fp32 master
+    weights (DeepSpeed's optimizer, FSDP2's sharded parameters) or nothing trains them (LoRA's frozen base; peft keeps
+    the adapters fp32), else fp32 with bf16 compute under autocast. In bf16, AdamW's update at a fine-tuning learning
+    rate is below half a bf16 step for most weights and is rounded away."""
+    if config.model_dtype != "auto":
+        return getattr(torch, config.model_dtype)
+    if not config.bf16:
+        return torch.float32
+    return torch.bfloat16 if config.use_lora or config.deepspeed or config.fsdp else torch.float32
+
+
+def describe_precision(config: TurboTuneConfig, dtype: torch.dtype) -> tuple[int, str]:
+    """The log level and line saying what holds the master weights and what computes (a warning when nothing keeps
+    fp32 master weights of trained bf16 weights)."""
+    compute = "bf16" if config.bf16 else "fp16" if config.fp16 else "the weights' dtype"
+    if config.use_lora:
+        return logging.INFO, f"LoRA: frozen base weights in {dtype}, adapters in fp32 (peft), compute in {compute}."
+    if config.deepspeed:
+        return logging.INFO, f"Weights in {dtype}; DeepSpeed's optimizer keeps fp32 masters; compute in {compute}."
+    if config.fsdp:
+        return logging.INFO, f"Weights load in {dtype}; FSDP2 keeps sharded fp32 parameters; compute in {compute}."
+    if dtype == torch.bfloat16:
+        return logging.WARNING, (
+            "Full-parameter training with bf16 weights and no fp32 master copy (--model_dtype bfloat16): AdamW "
+            "updates smaller than half a bf16 step are lost. Leave --model_dtype auto for fp32 master weights.")
+    return logging.INFO, f"Master weights in {dtype}, compute in {compute} (autocast where it differs)."
 
 
 def attention_implementation(config: TurboTuneConfig) -> str:
@@ -63,6 +86,7 @@ def attention_implementation(config: TurboTuneConfig) -> str:
 def load_model(config: TurboTuneConfig) -> PreTrainedModel:
     source = model_source(config)
     kwargs = {"dtype": weight_dtype(config), "attn_implementation": attention_implementation(config)}
+    logger.log(*describe_precision(config, kwargs["dtype"]))
     try:
         model_config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as error:
