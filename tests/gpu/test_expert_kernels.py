@@ -245,3 +245,15 @@ def test_launch_cache_runs_exactly_what_tritons_own_launch_runs(launch_overhead)
     rows = launch_overhead.check_exact(block, [4096, 1000, 37])
     assert launch._COMPILED, "the cache was never filled"
     assert all(row["miss_exact"] and row["hit_exact"] for row in rows), rows
+
+
+def test_fp32_weights_under_bf16_autocast_run_exactly_the_bf16_computation():
+    """Full-parameter training keeps fp32 master weights and computes under bf16 autocast: the experts must then do
+    what they do with bf16 weights, bit for bit, and hand fp32 gradients to the fp32 weights."""
+    problem = Problem.make(QWEN3_30B_A3B, 4096, "skewed")
+    bf16 = experts_outputs(problem, "scattermoe", BF16, QWEN3_30B_A3B)
+    with torch.autocast("cuda", dtype=BF16):
+        autocast = experts_outputs(problem, "scattermoe", torch.float32, QWEN3_30B_A3B)
+    assert autocast["gate_up_proj"].dtype == torch.float32 and autocast["down_proj"].dtype == torch.float32
+    for name, expected in bf16.items():
+        assert torch.equal(autocast[name].to(expected.dtype), expected), name
