@@ -1,27 +1,37 @@
-"""Time the Qwen3-MoE expert block: transformers `eager` and `grouped_mm` (also compiled), Liger-Kernel's fused MoE
-(what `--use_liger_kernel` alone runs the experts with), `scattermoe` (the default: dW_gate_up on torch's grouped GEMM,
+"""Time the Qwen3-MoE expert block: transformers `eager` and `grouped_mm`, `grouped_mm` under torch.compile (the
+baseline that counts: what `--torch_compile` makes of the transformers default), Liger-Kernel's fused MoE (what
+`--use_liger_kernel` alone runs the experts with), `scattermoe` (the default: dW_gate_up on torch's grouped GEMM,
 dW_down on ScatterMoE's Triton kernel), `scattermoe_wgrad_triton` (both on the Triton kernel, the lowest peak) and
 `scattermoe_wgrad_grouped_mm` (both on the grouped GEMM, a row copy beside both gradients), in one run.
 
-Forward and forward+backward in bf16 (median of CUDA-event timings after warm-up), TFLOP/s
-(18 * tokens * top_k * H * I for forward+backward, 6 * ... for forward), extra peak memory of one
-forward+backward, and the bf16 error of outputs and gradients against `grouped_mm`. With --profile, a
-per-kernel breakdown of scattermoe and grouped_mm at the chosen shapes. Prints a markdown table last.
+Two scopes: `experts` (the experts module alone, routing computed outside the timed region) and `block` (the whole
+`Qwen3MoeSparseMoeBlock`, router included). Forward and forward+backward in bf16 (median of CUDA-event timings after
+warm-up), TFLOP/s of the expert matmuls (18 * tokens * top_k * H * I for forward+backward, 6 * ... for forward),
+extra peak memory of one forward+backward, speed-ups against `grouped_mm` and `grouped_mm_compiled`, and each
+implementation's bf16 error (outputs, and the worst gradient) against an fp32 eager reference of the same weights and
+routing. With --profile, a per-kernel breakdown of scattermoe and grouped_mm at the chosen shapes. Prints a markdown
+table last; --out writes it, --json the rows.
 
-    python benchmarks/moe_block.py --out results.md
+    python benchmarks/moe_block.py --out results.md --json results.json
 """
 
 import argparse
+import copy
+import datetime
+import functools
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
-from common import kernel_table, median_ms, relative_error
+import transformers
+import triton
+from common import fmt, kernel_table, median_ms, relative_error
 from transformers import Qwen3MoeConfig
-from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 from monkey_patch.fast_moe import register_scattermoe
 from monkey_patch.model_parts import register_experts_function
@@ -35,6 +45,9 @@ SCATTERMOE_WGRAD_GROUPED_MM = "scattermoe_wgrad_grouped_mm"
 WEIGHT_GRAD_OF = {"scattermoe": "grouped_mm_gate_up", SCATTERMOE_WGRAD_TRITON: "triton",
                   SCATTERMOE_WGRAD_GROUPED_MM: "grouped_mm"}
 GROUPED_MM_COMPILED = "grouped_mm_compiled"
+BASELINES = ("grouped_mm", GROUPED_MM_COMPILED)
+SCOPES = ("experts", "block")
+HOT_EXPERTS = 8  # the experts skewed routing favours
 GIB = 1024**3
 
 
@@ -72,40 +85,43 @@ def register_liger_fused_moe() -> None:
     register_experts_function("liger_fused_moe", liger_fused_moe)
 
 
-def use_implementation(experts: Qwen3MoeExperts, impl: str) -> None:
+def use_implementation(block: Qwen3MoeSparseMoeBlock, impl: str) -> None:
     """Select ``impl``: the ``scattermoe_wgrad_*`` names are scattermoe under another weight-gradient backend
-    (``WEIGHT_GRAD_OF``); ``grouped_mm_compiled`` is ``grouped_mm`` under torch.compile, what ``--torch_compile``
-    makes of the transformers default (run_case compiles it)."""
+    (``WEIGHT_GRAD_OF``); ``grouped_mm_compiled`` is ``grouped_mm`` (run_case compiles it)."""
     os.environ[WEIGHT_GRAD_ENV] = WEIGHT_GRAD_OF.get(impl, "grouped_mm")
-    experts.config._experts_implementation = "scattermoe" if impl in WEIGHT_GRAD_OF else {
+    block.experts.config._experts_implementation = "scattermoe" if impl in WEIGHT_GRAD_OF else {
         GROUPED_MM_COMPILED: "grouped_mm"}.get(impl, impl)
 
 
-def make_experts(case: Case, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Qwen3MoeExperts:
-    config = Qwen3MoeConfig(
-        hidden_size=case.hidden,
-        moe_intermediate_size=case.inter,
-        num_experts=case.experts,
-        num_experts_per_tok=case.top_k,
-    )
-    experts = Qwen3MoeExperts(config).to(device=device, dtype=dtype)
+def make_block(case: Case, device: torch.device, dtype: torch.dtype = torch.bfloat16
+               ) -> tuple[Qwen3MoeSparseMoeBlock, torch.Tensor]:
+    """The sparse-MoE block (weights and router N(0, 0.02)) and its input (T, H). ``skewed``: every token shares a
+    direction that the router rows of HOT_EXPERTS experts read, adding about 2.5 to their logits, so they take
+    most assignments."""
+    config = Qwen3MoeConfig(hidden_size=case.hidden, moe_intermediate_size=case.inter, num_experts=case.experts,
+                            num_experts_per_tok=case.top_k, norm_topk_prob=True)
+    block = Qwen3MoeSparseMoeBlock(config).to(device=device, dtype=dtype)
+    x = torch.randn(case.tokens, case.hidden, device=device)
     with torch.no_grad():
-        experts.gate_up_proj.normal_(0, 0.02)
-        experts.down_proj.normal_(0, 0.02)
-    return experts
+        for param in block.parameters():
+            param.normal_(0, 0.02)
+        if case.routing == "skewed":
+            hot = torch.randn(case.hidden, device=device)
+            hot *= 4 / hot.norm()
+            x += hot
+            block.gate.weight[:HOT_EXPERTS] += (2.5 * hot / hot.norm() ** 2).to(dtype)
+    return block, x.to(dtype)
 
 
-def make_routing(case: Case, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Router as Qwen3-MoE computes it; `skewed` biases 8 hot experts so they take most assignments."""
-    router = torch.randn(case.experts, case.hidden, device=x.device, dtype=torch.float32) * 0.02
-    logits = x.float() @ router.T
-    if case.routing == "skewed":
-        logits[:, :8] += 2.5
-    probs = logits.softmax(-1)
-    weights, index = probs.topk(case.top_k, dim=-1)
-    weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
-    hot_share = (index < 8).float().mean().item()
-    return weights, index, hot_share
+def router_with_choice(gate, choice: torch.Tensor, hidden: torch.Tensor):
+    """Qwen3-MoE's router in full precision, taking the experts ``choice`` a bf16 router made: for an fp32 reference
+    of a bf16 block, a near-tie decided the other way would swap a token's expert, an error of the router's
+    precision, not of the experts."""
+    logits = torch.nn.functional.linear(hidden.reshape(-1, gate.hidden_dim), gate.weight)
+    weights = logits.softmax(-1, dtype=torch.float).gather(1, choice)
+    if gate.norm_topk_prob:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return logits, weights.to(logits.dtype), choice
 
 
 def extra_peak_gib(fn) -> float:
@@ -120,87 +136,140 @@ def extra_peak_gib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / GIB
 
 
-def run_case(case: Case, implementations: list[str], repeats: int, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
-    """Every implementation at one case; on a CPU (Triton interpreter, fp32) this is a smoke test, not a measurement."""
+class Problem:
+    """One case at one scope: the block, the tensors it differentiates, and a forward for any module standing in
+    for the block (the block itself, a compiled block, a float copy)."""
+
+    def __init__(self, case: Case, scope: str, device: torch.device, dtype: torch.dtype) -> None:
+        torch.manual_seed(0)
+        self.case, self.scope = case, scope
+        self.block, x = make_block(case, device, dtype)
+        self.x = x.requires_grad_()
+        with torch.no_grad():
+            _, weights, self.index = self.block.gate(x)
+        self.weights = weights.requires_grad_()
+        self.hot_share = (self.index < HOT_EXPERTS).float().mean().item()
+        self.grad_out = torch.randn_like(x)
+
+    def params(self, block: Qwen3MoeSparseMoeBlock, x: torch.Tensor, weights: torch.Tensor) -> tuple:
+        experts = (block.experts.gate_up_proj, block.experts.down_proj)
+        return (x, *experts, weights) if self.scope == "experts" else (x, block.gate.weight, *experts)
+
+    def run(self, module, block: Qwen3MoeSparseMoeBlock, x: torch.Tensor, weights: torch.Tensor, backward: bool):
+        """Output (forward) or output and gradients (forward + backward) of ``module`` standing in for ``block``."""
+        if self.scope == "experts":
+            out = module(x, self.index, weights)
+        else:
+            out = module(x.view(1, *x.shape)).view(x.shape)
+        if not backward:
+            return out
+        return out, torch.autograd.grad(out, self.params(block, x, weights), self.grad_out.to(out.dtype))
+
+    def module(self, impl: str):
+        use_implementation(self.block, impl)
+        target = self.block.experts if self.scope == "experts" else self.block
+        return torch.compile(target) if impl == GROUPED_MM_COMPILED else target
+
+    def reference(self) -> tuple[torch.Tensor, tuple]:
+        """Output and gradients of an fp32 eager copy, on the same weights and routing (block scope: the bf16
+        router's choice of experts)."""
+        block = copy.deepcopy(self.block).float()
+        block.experts.config = copy.copy(block.experts.config)
+        block.experts.config._experts_implementation = "eager"
+        block.gate.forward = functools.partial(router_with_choice, block.gate, self.index)
+        x = self.x.detach().float().requires_grad_()
+        weights = self.weights.detach().float().requires_grad_()
+        module = block.experts if self.scope == "experts" else block
+        return self.run(module, block, x, weights, backward=True)
+
+
+def run_case(case: Case, implementations: list[str], repeats: int, dtype: torch.dtype = torch.bfloat16,
+             scope: str = "experts") -> list[dict]:
+    """Every implementation at one case and scope; on a CPU (Triton interpreter, fp32) a smoke test, not a
+    measurement."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    experts = make_experts(case, device, dtype)
-    x = torch.randn(case.tokens, case.hidden, device=device, dtype=dtype, requires_grad=True)
-    weights, index, hot_share = make_routing(case, x.detach())
-    weights.requires_grad_(True)
-    grad_out = torch.randn(case.tokens, case.hidden, device=device, dtype=dtype)
-    params = (x, experts.gate_up_proj, experts.down_proj, weights)
+    problem = Problem(case, scope, device, dtype)
+    reference_out, reference_grads = problem.reference()
     flops_fwd = 6 * case.tokens * case.top_k * case.hidden * case.inter
-    rows, results = [], {}
+    rows = []
     for impl in implementations:
         if impl == "eager" and not case.with_eager:
             continue
-        use_implementation(experts, impl)
-        module = torch.compile(experts) if impl == GROUPED_MM_COMPILED else experts
+        module = problem.module(impl)
 
         def forward(module=module):
-            return module(x, index, weights)
+            return problem.run(module, problem.block, problem.x, problem.weights, backward=False)
 
-        def forward_backward():
-            return torch.autograd.grad(forward(), params, grad_out)
+        def forward_backward(module=module):
+            return problem.run(module, problem.block, problem.x, problem.weights, backward=True)
 
         slow = impl == "eager"
         try:
-            results[impl] = (forward().detach(), forward_backward())
+            out, grads = forward_backward()
         except Exception:  # one implementation failing at one shape is a finding, not the end of the run
-            logger.exception("%s failed at %s, %d tokens, %s routing", impl, case.shape, case.tokens, case.routing)
+            logger.exception("%s failed at %s, %d tokens, %s routing, %s", impl, case.shape, case.tokens,
+                             case.routing, scope)
             continue
         extra_gib = extra_peak_gib(forward_backward)
         fwd_ms = median_ms(forward, 1 if slow else 3, 3 if slow else repeats)
         fwd_bwd_ms = median_ms(forward_backward, 1 if slow else 3, 3 if slow else repeats)
-        rows.append(
-            {
-                "shape": case.shape, "tokens": case.tokens, "routing": case.routing, "hot_share": hot_share,
-                "impl": impl, "fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms,
-                "fwd_tflops": flops_fwd / fwd_ms / 1e9, "fwd_bwd_tflops": 3 * flops_fwd / fwd_bwd_ms / 1e9,
-                "extra_gib": extra_gib,
-            }
-        )
+        rows.append({
+            "shape": case.shape, "tokens": case.tokens, "routing": case.routing, "scope": scope,
+            "hot_share": problem.hot_share, "impl": impl, "fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms,
+            "fwd_tflops": flops_fwd / fwd_ms / 1e9, "tflops": 3 * flops_fwd / fwd_bwd_ms / 1e9,
+            "extra_peak_gib": extra_gib, "err_out": relative_error(out, reference_out),
+            "err_grads": max(relative_error(g, r) for g, r in zip(grads, reference_grads, strict=True)),
+        })
         logger.info("%s", rows[-1])
-    reference_out, reference_grads = results["grouped_mm"]
+    baselines = {row["impl"]: row for row in rows if row["impl"] in BASELINES}
     for row in rows:
-        out, grads = results[row["impl"]]
-        row["err_out"] = relative_error(out, reference_out)
-        row["err_grads"] = max(relative_error(g, r) for g, r in zip(grads, reference_grads, strict=True))
-        row["speedup_fwd"] = next(r["fwd_ms"] for r in rows if r["impl"] == "grouped_mm") / row["fwd_ms"]
-        row["speedup_fwd_bwd"] = next(r["fwd_bwd_ms"] for r in rows if r["impl"] == "grouped_mm") / row["fwd_bwd_ms"]
+        for name, base in baselines.items():
+            row[f"speedup_vs_{name}"] = base["fwd_bwd_ms"] / row["fwd_bwd_ms"]
+            row[f"speedup_fwd_vs_{name}"] = base["fwd_ms"] / row["fwd_ms"]
+        base = baselines.get("grouped_mm")
+        if base and base["err_out"] and base["err_grads"]:  # the bar: no worse than transformers' own bf16 experts
+            row["err_vs_grouped_mm"] = max(row["err_out"] / base["err_out"], row["err_grads"] / base["err_grads"])
     return rows
 
 
-def profile_kernels(case: Case, impl: str) -> str:
-    """Per-kernel CUDA time of one forward+backward of ``impl``, with TFLOP/s of each scattermoe matmul kernel."""
-    device = torch.device("cuda")
-    experts = make_experts(case, device)
-    use_implementation(experts, impl)
-    x = torch.randn(case.tokens, case.hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
-    weights, index, _ = make_routing(case, x.detach())
-    weights.requires_grad_(True)
-    grad_out = torch.randn_like(x)
-    params = (x, experts.gate_up_proj, experts.down_proj, weights)
+@functools.cache
+def dense_ceiling_tflops(size: int = 8192) -> float:
+    """bf16 TFLOP/s of one dense size³ matmul on this GPU, measured now: the ceiling the kernels are held to."""
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    return 2 * size**3 / median_ms(lambda: a @ b, 3, 10) / 1e9
+
+
+def profile_kernels(case: Case, impl: str, scope: str = "experts") -> str:
+    """Per-kernel CUDA time of one forward+backward of ``impl``, with each scattermoe matmul kernel's TFLOP/s and
+    its share of the dense bf16 ceiling measured in the same run."""
+    problem = Problem(case, scope, torch.device("cuda"), torch.bfloat16)
+    module = problem.module(impl)
+
+    def step():
+        problem.run(module, problem.block, problem.x, problem.weights, backward=True)
+
     for _ in range(3):
-        torch.autograd.grad(experts(x, index, weights), params, grad_out)
+        step()
     torch.cuda.synchronize()
     steps = 5
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         for _ in range(steps):
-            torch.autograd.grad(experts(x, index, weights), params, grad_out)
+            step()
         torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - start) / steps * 1e3
+    ceiling = dense_ceiling_tflops()
     pair_gemm = 2 * case.tokens * case.top_k * case.hidden * case.inter
     flops = {
         "_gather_gate_up_swiglu_kernel": 2 * pair_gemm,
         "_scatter_matmul_kernel": 4 * pair_gemm,
         "_grouped_weight_grad_kernel": 3 * pair_gemm,
     }
-    lines = [f"### {impl} kernels, {case.shape} {case.tokens} tokens {case.routing}", "",
-             "| kernel | ms per step | TFLOP/s |", "|---|---|---|"]
+    lines = [f"### {impl} kernels, {case.shape} {case.tokens} tokens {case.routing}, {scope}", "",
+             f"Dense bf16 ceiling (8192³ matmul) in this run: {ceiling:.0f} TFLOP/s.", "",
+             "| kernel | ms per step | TFLOP/s | share of the ceiling |", "|---|---|---|---|"]
     all_events = prof.key_averages()
     kernels_only = [e for e in all_events if e.device_type != torch.autograd.DeviceType.CPU]
     events = sorted(kernels_only, key=lambda e: -e.device_time_total)
@@ -208,60 +277,71 @@ def profile_kernels(case: Case, impl: str) -> str:
     for event in events[:12]:
         ms = event.device_time_total / steps / 1e3
         rate = next((f / ms / 1e9 for name, f in flops.items() if name in event.key), None)
-        lines.append(f"| {event.key[:60]} | {ms:.3f} | {'' if rate is None else f'{rate:.0f}'} |")
-    lines.append(f"| total | {total:.3f} | {3 * pair_gemm / total / 1e9:.0f} |")
+        cells = ("", "") if rate is None else (f"{rate:.0f}", f"{rate / ceiling:.0%}")
+        lines.append(f"| {event.key[:60]} | {ms:.3f} | {cells[0]} | {cells[1]} |")
+    rate = 3 * pair_gemm / total / 1e9
+    lines.append(f"| total | {total:.3f} | {rate:.0f} | {rate / ceiling:.0%} |")
     lines += ["", f"Wall time per step with the profiler on: {wall_ms:.3f} ms. Host side:", "",
               kernel_table(all_events, on_gpu=False, rows=8, steps=steps)]
     return "\n".join(lines)
 
 
 def autotuned_configs() -> str:
-    """The config each autotuned kernel picked, per autotune key."""
+    """The config each autotuned kernel picked, per autotune key (fp32's twins included)."""
     lines = ["### autotuned configs", ""]
-    for name in dir(kernels):
-        kernel = getattr(kernels, name)
-        for key, config in getattr(kernel, "cache", {}).items():
-            lines.append(f"- {name} {key[:4]}: {config}")
+    tuners = {name: getattr(kernels, name) for name in dir(kernels)}
+    tuners |= {f"{tuner.fn.__name__} (fp32)": tuner for tuner in kernels._FP32_TWINS.values()}
+    for name, tuner in tuners.items():
+        if isinstance(tuner, triton.runtime.Autotuner):
+            lines += [f"- {name} {key[:4]}: {config}" for key, config in tuner.cache.items()]
     return "\n".join(lines)
 
 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        (
-            "| shape | tokens | routing (share of hot 8) | impl | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s "
-            "| speedup fwd / fwd+bwd vs grouped_mm | extra peak GiB | bf16 rel. err out / grads vs grouped_mm |"
-        ),
-        "|---|---|---|---|---|---|---|---|---|---|",
+        ("| scope | shape | tokens | routing (share of hot 8) | impl | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s "
+         "| vs grouped_mm / vs compiled (fwd+bwd) | extra peak GiB | bf16 rel. err out / grads vs fp32 "
+         "| err vs grouped_mm's |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        speedups = " / ".join(fmt(r.get(f"speedup_vs_{name}"), ".2f") + "×" for name in BASELINES)
         lines.append(
-            f"| {r['shape']} | {r['tokens']:,} | {r['routing']} ({r['hot_share']:.0%}) | {r['impl']} "
-            f"| {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {r['fwd_bwd_tflops']:.0f} "
-            f"| {r['speedup_fwd']:.2f}× / {r['speedup_fwd_bwd']:.2f}× | {r['extra_gib']:.2f} "
-            f"| {r['err_out']:.1e} / {r['err_grads']:.1e} |"
+            f"| {r['scope']} | {r['shape']} | {r['tokens']:,} | {r['routing']} ({r['hot_share']:.0%}) | {r['impl']} "
+            f"| {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {r['tflops']:.0f} | {speedups} "
+            f"| {r['extra_peak_gib']:.2f} | {r['err_out']:.1e} / {r['err_grads']:.1e} "
+            f"| {fmt(r.get('err_vs_grouped_mm'), '.2f')} |"
         )
     return "\n".join(lines)
 
 
-def main() -> None:
+def stack() -> dict[str, str]:
+    return {"torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--implementations",
                         default=f"eager,grouped_mm,{GROUPED_MM_COMPILED},liger_fused_moe,scattermoe,"
                         f"{SCATTERMOE_WGRAD_TRITON},{SCATTERMOE_WGRAD_GROUPED_MM}")
     parser.add_argument("--cases", default="all", help="comma-separated indices into CASES, or 'all'")
+    parser.add_argument("--scopes", default=",".join(SCOPES), help="experts, block or both (comma-separated)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--profile", default="2", help="comma-separated indices of the cases to profile ('' for none)")
     parser.add_argument("--profile_implementations", default=f"scattermoe,{SCATTERMOE_WGRAD_TRITON},grouped_mm")
-    parser.add_argument("--out", default=None, help="write the table (markdown) and rows (json) here")
-    args = parser.parse_args()
+    parser.add_argument("--out", default=None, help="write the report (markdown) here")
+    parser.add_argument("--json", default=None, help="write the rows, with device, stack, date and command, here")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     register_scattermoe()
     register_liger_fused_moe()
     cases = CASES if args.cases == "all" else [CASES[int(i)] for i in args.cases.split(",")]
     rows = []
-    for case in cases:
-        rows += run_case(case, args.implementations.split(","), args.repeats)
-    report = f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n\n{markdown_table(rows)}"
+    for scope in args.scopes.split(","):
+        for case in cases:
+            rows += run_case(case, args.implementations.split(","), args.repeats, scope=scope)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (Triton interpreter)"
+    report = f"{device}, torch {torch.__version__}\n\n{markdown_table(rows)}"
     for index in filter(None, args.profile.split(",")):
         for impl in args.profile_implementations.split(","):
             report += "\n\n" + profile_kernels(CASES[int(index)], impl)
@@ -269,9 +349,13 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             f.write(report + "\n")
-        with open(args.out + ".json", "w") as f:
-            json.dump(rows, f, indent=1)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device, "stack": stack(), "date": datetime.date.today().isoformat(),
+                       "command": " ".join(["python3 benchmarks/moe_block.py", *(argv or sys.argv[1:])]),
+                       "rows": rows}, f, indent=1)
     print(report)
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """benchmarks/moe_block.py on the CPU (Triton interpreter, fp32): every implementation that runs without a GPU goes
 through run_case, so a broken benchmark shows here and not after a GPU machine has started."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -19,15 +20,37 @@ def registered():
     moe_block.register_scattermoe()
 
 
-def test_every_cpu_implementation_agrees_with_grouped_mm_in_fp32():
-    implementations = ["eager", "grouped_mm", "scattermoe", moe_block.SCATTERMOE_WGRAD_TRITON,
-                       moe_block.SCATTERMOE_WGRAD_GROUPED_MM]
-    rows = moe_block.run_case(TINY, implementations, repeats=1, dtype=torch.float32)
+@pytest.mark.parametrize(("scope", "implementations"), [
+    ("experts", ["eager", "grouped_mm", "scattermoe", moe_block.SCATTERMOE_WGRAD_TRITON,
+                 moe_block.SCATTERMOE_WGRAD_GROUPED_MM]),
+    ("block", ["eager", "grouped_mm", "scattermoe"]),
+])
+def test_every_cpu_implementation_agrees_with_the_fp32_reference(scope, implementations):
+    rows = moe_block.run_case(TINY, implementations, repeats=1, dtype=torch.float32, scope=scope)
     assert [row["impl"] for row in rows] == implementations
     for row in rows:
         assert row["err_out"] <= 1e-4 and row["err_grads"] <= 1e-4, row
-        assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0
-    assert "| tiny | 40 | skewed" in moe_block.markdown_table(rows)
+        assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0 and row["speedup_vs_grouped_mm"] > 0
+    assert f"| {scope} | tiny | 40 | skewed" in moe_block.markdown_table(rows)
+
+
+def test_skewed_routing_sends_most_assignments_to_the_hot_experts():
+    problem = moe_block.Problem(TINY, "block", torch.device("cpu"), torch.float32)
+    assert problem.hot_share > 0.9  # 8 hot experts of 8 here: every assignment; at 128 experts, most of them
+
+
+def test_rows_are_written_as_json_with_the_issue_keys(tmp_path, monkeypatch):
+    monkeypatch.setattr(moe_block, "CASES", [TINY])
+    path = tmp_path / "moe_block.json"
+    moe_block.main(["--cases", "0", "--scopes", "experts,block", "--implementations", "grouped_mm,scattermoe",
+                    "--repeats", "1", "--profile", "", "--json", str(path)])
+    written = json.loads(path.read_text())
+    assert set(written) == {"device", "stack", "date", "command", "rows"}
+    assert [(row["scope"], row["impl"]) for row in written["rows"]] == [
+        ("experts", "grouped_mm"), ("experts", "scattermoe"), ("block", "grouped_mm"), ("block", "scattermoe")]
+    keys = {"shape", "tokens", "routing", "impl", "fwd_ms", "fwd_bwd_ms", "tflops", "extra_peak_gib",
+            "speedup_vs_grouped_mm", "err_out", "err_grads"}
+    assert all(keys <= set(row) for row in written["rows"])
 
 
 def test_a_failing_implementation_is_logged_and_skipped(caplog):

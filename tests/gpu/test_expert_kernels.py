@@ -35,6 +35,9 @@ from monkey_patch.scattermoe import launch
 from monkey_patch.scattermoe.compilable_ops import scattermoe_experts
 from monkey_patch.scattermoe.ops import WEIGHT_GRAD_BACKENDS, WEIGHT_GRAD_ENV, LowRank
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from moe_block import router_with_choice  # noqa: E402
+
 pytestmark = needs_cuda
 BF16 = torch.bfloat16
 
@@ -181,16 +184,6 @@ def block_outputs(block: Qwen3MoeSparseMoeBlock, hidden: torch.Tensor, grad_out:
     return {"out": out.detach(), **dict(zip(("x", "router", "gate_up_proj", "down_proj"), grads, strict=True))}
 
 
-def router_with_choice(gate, choice: torch.Tensor, hidden: torch.Tensor):
-    """Qwen3-MoE's router in full precision, but taking the experts ``choice`` the bf16 router made: a near-tie
-    decided the other way would swap a token's expert, an error that is the router's precision, not the kernels'."""
-    logits = torch.nn.functional.linear(hidden.reshape(-1, gate.hidden_dim), gate.weight)
-    weights = logits.softmax(-1, dtype=torch.float).gather(1, choice)
-    if gate.norm_topk_prob:
-        weights = weights / weights.sum(-1, keepdim=True)
-    return logits, weights.to(logits.dtype), choice
-
-
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager-block", "torch.compile-block"])
 @pytest.mark.parametrize("shape,tokens", [(QWEN3_30B_A3B, 8192), (QWEN3_235B_A22B, 2048)], ids=["30B-A3B", "235B"])
 def test_whole_block_with_router_is_as_close_as_grouped_mm(shape, tokens, compiled):
@@ -229,17 +222,11 @@ def test_whole_block_with_router_is_as_close_as_grouped_mm(shape, tokens, compil
         assert relative_error(ours["out"], eager["out"]) < 1e-2
 
 
-@pytest.fixture
-def launch_overhead():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    import launch_overhead
-
-    return launch_overhead
-
-
-def test_launch_cache_runs_exactly_what_tritons_own_launch_runs(launch_overhead):
+def test_launch_cache_runs_exactly_what_tritons_own_launch_runs():
     """Output and six gradients of a LoRA expert block, bit for bit, on the cache's first (miss) and later (hit)
     calls against Triton's path, aligned and misaligned inputs, at three token counts."""
+    import launch_overhead
+
     assert launch.cache_supported(), "this Triton is not one the cache was tested with"
     block = launch_overhead.Block("full", "cuda", BF16)
     rows = launch_overhead.check_exact(block, [4096, 1000, 37])
