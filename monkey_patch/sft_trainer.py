@@ -8,12 +8,14 @@ import torch
 from datasets import Dataset
 from peft import PeftModel, get_peft_model
 from transformers import PreTrainedTokenizerBase
-from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.integrations import MLflowCallback, is_deepspeed_zero3_enabled
 from trl import SFTTrainer
 
 from callback import EfficiencyCallback
 from monkey_patch.torch_compile import is_compiled_per_layer
 from turbo_tune.errors import ConfigError
+from turbo_tune.run_dir import honour_umask
+from turbo_tune.tracking import ResilientMLflowCallback
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,8 @@ class TurboSFTTrainer(SFTTrainer):
         if efficiency is not None:
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), efficiency]
         super().__init__(*args, **kwargs)
+        if self.pop_callback(MLflowCallback) is not None:
+            self.add_callback(ResilientMLflowCallback())  # report_to's MLflow, minus the stalls when its store fails
 
     def _build_accelerator_args(self, **kwargs) -> dict:
         """No whole-model torch.compile when monkey_patch already compiled the decoder layers (with its fallback)."""
@@ -115,6 +119,11 @@ class TurboSFTTrainer(SFTTrainer):
             self.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
         self.save_model(output_dir)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            honour_umask(Path(output_dir or self.args.output_dir))
+
     def save_merged_model(self, output_dir: Path, tokenizer: PreTrainedTokenizerBase) -> None:
         """Merge the LoRA adapters into the base weights and write the full model from rank 0.
 
@@ -135,4 +144,5 @@ class TurboSFTTrainer(SFTTrainer):
         if self.is_world_process_zero():
             peft_model.merge_and_unload().save_pretrained(output_dir)
             tokenizer.save_pretrained(output_dir)
+            honour_umask(output_dir)
             logger.info("Merged model written to %s.", output_dir)

@@ -25,7 +25,7 @@ class Claim:
     created: bool
 
 
-_claims: list[Claim] = []  # held until the process ends: the kernel releases a dead run's lock by itself
+_claims: list[Claim] = []  # held until the run ends; the kernel releases a dead run's lock by itself
 
 
 def check_no_earlier_run(output_dir: Path) -> None:
@@ -43,8 +43,8 @@ def check_no_earlier_run(output_dir: Path) -> None:
 def claim_output_dir(output_dir: str, resuming: bool, is_main_process: bool) -> None:
     """Make the run folder this run's alone, on the main process, before anything is written into it.
 
-    The claim is an exclusive flock on OUTPUT_DIR/.turbo-tune.lock, held as long as the process lives: a second run
-    on the same folder is refused while the first one runs, and the lock of a run that died goes with it. Under the
+    The claim is an exclusive flock on OUTPUT_DIR/.turbo-tune.lock, held until release_claims(): a second run on the
+    same folder is refused while the first one runs, and the lock of a run that died goes with its process. Under the
     lock a fresh run checks again that no earlier run finished there. Other ranks wait for the main process's verdict.
     """
     error = None
@@ -91,8 +91,8 @@ def _claim(folder: Path, resuming: bool) -> None:
         check_no_earlier_run(folder)
 
 
-def release_unused_claims() -> None:
-    """After a refusal: give the folders back, and remove those this run created and left empty."""
+def release_claims() -> None:
+    """When the run ends: give the folders back, and remove those it created and left empty (after a refusal)."""
     while _claims:
         claim = _claims.pop()
         os.close(claim.lock_fd)
