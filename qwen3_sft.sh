@@ -5,6 +5,7 @@
 #   CKPT_PREFIX     folder that receives run folders  (unset: outputs)
 #   DS_CONFIG_PATH  DeepSpeed config, e.g. config/zero3.json (unset: no DeepSpeed; add --fsdp for FSDP2)
 #   TURBO_TUNE_NO_VENV=1  use the python3 on PATH instead of creating .venv (see scripts/common.sh)
+# Relative paths (in these variables and in the arguments) are taken from the directory you start it in.
 # Any argument is passed on to qwen3_sft.py, e.g. `bash qwen3_sft.sh --use_fast_moe_block --max_steps 100`.
 set -euo pipefail
 CALLER_DIR="$PWD"

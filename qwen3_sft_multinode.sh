@@ -5,6 +5,7 @@
 #   RUN_NAME        run folder name, the same on every node (default qwen3-sft-multinode); use a new one per job
 #   MODEL_PATH DATA_PATH CKPT_PREFIX DS_CONFIG_PATH  as in qwen3_sft.sh; CKPT_PREFIX should be shared storage.
 #   TURBO_TUNE_NO_VENV=1  use the python3 on PATH instead of creating .venv (see scripts/common.sh)
+# Relative paths (in these variables and in the arguments) are taken from the directory you start it in.
 # Any argument is passed on to qwen3_sft.py.
 set -euo pipefail
 CALLER_DIR="$PWD"
