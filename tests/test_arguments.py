@@ -149,3 +149,10 @@ def test_unknown_key_in_config_file_suggests_the_closest_flag(tmp_path):
 def test_mlflow_run_name_defaults_to_the_output_folder(tmp_path):
     assert parse(tmp_path).run_name == "out"
     assert parse(tmp_path, "--run_name", "mine").run_name == "mine"
+
+
+def test_invalid_yaml_config_names_the_file_and_line(tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("learning_rate: [1\n")
+    with pytest.raises(ConfigError, match=rf"--config {config_file} is not valid YAML: .* line 1, column 16"):
+        parse(tmp_path, "--config", str(config_file))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from trl import SFTConfig, TrlParser
 
 from turbo_tune.errors import ConfigError
@@ -330,7 +331,9 @@ def parse_config(argv: list[str] | None = None) -> TurboTuneConfig:
     """Flags from the command line, optionally on top of a YAML file given with --config; a flag or key that
     TurboTuneConfig does not have stops the run with the closest one it does have."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    config_file = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
+    if argv[-1:] == ["--config"]:
+        raise ConfigError("--config needs a YAML file: --config run.yaml.")
+    config_file = argv[argv.index("--config") + 1] if "--config" in argv else None
     if config_file is not None:
         check_readable(config_file, "--config")
     parser = TurboTuneParser(TurboTuneConfig)
@@ -340,8 +343,10 @@ def parse_config(argv: list[str] | None = None) -> TurboTuneConfig:
         )
     except ConfigError:
         raise
-    except ValueError as error:  # TRL's complaints about the --config file
-        raise ConfigError(f"--config {config_file}: {error}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--config {config_file} is not valid YAML: {' '.join(str(error).split())}") from None
+    except ValueError as error:  # TRL's checks of the --config file, transformers' of the flags: messages for users
+        raise ConfigError(" ".join(str(error).split())) from None
     if from_command_line:
         unknown = next((item for item in from_command_line if item.startswith("-")), from_command_line[0])
         flag = unknown.split("=", 1)[0]
