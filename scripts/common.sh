@@ -38,10 +38,10 @@ PATH_FLAGS=" --model_path --data_path --output_dir --config --deepspeed_config -
 PATH_FLAGS+="--resume_from_checkpoint --logging_dir "
 
 # from_caller PATH: PATH as seen from CALLER_DIR (one that exists only in the repository, such as config/zero3.json,
-# stays as it is). Absolute paths and the values `last`, `latest`, `true` pass unchanged.
+# stays as it is). Absolute paths, inline JSON and the values `last`, `latest`, `true` pass unchanged.
 from_caller() {
     case "$1" in
-        ""|/*|last|latest|true|True) printf '%s' "$1" ;;
+        ""|/*|"{"*|last|latest|true|True) printf '%s' "$1" ;;
         *) if [ ! -e "$CALLER_DIR/$1" ] && [ -e "$1" ]; then printf '%s' "$1"; else printf '%s' "$CALLER_DIR/$1"; fi ;;
     esac
 }
