@@ -35,13 +35,19 @@ def test_scripts_are_valid_bash(script):
     subprocess.run(["bash", "-n", str(ROOT / script)], check=True)
 
 
-def test_two_launches_at_once_train_the_embedded_default_into_their_own_folders(tmp_path):
-    launches = [start("qwen3_sft.sh", {"CKPT_PREFIX": str(tmp_path)}, *SHORT_RUN) for _ in range(2)]
+def test_two_launches_in_the_same_second_train_the_embedded_default_into_their_own_folders(tmp_path):
+    frozen_clock = tmp_path / "bin"  # a `date` that always answers the same second
+    frozen_clock.mkdir()
+    (frozen_clock / "date").write_text("#!/bin/sh\necho 20261127-205209\n")
+    (frozen_clock / "date").chmod(0o755)
+    runs = tmp_path / "runs"
+    env = {"CKPT_PREFIX": str(runs), "PATH": f"{frozen_clock}:{os.environ['PATH']}"}
+    launches = [start("qwen3_sft.sh", env, *SHORT_RUN) for _ in range(2)]
     for process in launches:
         _, stderr = process.communicate(timeout=600)
         assert process.returncode == 0, stderr[-3000:]
-        assert f"+ python qwen3_sft.py --output_dir {tmp_path}/qwen3-sft-" in stderr
-    run_dirs = list(tmp_path.iterdir())
+        assert f"+ python qwen3_sft.py --output_dir {runs}/qwen3-sft-20261127-205209" in stderr
+    run_dirs = list(runs.iterdir())
     assert len(run_dirs) == 2
     assert all((run_dir / "model.safetensors").is_file() for run_dir in run_dirs)
 
