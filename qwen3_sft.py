@@ -26,12 +26,11 @@ from turbo_tune.arguments import TurboTuneConfig, parse_config
 from turbo_tune.data import load_sft_dataset, record_kind
 from turbo_tune.errors import ConfigError
 from turbo_tune.modeling import apply_lora, load_model, load_tokenizer
+from turbo_tune.run_dir import check_no_earlier_run, claim_output_dir, release_claims
 from turbo_tune.toy_task import bundled_dataset
+from turbo_tune.tracking import configure_mlflow, continue_mlflow_run, reports_to_mlflow
 
 logger = logging.getLogger("qwen3_sft")
-
-RUN_OUTPUTS = ("config.json", "adapter_config.json", "trainer_state.json", "model.safetensors")
-
 
 OUR_LOGGERS = ("qwen3_sft", "turbo_tune", "monkey_patch", "callback")
 
@@ -55,15 +54,6 @@ def join_process_group(config: TurboTuneConfig) -> None:
         deepspeed.init_distributed()  # DeepSpeed's comm adopts the group (accelerate does this itself on GPUs only)
 
 
-def configure_mlflow() -> None:
-    """A local store in ./mlruns (SQLite: MLflow's file store is retired) unless MLFLOW_TRACKING_URI says otherwise."""
-    if "MLFLOW_TRACKING_URI" not in os.environ:
-        store = Path("mlruns").resolve()
-        store.mkdir(exist_ok=True)
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
-    os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "turbo-tune")
-
-
 def resolve_resume(config: TurboTuneConfig) -> str | None:
     """The checkpoint to resume from, and a refusal to write over an earlier run's outputs when not resuming."""
     output_dir = Path(config.output_dir)
@@ -77,13 +67,7 @@ def resolve_resume(config: TurboTuneConfig) -> str | None:
         if not Path(resume).is_dir():
             raise ConfigError(f"--resume_from_checkpoint {resume} is not a checkpoint folder.")
         return resume
-    if output_dir.is_dir():
-        earlier = [p.name for p in output_dir.iterdir() if p.name.startswith("checkpoint-") or p.name in RUN_OUTPUTS]
-        if earlier:
-            raise ConfigError(
-                f"--output_dir {output_dir} already holds an earlier run ({', '.join(sorted(earlier)[:3])}). "
-                "Resume it with --resume_from_checkpoint last, or choose a new --output_dir."
-            )
+    check_no_earlier_run(output_dir)
     return None
 
 
@@ -96,9 +80,12 @@ def load_training_data(config: TurboTuneConfig):
 def train(config: TurboTuneConfig) -> Path:
     preflight(config)
     resume = resolve_resume(config)
+    if resume is not None and reports_to_mlflow(config):
+        continue_mlflow_run(config.output_dir)
     tokenizer = load_tokenizer(config)
     dataset = load_training_data(config)
     config.assistant_only_loss = not config.train_on_all_tokens and record_kind(dataset[0]) == "conversational"
+    claim_output_dir(config.output_dir, resuming=resume is not None, is_main_process=config.process_index == 0)
 
     model = load_model(config)
     model = apply_patches(model, config)
@@ -126,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         config = parse_config(argv)
         join_process_group(config)
         configure_logging(config)
-        configure_mlflow()
+        configure_mlflow(config)
         train(config)
         if dist.is_initialized():
             dist.barrier()  # leave together: rank 0 may still be writing the final model the others helped gather
@@ -134,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qwen3_sft.py: error: {error}", file=sys.stderr)
         return 2
     finally:
+        release_claims()
         if dist.is_initialized():
             dist.destroy_process_group()  # gloo aborts at interpreter exit when its group is still alive
     return 0

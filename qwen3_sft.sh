@@ -5,13 +5,18 @@
 #   CKPT_PREFIX     folder that receives run folders  (unset: outputs)
 #   DS_CONFIG_PATH  DeepSpeed config, e.g. config/zero3.json (unset: no DeepSpeed; add --fsdp for FSDP2)
 #   TURBO_TUNE_NO_VENV=1  use the python3 on PATH instead of creating .venv (see scripts/common.sh)
+# Relative paths (in these variables and in the arguments) are taken from the directory you start it in.
 # Any argument is passed on to qwen3_sft.py, e.g. `bash qwen3_sft.sh --use_fast_moe_block --max_steps 100`.
 set -euo pipefail
+CALLER_DIR="$PWD"
 cd "$(dirname "$0")"
 source scripts/common.sh && ensure_venv
 
 num_gpus="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')"
-run_args "${CKPT_PREFIX:-outputs}/qwen3-sft-$(date +%Y%m%d-%H%M%S)"
+prefix=outputs
+if [ -n "${CKPT_PREFIX:-}" ]; then prefix="$(from_caller "$CKPT_PREFIX")"; fi
+# The process id keeps two runs started in the same second apart; qwen3_sft.py locks the folder it gets.
+run_args "$prefix/qwen3-sft-$(date +%Y%m%d-%H%M%S)-$$" "$@"
 
 # torchrun (as `python -m torch.distributed.run`) for every engine: the Trainer builds DeepSpeed from the config.
 if [ "$num_gpus" -eq 0 ]; then
@@ -19,5 +24,5 @@ if [ "$num_gpus" -eq 0 ]; then
 else
     launch=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$num_gpus" qwen3_sft.py)
 fi
-echo "+ ${launch[*]} ${RUN_ARGS[*]} $*" >&2
-exec "${launch[@]}" "${RUN_ARGS[@]}" "$@"
+echo "+ ${launch[*]} ${RUN_ARGS[*]}" >&2
+exec "${launch[@]}" "${RUN_ARGS[@]}"

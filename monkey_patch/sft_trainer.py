@@ -3,18 +3,50 @@
 import logging
 from pathlib import Path
 
-import pyarrow.compute as pc
+import numpy as np
 import torch
 from datasets import Dataset
 from peft import PeftModel, get_peft_model
 from transformers import PreTrainedTokenizerBase
-from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.integrations import MLflowCallback, is_deepspeed_zero3_enabled
 from trl import SFTTrainer
 
 from callback import EfficiencyCallback
 from monkey_patch.torch_compile import is_compiled_per_layer
+from turbo_tune.errors import ConfigError
+from turbo_tune.run_dir import honour_umask
+from turbo_tune.tracking import ResilientMLflowCallback
 
 logger = logging.getLogger(__name__)
+
+
+def report_truncation(tokenized: Dataset, max_length: int, truncation_mode: str, packing: bool, name: str) -> None:
+    """Log how many examples max_length cuts, and how many TRL will drop: without packing it truncates each example
+    and then drops those left with no trained token (a prompt that fills max_length). None left is a ConfigError."""
+    labels = tokenized.data.column("labels").combine_chunks()
+    offsets = labels.offsets.to_numpy()
+    lengths = np.diff(offsets)
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    position = np.arange(offsets[-1] - offsets[0]) - np.repeat(offsets[:-1] - offsets[0], lengths)
+    kept = position < max_length if truncation_mode == "keep_start" else position >= lengths[row] - max_length
+    trained = labels.flatten().to_numpy() != -100
+    dropped = 0 if packing else int((np.bincount(row[kept & trained], minlength=len(lengths)) == 0).sum())
+    too_long = int((lengths > max_length).sum())
+    if not too_long:
+        logger.info("%s: no example is longer than max_length=%d tokens.", name, max_length)
+        return
+    if dropped == len(lengths):
+        raise ConfigError(
+            f"--max_length {max_length}: every example of the {name} set is longer and none keeps a trained token in "
+            f"its first {max_length} tokens (the prompt fills them), so nothing is left to train on. Raise "
+            f"--max_length (the longest example has {lengths.max()} tokens)."
+        )
+    logger.warning(
+        "%s: %d of %d examples are longer than max_length=%d tokens (longest: %d): %d are truncated%s. "
+        "Raise --max_length to keep them whole.",
+        name, too_long, len(lengths), max_length, lengths.max(), too_long - dropped,
+        f" and {dropped} dropped, since no trained token is left in them" if dropped else "",
+    )
 
 
 class TurboSFTTrainer(SFTTrainer):
@@ -23,6 +55,8 @@ class TurboSFTTrainer(SFTTrainer):
         if efficiency is not None:
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), efficiency]
         super().__init__(*args, **kwargs)
+        if self.pop_callback(MLflowCallback) is not None:
+            self.add_callback(ResilientMLflowCallback())  # report_to's MLflow, minus the stalls when its store fails
 
     def _build_accelerator_args(self, **kwargs) -> dict:
         """No whole-model torch.compile when monkey_patch already compiled the decoder layers (with its fallback)."""
@@ -50,16 +84,7 @@ class TurboSFTTrainer(SFTTrainer):
             tokenized = super()._prepare_dataset(dataset, processing_class, args, False, formatting_func, dataset_name)
         finally:
             args.max_length = max_length
-        lengths = pc.list_value_length(tokenized.data.column("input_ids"))
-        too_long = pc.sum(pc.greater(lengths, max_length)).as_py() or 0
-        if too_long:
-            logger.warning(
-                "%s: %d of %d examples are longer than max_length=%d tokens and are truncated (longest: %d). "
-                "Raise --max_length to keep them whole.",
-                dataset_name, too_long, len(tokenized), max_length, pc.max(lengths).as_py(),
-            )
-        else:
-            logger.info("%s: no example is longer than max_length=%d tokens.", dataset_name, max_length)
+        report_truncation(tokenized, max_length, args.truncation_mode, packing, dataset_name)
         return super()._prepare_dataset(tokenized, processing_class, args, packing, formatting_func, dataset_name)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
@@ -94,6 +119,11 @@ class TurboSFTTrainer(SFTTrainer):
             self.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
         self.save_model(output_dir)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            honour_umask(Path(output_dir or self.args.output_dir))
+
     def save_merged_model(self, output_dir: Path, tokenizer: PreTrainedTokenizerBase) -> None:
         """Merge the LoRA adapters into the base weights and write the full model from rank 0.
 
@@ -114,4 +144,5 @@ class TurboSFTTrainer(SFTTrainer):
         if self.is_world_process_zero():
             peft_model.merge_and_unload().save_pretrained(output_dir)
             tokenizer.save_pretrained(output_dir)
+            honour_umask(output_dir)
             logger.info("Merged model written to %s.", output_dir)

@@ -32,10 +32,38 @@ ensure_venv() {
     PYTHON=python
 }
 
-# run_args OUTPUT_DIR: set RUN_ARGS to the qwen3_sft.py flags that the environment variables ask for.
+# The launch scripts run from the repository, but the paths a user gives are relative to the directory the script was
+# started in, which the script saves in CALLER_DIR before changing directory.
+PATH_FLAGS=" --model_path --data_path --output_dir --config --deepspeed_config --deepspeed --fsdp_config "
+PATH_FLAGS+="--resume_from_checkpoint --logging_dir "
+
+# from_caller PATH: PATH as seen from CALLER_DIR (one that exists only in the repository, such as config/zero3.json,
+# stays as it is). Absolute paths, inline JSON and the values `last`, `latest`, `true` pass unchanged.
+from_caller() {
+    case "$1" in
+        ""|/*|"{"*|last|latest|true|True) printf '%s' "$1" ;;
+        *) if [ ! -e "$CALLER_DIR/$1" ] && [ -e "$1" ]; then printf '%s' "$1"; else printf '%s' "$CALLER_DIR/$1"; fi ;;
+    esac
+}
+
+# run_args OUTPUT_DIR [ARG...]: set RUN_ARGS to the qwen3_sft.py flags that OUTPUT_DIR and the environment variables
+# ask for, followed by the ARGs, with every path in them taken from CALLER_DIR.
 run_args() {
+    local arg path_value=0
     RUN_ARGS=(--output_dir "$1" --use_liger_efficiency_callback)
-    if [ -n "${MODEL_PATH:-}" ]; then RUN_ARGS+=(--model_path "$MODEL_PATH"); fi
-    if [ -n "${DATA_PATH:-}" ]; then RUN_ARGS+=(--data_path "$DATA_PATH"); fi
-    if [ -n "${DS_CONFIG_PATH:-}" ]; then RUN_ARGS+=(--deepspeed_config "$DS_CONFIG_PATH"); fi
+    shift
+    if [ -n "${MODEL_PATH:-}" ]; then RUN_ARGS+=(--model_path "$(from_caller "$MODEL_PATH")"); fi
+    if [ -n "${DATA_PATH:-}" ]; then RUN_ARGS+=(--data_path "$(from_caller "$DATA_PATH")"); fi
+    if [ -n "${DS_CONFIG_PATH:-}" ]; then RUN_ARGS+=(--deepspeed_config "$(from_caller "$DS_CONFIG_PATH")"); fi
+    for arg in "$@"; do
+        if [ "$path_value" = 1 ]; then
+            RUN_ARGS+=("$(from_caller "$arg")")
+            path_value=0
+        elif [[ "$arg" == --*=* && "$PATH_FLAGS" == *" ${arg%%=*} "* ]]; then
+            RUN_ARGS+=("${arg%%=*}=$(from_caller "${arg#*=}")")
+        else
+            RUN_ARGS+=("$arg")
+            if [[ "$PATH_FLAGS" == *" $arg "* ]]; then path_value=1; fi
+        fi
+    done
 }

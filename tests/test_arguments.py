@@ -124,3 +124,35 @@ def test_fsdp_uses_the_shipped_config_and_its_own_activation_checkpointing(tmp_p
     assert config.fsdp_config["transformer_layer_cls_to_wrap"] == ["Qwen3MoeDecoderLayer"]
     assert config.fsdp_config["activation_checkpointing"] is True
     assert config.gradient_checkpointing is False
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--max_length", "0"], "--max_length 0: an example must keep at least one token"),
+    (["--learning_rate", "-1"], "--learning_rate -1.0 must be a non-negative number"),
+    (["--lerning_rate", "1e-4"], "unknown argument '--lerning_rate'; did you mean --learning_rate?"),
+    (["--max_steps", "ten"], "argument --max_steps/--max-steps: invalid int value: 'ten'"),
+])
+def test_bad_flag_is_one_config_error(tmp_path, flags, message):
+    with pytest.raises(ConfigError) as error:
+        parse(tmp_path, *flags)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_unknown_key_in_config_file_suggests_the_closest_flag(tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("lerning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=rf"--config {config_file}: unknown key 'lerning_rate'; did you mean "
+                                          "learning_rate"):
+        parse(tmp_path, "--config", str(config_file))
+
+
+def test_mlflow_run_name_defaults_to_the_output_folder(tmp_path):
+    assert parse(tmp_path).run_name == "out"
+    assert parse(tmp_path, "--run_name", "mine").run_name == "mine"
+
+
+def test_invalid_yaml_config_names_the_file_and_line(tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("learning_rate: [1\n")
+    with pytest.raises(ConfigError, match=rf"--config {config_file} is not valid YAML: .* line 1, column 16"):
+        parse(tmp_path, "--config", str(config_file))

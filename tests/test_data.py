@@ -1,6 +1,7 @@
 """Data loading: every supported layout loads, and each bad record is reported by file and row."""
 
 import json
+import logging
 
 import pytest
 from datasets import Dataset
@@ -90,3 +91,34 @@ def test_bundled_task_answers_follow_from_prompts():
 
 def test_bundled_task_is_deterministic():
     assert bundled_dataset(20, seed=1)[:] == bundled_dataset(20, seed=1)[:]
+
+
+def test_null_content_names_file_row_and_message(tmp_path):
+    null = {"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "x"}]}
+    path = write_jsonl(tmp_path / "train.jsonl", [CHAT, null])
+    with pytest.raises(ConfigError, match=r"train\.jsonl, row 2, message 1: `content` is null"):
+        load_sft_dataset(str(path))
+
+
+def test_non_utf8_byte_names_file_and_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(json.dumps(CHAT).encode() + b'\n{"messages": [{"role": "user", "content": "caf\xe9"}]}\n')
+    with pytest.raises(ConfigError, match=r"train\.jsonl, line 2: byte 0xe9 is not UTF-8"):
+        load_sft_dataset(str(path))
+
+
+def test_empty_assistant_message_is_warned_with_file_and_row(tmp_path, caplog):
+    empty = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}
+    path = write_jsonl(tmp_path / "train.jsonl", [CHAT, CHAT, empty])
+    with caplog.at_level(logging.WARNING, logger="turbo_tune.data"):
+        assert len(load_sft_dataset(str(path))) == 3
+    assert f"{path}, row(s) 3: an assistant message is empty" in caplog.text
+
+
+def test_skipped_files_of_a_data_folder_are_named(tmp_path, caplog):
+    write_jsonl(tmp_path / "a.jsonl", [CHAT])
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "extra.csv").write_text("prompt,completion\n")
+    with caplog.at_level(logging.WARNING, logger="turbo_tune.data"):
+        assert len(load_sft_dataset(str(tmp_path))) == 1
+    assert "skipping 2 file(s) that are not .jsonl, .json or .parquet: extra.csv, notes.txt" in caplog.text

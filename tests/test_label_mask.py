@@ -6,6 +6,7 @@ from datasets import Dataset
 from monkey_patch.sft_trainer import TurboSFTTrainer
 from turbo_tune.arguments import parse_config
 from turbo_tune.data import record_kind
+from turbo_tune.errors import ConfigError
 from turbo_tune.modeling import load_model, load_tokenizer
 from turbo_tune.toy_task import bundled_dataset
 
@@ -67,4 +68,25 @@ def test_truncation_is_counted_and_logged(tmp_path, caplog):
     caplog.set_level("WARNING", logger="monkey_patch.sft_trainer")
     rows, _ = prepared_rows(tmp_path, bundled_dataset(16, seed=4), "--max_length", "36")
     assert all(len(row["input_ids"]) <= 36 for row in rows)
-    assert any("longer than max_length=36 tokens and are truncated" in r.message for r in caplog.records)
+    assert any("longer than max_length=36 tokens" in r.message and "are truncated." in r.message
+               for r in caplog.records)
+
+
+def long_prompt_chats(count: int) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": "upper: " + "a " * 60},
+                          {"role": "assistant", "content": "A"}]}] * count
+
+
+def test_examples_whose_prompt_fills_max_length_are_counted_as_dropped(tmp_path, caplog):
+    caplog.set_level("WARNING", logger="monkey_patch.sft_trainer")
+    rows, _ = prepared_rows(tmp_path, Dataset.from_list(long_prompt_chats(3) + list(bundled_dataset(2, seed=1))),
+                            "--max_length", "36")
+    assert len(rows) == 2
+    assert any("5 of 5 examples are longer than max_length=36 tokens" in r.message
+               and "2 are truncated and 3 dropped, since no trained token is left in them" in r.message
+               for r in caplog.records)
+
+
+def test_nothing_left_after_truncation_is_one_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"--max_length 36: every example .* nothing is left to train on"):
+        prepared_rows(tmp_path, Dataset.from_list(long_prompt_chats(4)), "--max_length", "36")

@@ -4,13 +4,16 @@ Validation that needs no model or data happens here, in `__post_init__`, so bad 
 is loaded or written.
 """
 
+import difflib
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from trl import SFTConfig, TrlParser
 
 from turbo_tune.errors import ConfigError
@@ -148,12 +151,20 @@ class TurboTuneConfig(SFTConfig):
             raise ConfigError(f"--model_dtype {self.model_dtype!r} is not one of auto, bfloat16, float32.")
         if self.merge_lora and not self.use_lora:
             raise ConfigError("--merge_lora needs --use_lora: without LoRA the saved model is already full.")
+        if self.max_length is not None and self.max_length < 1:
+            raise ConfigError(
+                f"--max_length {self.max_length}: an example must keep at least one token. Pass a positive length "
+                "(the default is 1024), or --max_length none for no truncation."
+            )
+        if self.learning_rate is not None and not self.learning_rate >= 0:
+            raise ConfigError(f"--learning_rate {self.learning_rate} must be a non-negative number, e.g. 1e-5.")
         if self.learning_rate is None:
             self.learning_rate = (
                 EMBEDDED_MODEL_LEARNING_RATE if self.model_path is None else CHECKPOINT_LEARNING_RATE
             )
         if self.bf16 is None and not self.fp16:
             self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        self.run_name = self.run_name or Path(self.output_dir).name  # MLflow's own names repeat with the seed
         self.packing = self.packing or self.use_packing
         self.completion_only_loss = not self.train_on_all_tokens
         super().__post_init__()
@@ -306,8 +317,46 @@ def load_json_config(path: str, flag: str) -> dict:
     return config
 
 
+class TurboTuneParser(TrlParser):
+    """TRL's parser, with argparse's usage dump and exit replaced by one ConfigError line."""
+
+    def error(self, message: str) -> None:
+        raise ConfigError(f"{message}. See python qwen3_sft.py --help.")
+
+    def closest_flag(self, flag: str) -> str | None:
+        known = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
+        return next(iter(difflib.get_close_matches(flag, known, n=1)), None)
+
+
 def parse_config(argv: list[str] | None = None) -> TurboTuneConfig:
-    """Flags from the command line, optionally on top of a YAML file given with --config."""
-    parser = TrlParser(TurboTuneConfig)
-    (config,) = parser.parse_args_and_config(argv)
+    """Flags from the command line, optionally on top of a YAML file given with --config; a flag or key that
+    TurboTuneConfig does not have stops the run with the closest one it does have."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[-1:] == ["--config"]:
+        raise ConfigError("--config needs a YAML file: --config run.yaml.")
+    config_file = argv[argv.index("--config") + 1] if "--config" in argv else None
+    if config_file is not None:
+        check_readable(config_file, "--config")
+    parser = TurboTuneParser(TurboTuneConfig)
+    try:
+        config, from_file, from_command_line = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+    except ConfigError:
+        raise
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--config {config_file} is not valid YAML: {' '.join(str(error).split())}") from None
+    except ValueError as error:  # TRL's checks of the --config file, transformers' of the flags: messages for users
+        raise ConfigError(" ".join(str(error).split())) from None
+    if from_command_line:
+        unknown = next((item for item in from_command_line if item.startswith("-")), from_command_line[0])
+        flag = unknown.split("=", 1)[0]
+        close = parser.closest_flag(flag) if flag.startswith("-") else None
+        hint = f"did you mean {close}?" if close else "see python qwen3_sft.py --help for the flags."
+        raise ConfigError(f"unknown argument {unknown!r}; {hint}")
+    if from_file:
+        key = from_file[0].removeprefix("--")
+        close = parser.closest_flag(f"--{key}")
+        hint = f"did you mean {close.removeprefix('--')}?" if close else "see python qwen3_sft.py --help for the keys."
+        raise ConfigError(f"--config {config_file}: unknown key {key!r}; {hint}")
     return config

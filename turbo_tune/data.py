@@ -5,6 +5,7 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
+import pyarrow as pa
 from datasets import Dataset, concatenate_datasets, load_from_disk
 
 from turbo_tune.errors import ConfigError
@@ -26,14 +27,10 @@ def load_sft_dataset(data_path: str) -> Dataset:
             dataset = dataset["train"]
         validate_records(dataset, str(path))
         return _non_empty(dataset, path)
-    files = sorted(p for p in path.rglob("*") if p.suffix in FILE_LOADERS) if path.is_dir() else [path]
+    files = _data_files(path) if path.is_dir() else [path]
     if not files:
         raise ConfigError(f"--data_path {path} holds no .jsonl, .json or .parquet files.")
-    parts = []
-    for file in files:
-        part = _load_file(file)
-        validate_records(part, str(file))
-        parts.append(part)
+    parts = [_load_file(file) for file in files]
     kinds = {record_kind(part[0]) for part in parts if len(part)}
     if len(kinds) > 1:
         raise ConfigError(
@@ -43,21 +40,48 @@ def load_sft_dataset(data_path: str) -> Dataset:
     return _non_empty(concatenate_datasets([part.select_columns(columns) for part in parts]), path)
 
 
+def _data_files(folder: Path) -> list[Path]:
+    """The folder's data files; the others are named in the log, so a file in the wrong format is not lost silently."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    skipped = [str(p.relative_to(folder)) for p in files if p.suffix not in FILE_LOADERS]
+    if skipped:
+        logger.warning(
+            "--data_path %s: skipping %d file(s) that are not .jsonl, .json or .parquet: %s.",
+            folder, len(skipped), ", ".join(skipped[:10]) + (", ..." if len(skipped) > 10 else ""),
+        )
+    return [p for p in files if p.suffix in FILE_LOADERS]
+
+
 def _load_file(file: Path) -> Dataset:
     loader = FILE_LOADERS.get(file.suffix)
     if loader is None:
         raise ConfigError(f"--data_path {file}: unsupported file type {file.suffix!r}; use .jsonl, .json or .parquet.")
     if loader == "json":
-        return Dataset.from_list(_read_json_records(file))
+        records = _read_json_records(file)
+        validate_records(records, str(file))  # before Arrow, which fails on mixed types without naming the row
+        try:
+            return Dataset.from_list(records)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+            raise ConfigError(f"--data_path {file}: the records do not share one schema ({error}).") from None
     try:
-        return Dataset.from_parquet(str(file))
+        dataset = Dataset.from_parquet(str(file))
     except Exception as error:  # pyarrow raises several types for a damaged file
         raise ConfigError(f"--data_path {file} is not a readable Parquet file: {error}") from None
+    validate_records(dataset, str(file))
+    return dataset
 
 
 def _read_json_records(file: Path) -> list[dict]:
     """JSON Lines, or one JSON array of records; a broken line is reported with its number."""
-    text = file.read_text(encoding="utf-8")
+    raw = file.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise ConfigError(
+            f"--data_path {file}, line {line}: byte 0x{raw[error.start]:02x} is not UTF-8. "
+            "Save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+        ) from None
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
@@ -90,6 +114,7 @@ def record_kind(record: dict) -> str:
 
 
 def validate_records(records: Iterable[dict], source: str) -> None:
+    empty_answers = []
     for row, record in enumerate(records, start=1):
         kind = record_kind(record)
         where = f"--data_path {source}, row {row}"
@@ -103,6 +128,15 @@ def validate_records(records: Iterable[dict], source: str) -> None:
             _validate_messages(record["messages"], where)
         else:
             _validate_prompt_completion(record, where)
+        if _has_empty_answer(record):
+            empty_answers.append(row)
+    if empty_answers:
+        logger.warning(
+            "--data_path %s, row(s) %s: an assistant message is empty, so those examples teach the model to answer "
+            "with nothing but end-of-turn. Fill in or drop them if that is not intended.",
+            source, ", ".join(map(str, empty_answers[:10])) + (f" and {len(empty_answers) - 10} more"
+                                                               if len(empty_answers) > 10 else ""),
+        )
 
 
 def _validate_messages(messages: object, where: str) -> None:
@@ -121,6 +155,12 @@ def _validate_turns(messages: object, where: str) -> None:
             raise ConfigError(
                 f"{where}, message {turn}: unknown role {message['role']!r}; use one of {', '.join(sorted(ROLES))}."
             )
+        content = message["content"]
+        if not isinstance(content, str) and not (content is None and message.get("tool_calls")):
+            got = "null" if content is None else f"a {type(content).__name__}"
+            raise ConfigError(
+                f"{where}, message {turn}: `content` is {got}; the chat template needs a string (\"\" for none)."
+            )
 
 
 def _validate_prompt_completion(record: dict, where: str) -> None:
@@ -130,6 +170,11 @@ def _validate_prompt_completion(record: dict, where: str) -> None:
         _validate_messages(completion, f"{where}, `completion`")
     elif not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
         raise ConfigError(f"{where}: `prompt` and `completion` must be strings, and the completion non-empty.")
+
+
+def _has_empty_answer(record: dict) -> bool:
+    turns = record.get("messages") or (record["completion"] if isinstance(record.get("completion"), list) else [])
+    return any(m["role"] == "assistant" and m["content"] == "" and not m.get("tool_calls") for m in turns)
 
 
 def _shared_columns(parts: list[Dataset]) -> list[str]:
