@@ -74,6 +74,8 @@ VARIANTS = {
     "packing": ["use_packing"],
     "fp8": ["use_fp8"],
     "compile_fast_moe": ["use_fast_moe_block", "torch_compile"],  # all without packing (Liger adds nothing there)
+    # the strongest setup without our experts (transformers' grouped_mm, compiled, packed rows): the baseline of `all`
+    "compile_packing": ["torch_compile", "use_packing"],
     "all": ["use_fast_moe_block", "use_liger_kernel", "torch_compile", "use_packing"],
     "all_fp8": ["use_fast_moe_block", "use_liger_kernel", "torch_compile", "use_packing", "use_fp8"],
     # all, with AdamW's moments in 8 bits (torchao's AdamW8bit through the Trainer's --optim): most of this model's
