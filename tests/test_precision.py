@@ -58,3 +58,18 @@ def test_experts_compute_in_the_autocast_dtype_and_fp32_weights_get_fp32_gradien
     out.float().sum().backward()
     assert seen == {"x": BF16, "w_gate_up": BF16, "w_down": BF16}
     assert experts.gate_up_proj.grad.dtype == FP32 and experts.down_proj.grad.dtype == FP32
+
+
+def test_lora_adapters_train_in_fp32_on_a_bf16_base(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from turbo_tune.arguments import parse_config
+    from turbo_tune.modeling import EMBEDDED_MODEL_DIR, apply_lora
+
+    config = parse_config(["--use_lora", "--output_dir", str(tmp_path), "--report_to", "none"])
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(EMBEDDED_MODEL_DIR), dtype=BF16)
+    model = apply_lora(model, config)
+    trained = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+    assert any("experts" in name for name in trained) and any("q_proj" in name for name in trained)
+    assert set(trained.values()) == {FP32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {BF16}
