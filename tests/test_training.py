@@ -158,6 +158,7 @@ def test_earlier_run_is_never_overwritten(finished_run, capsys):
     (["--use_fp8"], "--use_fp8 needs a CUDA GPU with FP8 tensor cores"),
     (["--use_liger_kernel"], "--use_liger_kernel needs a CUDA GPU"),
     (["--activation_offloading"], "--activation_offloading moves activations from GPU memory"),
+    (["--max_nonfinite_steps", "-1"], "--max_nonfinite_steps must be 0 (never stop) or a number of steps, got -1"),
 ])
 def test_bad_input_stops_before_any_output(tmp_path, capsys, flags, message):
     if flags[0] in ("--use_liger_kernel", "--use_fp8", "--activation_offloading") and torch.cuda.is_available():
