@@ -102,6 +102,17 @@ def test_divergence_stops_the_run_keeps_the_finite_checkpoints_and_writes_no_fin
     assert not (output_dir / "model.safetensors").exists()
 
 
+def test_with_max_nonfinite_steps_0_the_run_goes_on_but_writes_no_final_model_from_nan_weights(tmp_path, capsys):
+    output_dir = tmp_path / "out"
+    flags = ["--output_dir", str(output_dir), *SHORT, "--learning_rate", "1e8", "--max_steps", "6", "--save_steps",
+             "100", "--max_nonfinite_steps", "0"]
+    assert qwen3_sft.main(flags) == 3
+    err = capsys.readouterr().err
+    assert "Step 6: the weights are not finite; checkpoint-6 not written" in err  # trained to the last step
+    assert "qwen3_sft.py: the trained weights are not finite (NaN or inf): no final model written" in err
+    assert not (output_dir / "model.safetensors").exists()
+
+
 def test_a_model_whose_gradient_vanishes_after_a_blow_up_is_warned_about(tmp_path, capsys):
     """At learning rate 1e3 the loss jumps to ~1e7 and then the gradient norm stays exactly 0."""
     flags = ["--output_dir", str(tmp_path / "out"), *SHORT, "--learning_rate", "1e3", "--max_steps", "16",

@@ -147,14 +147,13 @@ class RunGuard(TrainerCallback):
     def finish(self, state: TrainerState, output_dir: str, weights_finite: bool) -> None:
         """Raise RunStopped unless training ran to its last step with finite weights, so the final model may be
         written; a signal that arrives after the last step changes nothing."""
-        finite_hint = last_finite_checkpoint_hint(output_dir)
         if self.diverged_at:
             self.mark_mlflow_run("FAILED")
             raise RunStopped(
                 f"training diverged: the loss or gradient norm was not finite for {self.nonfinite_steps} steps in a "
                 f"row (steps {self.first_nonfinite_step}-{self.diverged_at}, --max_nonfinite_steps "
-                f"{self.max_nonfinite_steps}); no final model written. {finite_hint} Start again with a lower "
-                f"--learning_rate (this run: {self.learning_rate:g}).",
+                f"{self.max_nonfinite_steps}); no final model written. {last_finite_checkpoint(output_dir)} Start "
+                f"again with a lower --learning_rate (this run: {self.learning_rate:g}).",
                 DIVERGED_EXIT_CODE,
             )
         if self.stop_signal and state.global_step < state.max_steps:
@@ -164,7 +163,7 @@ class RunGuard(TrainerCallback):
             if checkpoint == last_complete_checkpoint(output_dir):
                 saved = f"{checkpoint} written"
             else:
-                saved = f"no checkpoint written at this step (weights not finite); {finite_hint}"
+                saved = f"no checkpoint written at this step (weights not finite). {last_finite_checkpoint(output_dir)}"
             raise RunStopped(
                 f"stopped by {name} at step {state.global_step} of {state.max_steps}; {saved}. Resume with the same "
                 f"command and flags plus: --output_dir {output_dir} --resume_from_checkpoint last",
@@ -174,7 +173,7 @@ class RunGuard(TrainerCallback):
             self.mark_mlflow_run("FAILED")
             raise RunStopped(
                 f"the trained weights are not finite (NaN or inf): no final model written to {output_dir}. "
-                f"{finite_hint}",
+                f"{last_finite_checkpoint(output_dir)}",
                 DIVERGED_EXIT_CODE,
             )
 
@@ -195,8 +194,8 @@ class RunGuard(TrainerCallback):
             logger.warning("Could not mark MLflow run %s as %s: %s", self.mlflow_run_id, status, error)
 
 
-def last_finite_checkpoint_hint(output_dir: str) -> str:
-    """Only checkpoints with finite weights are written (TurboSFTTrainer._save_checkpoint)."""
+def last_finite_checkpoint(output_dir: str) -> str:
+    """A sentence naming it: only checkpoints with finite weights are written (TurboSFTTrainer._save_checkpoint)."""
     checkpoint = last_complete_checkpoint(output_dir)
     if checkpoint is None:
         return "No checkpoint with finite weights was written."
