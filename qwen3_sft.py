@@ -17,16 +17,17 @@ import turbo_tune.triton_mode  # noqa: F401  (before anything imports triton)
 # isort: split
 import torch.distributed as dist
 import transformers
-from transformers.trainer_utils import get_last_checkpoint
 
 from callback import EfficiencyCallback, ModelFlops, device_peak_tflops
 from monkey_patch import apply_patches, apply_peft_patches, preflight
 from monkey_patch.sft_trainer import TurboSFTTrainer
 from turbo_tune.arguments import TurboTuneConfig, parse_config
+from turbo_tune.checkpoints import TRAINER_STATE, last_complete_checkpoint, saved_progress
 from turbo_tune.data import load_sft_dataset, record_kind
-from turbo_tune.errors import ConfigError
+from turbo_tune.errors import ConfigError, RunStopped
 from turbo_tune.modeling import apply_lora, load_model, load_tokenizer
 from turbo_tune.run_dir import check_no_earlier_run, claim_output_dir, release_claims
+from turbo_tune.run_guard import RunGuard
 from turbo_tune.toy_task import bundled_dataset
 from turbo_tune.tracking import configure_mlflow, continue_mlflow_run, reports_to_mlflow
 
@@ -59,16 +60,33 @@ def resolve_resume(config: TurboTuneConfig) -> str | None:
     output_dir = Path(config.output_dir)
     resume = config.resume_from_checkpoint
     if resume in ("last", "latest", "true", "True"):
-        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        last = last_complete_checkpoint(output_dir)
         if last is None:
-            raise ConfigError(f"--resume_from_checkpoint {resume}: {output_dir} holds no checkpoint-* folder.")
-        return last
+            raise ConfigError(f"--resume_from_checkpoint {resume}: {output_dir} holds no complete checkpoint-* folder.")
+        stop_if_complete(config, last)
+        logger.info("Resuming from %s.", last)
+        return str(last)
     if resume is not None:
         if not Path(resume).is_dir():
             raise ConfigError(f"--resume_from_checkpoint {resume} is not a checkpoint folder.")
+        if not (Path(resume) / TRAINER_STATE).is_file():
+            raise ConfigError(f"--resume_from_checkpoint {resume} has no {TRAINER_STATE}: its save was interrupted.")
+        stop_if_complete(config, Path(resume))
         return resume
     check_no_earlier_run(output_dir)
     return None
+
+
+def stop_if_complete(config: TurboTuneConfig, checkpoint: Path) -> None:
+    """Resuming a run that already reached its last step would train past it and rotate a checkpoint away."""
+    step, max_steps = saved_progress(checkpoint)
+    target = config.max_steps if config.max_steps > 0 else max_steps
+    if step >= target:
+        raise RunStopped(
+            f"the run is already complete: {checkpoint} is step {step} of {target}; nothing to train or write. "
+            "Pass a larger --max_steps to train on.",
+            0,
+        )
 
 
 def load_training_data(config: TurboTuneConfig):
@@ -96,14 +114,18 @@ def train(config: TurboTuneConfig) -> Path:
     efficiency = None
     if config.use_liger_efficiency_callback:
         efficiency = EfficiencyCallback(ModelFlops.from_config(model.config), device_peak_tflops())
+    guard = RunGuard(config.max_nonfinite_steps)
     trainer = TurboSFTTrainer(
-        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, efficiency=efficiency
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, efficiency=efficiency,
+        guard=guard,
     )
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_final_model(config.output_dir)
-    trainer.save_state()
-    if config.merge_lora:
-        trainer.save_merged_model(Path(config.output_dir) / "merged", tokenizer)
+    with guard.catching_signals():
+        trainer.train(resume_from_checkpoint=resume)
+        guard.finish(trainer.state, config.output_dir, trainer.weights_are_finite())
+        trainer.save_final_model(config.output_dir)
+        trainer.save_state()
+        if config.merge_lora:
+            trainer.save_merged_model(Path(config.output_dir) / "merged", tokenizer)
     logger.info("Final model written to %s.", config.output_dir)
     return Path(config.output_dir)
 
@@ -120,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"qwen3_sft.py: error: {error}", file=sys.stderr)
         return 2
+    except RunStopped as stop:
+        if dist.is_initialized():
+            dist.barrier()  # every rank stops at the same step; leave together, or torchrun kills the slower ones
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"qwen3_sft.py: {stop}", file=sys.stderr)
+        return stop.exit_code
     finally:
         release_claims()
         if dist.is_initialized():

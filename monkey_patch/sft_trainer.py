@@ -1,6 +1,9 @@
-"""TRL's SFTTrainer with what Turbo-Tune adds: per-micro-batch efficiency accounting and a truncation report."""
+"""TRL's SFTTrainer with what Turbo-Tune adds: per-micro-batch efficiency accounting, a truncation report, and
+checkpoints that are complete when they appear and never hold non-finite weights."""
 
 import logging
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -9,12 +12,15 @@ from datasets import Dataset
 from peft import PeftModel, get_peft_model
 from transformers import PreTrainedTokenizerBase
 from transformers.integrations import MLflowCallback, is_deepspeed_zero3_enabled
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTTrainer
 
 from callback import EfficiencyCallback
 from monkey_patch.torch_compile import is_compiled_per_layer
+from turbo_tune.checkpoints import last_complete_checkpoint, publish, staging_root
 from turbo_tune.errors import ConfigError
 from turbo_tune.run_dir import honour_umask
+from turbo_tune.run_guard import RunGuard
 from turbo_tune.tracking import ResilientMLflowCallback
 
 logger = logging.getLogger(__name__)
@@ -50,10 +56,14 @@ def report_truncation(tokenized: Dataset, max_length: int, truncation_mode: str,
 
 
 class TurboSFTTrainer(SFTTrainer):
-    def __init__(self, *args, efficiency: EfficiencyCallback | None = None, **kwargs) -> None:
+    def __init__(
+        self, *args, efficiency: EfficiencyCallback | None = None, guard: RunGuard | None = None, **kwargs
+    ) -> None:
         self.efficiency = efficiency
-        if efficiency is not None:
-            kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), efficiency]
+        self.guard = guard
+        self._staging_checkpoint = False
+        ours = [callback for callback in (efficiency, guard) if callback is not None]
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), *ours]
         super().__init__(*args, **kwargs)
         if self.pop_callback(MLflowCallback) is not None:
             self.add_callback(ResilientMLflowCallback())  # report_to's MLflow, minus the stalls when its store fails
@@ -68,7 +78,16 @@ class TurboSFTTrainer(SFTTrainer):
     def training_step(self, model: torch.nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
         if self.efficiency is not None:
             self.efficiency.observe_batch(inputs)
-        return super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.guard is not None:
+            self.guard.observe_loss(loss)
+        return loss
+
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        if self.guard is not None:
+            self.guard.observe_grad_norm(grad_norm)
+        return grad_norm
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.efficiency is not None and self.model.training and "loss" in logs:
@@ -103,6 +122,58 @@ class TurboSFTTrainer(SFTTrainer):
         saved = type(target).from_pretrained(resume_from_checkpoint, dtype=dtype, device_map="cpu")
         target.load_state_dict(saved.state_dict(), strict=True)
         logger.info("Weights restored from %s.", resume_from_checkpoint)
+
+    def weights_are_finite(self) -> bool:
+        """Whether every trainable weight is finite on every rank, each rank checking the part it holds (a ZeRO-3
+        partition, an FSDP2 shard) through its min and max, which NaN and inf propagate to. Frozen weights cannot
+        change. Collective: every rank must call it."""
+        device = self.args.device
+        parts = [local_part(p) for p in self.model.parameters() if p.requires_grad]
+        extremes = [torch.stack(torch.aminmax(part)).float().to(device) for part in parts if part.numel()]
+        finite = (torch.cat(extremes).isfinite().all() if extremes else torch.tensor(True)).to(device, torch.int32)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        return bool(finite.item())
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial) -> None:
+        """Transformers' checkpoint, written into a staging folder and renamed into place once every rank is done
+        (turbo_tune/checkpoints.py); not written at all from non-finite weights, so the rotation that follows can
+        only ever delete older finite checkpoints and the newest one stays a finite one."""
+        run_dir = Path(self._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if not self.weights_are_finite():
+            last = last_complete_checkpoint(run_dir)
+            logger.warning("Step %d: the weights are not finite; %s not written (last finite checkpoint: %s).",
+                           self.state.global_step, name, last)
+            return
+        staging = staging_root(run_dir)
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # what a killed save left behind
+        self.accelerator.wait_for_everyone()
+        with self._saving_into_staging():
+            super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()  # every rank's shards are written
+        if self.args.should_save:
+            publish(staging / name, run_dir / name)
+            staging.rmdir()
+            rotate_checkpoints(
+                output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True,
+            )
+
+    @contextmanager
+    def _saving_into_staging(self):
+        self._staging_checkpoint = True
+        try:
+            yield
+        finally:
+            self._staging_checkpoint = False
+
+    def _get_output_dir(self, trial) -> str:
+        """The staging folder while a checkpoint is written, so that everything transformers writes for it (and its
+        rotation, which then sees one checkpoint) happens there."""
+        run_dir = super()._get_output_dir(trial)
+        return str(staging_root(run_dir)) if self._staging_checkpoint else run_dir
 
     def weights_are_sharded(self) -> bool:
         """Whether no single rank holds whole weights (ZeRO-3, FSDP), so saving or merging needs the engine's gather."""
@@ -146,3 +217,12 @@ class TurboSFTTrainer(SFTTrainer):
             tokenizer.save_pretrained(output_dir)
             honour_umask(output_dir)
             logger.info("Merged model written to %s.", output_dir)
+
+
+def local_part(param: torch.nn.Parameter) -> torch.Tensor:
+    """The values of a parameter this rank holds: its ZeRO-3 partition, its FSDP2 shard, or the whole tensor."""
+    if hasattr(param, "ds_tensor"):
+        return param.ds_tensor
+    if hasattr(param, "to_local"):
+        return param.to_local()
+    return param.detach()

@@ -1,4 +1,5 @@
-"""Training runs of qwen3_sft.py (or a probe script) over gloo on the CPU, for the distributed tests."""
+"""Training runs of qwen3_sft.py (or a probe script) in subprocesses: over gloo on the CPU for the distributed tests,
+and runs interrupted by signals."""
 
 import json
 import os
@@ -6,6 +7,8 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -22,9 +25,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def torchrun(processes: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+
+
 def launch(processes: int, *args: str) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    launcher = torchrun(processes)
     result = subprocess.run([*launcher, *args], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -41,3 +48,53 @@ def train_and_log(output_dir: Path, processes: int, model_path: Path, *flags: st
                     "--model_path", str(model_path), *COMMON, *flags)
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}, result.stderr
+
+
+def start(*flags: str, processes: int = 1, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """qwen3_sft.py in the background (under torchrun for several processes), its output unbuffered on stdout."""
+    launcher = [sys.executable] if processes == 1 else torchrun(processes)
+    threads = {} if processes == 1 else {"OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [*launcher, str(ROOT / "qwen3_sft.py"), *flags], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **threads, **(env or {})},
+    )
+
+
+def wait_for_line(process: subprocess.Popen, text: str) -> str:
+    """The output up to and including the first line that holds `text` (all of it, if the process ends first)."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if text in line:
+            break
+    return "".join(lines)
+
+
+def interrupt(process: subprocess.Popen, signum: int, after: str = "'loss'", times: int = 1) -> tuple[int, str]:
+    """Send `signum` (`times` times, back to back) once a line holding `after` appears; the exit code and the whole
+    output."""
+    output = wait_for_line(process, after)
+    for _ in range(times):
+        process.send_signal(signum)
+    returncode, rest = finish(process)
+    return returncode, output + rest
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    """Wait for the process to end; its exit code and the rest of its output. Kill it, workers first, if it hangs."""
+    try:
+        rest, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for child in psutil.Process(process.pid).children(recursive=True):
+            child.kill()
+        process.kill()
+        raise
+    return process.returncode, rest
+
+
+def worker_pid(process: subprocess.Popen, rank: int) -> int:
+    """The process id of one torchrun worker."""
+    for child in psutil.Process(process.pid).children(recursive=True):
+        if child.environ().get("RANK") == str(rank):
+            return child.pid
+    raise LookupError(f"no worker of rank {rank} under process {process.pid}")

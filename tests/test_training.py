@@ -1,6 +1,9 @@
 """Real short runs of the embedded tiny Qwen3-MoE on the CPU, through the same entry point users call."""
 
 import json
+import re
+import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -9,15 +12,20 @@ from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import qwen3_sft
+from distributed_runs import interrupt, start
 
 STEPS = 40
 
 
-def run(output_dir: Path, *flags: str) -> int:
-    return qwen3_sft.main([
+def run_flags(output_dir: Path, *flags: str) -> list[str]:
+    return [
         "--output_dir", str(output_dir), "--bundled_examples", "400", "--max_steps", str(STEPS),
         "--logging_steps", "1", "--save_steps", str(STEPS // 2), "--gradient_checkpointing", "false", *flags,
-    ])
+    ]
+
+
+def run(output_dir: Path, *flags: str) -> int:
+    return qwen3_sft.main(run_flags(output_dir, *flags))
 
 
 def losses(output_dir: Path, checkpoint: str | None = None) -> dict[int, float]:
@@ -91,6 +99,49 @@ def test_resumed_run_reproduces_the_uninterrupted_losses(finished_run, tmp_path)
         assert got[step] == pytest.approx(expected[step], rel=1e-6), step
 
 
+def test_sigterm_saves_a_checkpoint_that_resumes_exactly_and_marks_mlflow_killed(finished_run, tmp_path):
+    """A scheduler's SIGTERM mid-run: a checkpoint at the current step, the MLflow run KILLED, one line saying how
+    to resume, exit 143; resuming from it continues the uninterrupted run's losses exactly."""
+    output_dir, tracking_uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    process = start(*run_flags(output_dir, "--report_to", "mlflow"),
+                    env={"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_EXPERIMENT_NAME": "sigterm"})
+    returncode, output = interrupt(process, signal.SIGTERM)
+    assert returncode == 128 + signal.SIGTERM, output[-3000:]
+    (message,) = [line for line in output.splitlines() if line.startswith("qwen3_sft.py: ")]
+    step = int(re.search(rf"stopped by SIGTERM at step (\d+) of {STEPS}; ", message)[1])
+    assert message.endswith(f"--output_dir {output_dir} --resume_from_checkpoint last")
+    assert 0 < step < STEPS and (output_dir / f"checkpoint-{step}" / "trainer_state.json").is_file()
+    assert not (output_dir / "model.safetensors").exists()
+    client = MlflowClient(tracking_uri)
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("sigterm").experiment_id])
+    assert mlflow_run.info.status == "KILLED"
+
+    assert run(output_dir, "--report_to", "none", "--resume_from_checkpoint", "last") == 0
+    expected, got = losses(finished_run[0]), losses(output_dir)
+    for later in range(step + 1, STEPS + 1):
+        assert got[later] == pytest.approx(expected[later], rel=1e-6), later
+
+
+def test_resuming_a_finished_run_says_so_and_writes_nothing(finished_run, capsys):
+    output_dir, _ = finished_run
+    before = snapshot(output_dir)
+    assert run(output_dir, "--report_to", "none", "--resume_from_checkpoint", "last") == 0
+    assert f"the run is already complete: {output_dir / f'checkpoint-{STEPS}'} is step {STEPS} of {STEPS}" in (
+        capsys.readouterr().err)
+    assert snapshot(output_dir) == before
+
+
+def test_resume_last_skips_a_checkpoint_whose_save_was_cut_short(finished_run, tmp_path, capsys):
+    """A checkpoint folder without its trainer state (a save killed before checkpoints were staged) is not `last`."""
+    output_dir = tmp_path / "out"
+    shutil.copytree(finished_run[0] / f"checkpoint-{STEPS}", output_dir / f"checkpoint-{STEPS}")
+    partial = output_dir / f"checkpoint-{STEPS + 5}"
+    partial.mkdir()
+    shutil.copy(finished_run[0] / "config.json", partial)
+    assert run(output_dir, "--report_to", "none", "--resume_from_checkpoint", "last") == 0
+    assert f"already complete: {output_dir / f'checkpoint-{STEPS}'}" in capsys.readouterr().err
+
+
 def test_earlier_run_is_never_overwritten(finished_run, capsys):
     output_dir, _ = finished_run
     before = snapshot(output_dir)
@@ -107,6 +158,7 @@ def test_earlier_run_is_never_overwritten(finished_run, capsys):
     (["--use_fp8"], "--use_fp8 needs a CUDA GPU with FP8 tensor cores"),
     (["--use_liger_kernel"], "--use_liger_kernel needs a CUDA GPU"),
     (["--activation_offloading"], "--activation_offloading moves activations from GPU memory"),
+    (["--max_nonfinite_steps", "-1"], "--max_nonfinite_steps must be 0 (never stop) or a number of steps, got -1"),
 ])
 def test_bad_input_stops_before_any_output(tmp_path, capsys, flags, message):
     if flags[0] in ("--use_liger_kernel", "--use_fp8", "--activation_offloading") and torch.cuda.is_available():

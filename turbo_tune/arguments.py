@@ -121,6 +121,11 @@ class TurboTuneConfig(SFTConfig):
     bundled_examples: int = field(
         default=20000, metadata={"help": "How many examples of the bundled chat task to generate (no --data_path)."}
     )
+    max_nonfinite_steps: int = field(
+        default=3,
+        metadata={"help": "Stop the run (exit code 3) once the loss or gradient norm has been NaN or inf for this many "
+                  "optimizer steps in a row; 0 never stops. Non-finite weights are never saved either way."},
+    )
 
     # Defaults that differ from SFTConfig's.
     learning_rate: float | None = field(
@@ -137,6 +142,11 @@ class TurboTuneConfig(SFTConfig):
     logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
     report_to: None | str | list[str] = field(default="mlflow", metadata={"help": "Where metrics go (mlflow, none)."})
     save_total_limit: int | None = field(default=3, metadata={"help": "Keep at most this many checkpoints."})
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={"help": "Log a NaN/inf loss as the average of the window's finite ones (transformers' default, "
+                  "which logs 0 when logging every step) instead of as NaN/inf."},
+    )
 
     def __post_init__(self) -> None:
         self._check_engine_flags()
@@ -149,6 +159,10 @@ class TurboTuneConfig(SFTConfig):
             check_readable(self.data_path, "--data_path (DATA_PATH)")
         if self.model_dtype not in ("auto", "bfloat16", "float32"):
             raise ConfigError(f"--model_dtype {self.model_dtype!r} is not one of auto, bfloat16, float32.")
+        if self.max_nonfinite_steps < 0:
+            raise ConfigError(
+                f"--max_nonfinite_steps must be 0 (never stop) or a number of steps, got {self.max_nonfinite_steps}."
+            )
         if self.merge_lora and not self.use_lora:
             raise ConfigError("--merge_lora needs --use_lora: without LoRA the saved model is already full.")
         if self.max_length is not None and self.max_length < 1:

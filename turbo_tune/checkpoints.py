@@ -1,0 +1,60 @@
+"""Checkpoint folders that are either complete or absent.
+
+The Trainer writes a checkpoint into `OUTPUT_DIR/.checkpoint-in-progress/checkpoint-N` and it is renamed to
+`OUTPUT_DIR/checkpoint-N` once every rank has finished writing (monkey_patch/sft_trainer.py), so a run killed while
+saving leaves no partial `checkpoint-N` for `--resume_from_checkpoint last` to pick. A rename within one folder is
+atomic on POSIX file systems, and the staging folder does not match transformers' `checkpoint-*` rotation glob.
+"""
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+logger = logging.getLogger(__name__)
+
+STAGING_DIR = ".checkpoint-in-progress"
+TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last, so older unstaged checkpoints lack it if cut off
+
+
+def staging_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / STAGING_DIR
+
+
+def publish(staged: Path, final: Path) -> None:
+    """Move a completely written checkpoint into place, replacing a folder of the same step (a re-run from an
+    earlier checkpoint saves the same steps again)."""
+    if final.exists():
+        replaced = staged.with_name(f"{staged.name}.replaced")
+        final.rename(replaced)
+        staged.rename(final)
+        shutil.rmtree(replaced)
+    else:
+        staged.rename(final)
+
+
+def checkpoint_step(path: Path) -> int | None:
+    prefix = f"{PREFIX_CHECKPOINT_DIR}-"
+    suffix = path.name[len(prefix):]
+    return int(suffix) if path.name.startswith(prefix) and suffix.isdigit() and path.is_dir() else None
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest `checkpoint-N` of a run that holds its trainer state; incomplete ones are named and skipped."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    steps = {path: step for path in output_dir.iterdir() if (step := checkpoint_step(path)) is not None}
+    for path in sorted(steps, key=steps.get, reverse=True):
+        if (path / TRAINER_STATE).is_file():
+            return path
+        logger.warning("%s has no %s: its save was interrupted; skipped.", path, TRAINER_STATE)
+    return None
+
+
+def saved_progress(checkpoint: str | Path) -> tuple[int, int]:
+    """(global step, max steps) of the run when the checkpoint was written."""
+    state = json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
+    return state["global_step"], state["max_steps"]
