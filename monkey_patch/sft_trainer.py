@@ -65,8 +65,12 @@ class TurboSFTTrainer(SFTTrainer):
         ours = [callback for callback in (efficiency, guard) if callback is not None]
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), *ours]
         super().__init__(*args, **kwargs)
-        if self.pop_callback(MLflowCallback) is not None:
-            self.add_callback(ResilientMLflowCallback())  # report_to's MLflow, minus the stalls when its store fails
+        # report_to's MLflow, minus the stalls when its store fails; in its place, ahead of the run guard, which marks
+        # the MLflow run that callback starts as KILLED or FAILED
+        callbacks = self.callback_handler.callbacks
+        for index, callback in enumerate(callbacks):
+            if type(callback) is MLflowCallback:
+                callbacks[index] = ResilientMLflowCallback()
 
     def _build_accelerator_args(self, **kwargs) -> dict:
         """No whole-model torch.compile when monkey_patch already compiled the decoder layers (with its fallback)."""
