@@ -7,6 +7,7 @@ the flags, the model folder and the data runs before the output folder is touche
 """
 
 import atexit
+import importlib.util
 import logging
 import os
 import sys
@@ -17,13 +18,14 @@ import turbo_tune.triton_mode  # noqa: F401  (before anything imports triton)
 # isort: split
 import torch.distributed as dist
 import transformers
+from datasets import Dataset
 from transformers.trainer_utils import get_last_checkpoint
 
 from callback import EfficiencyCallback, ModelFlops, device_peak_tflops
 from monkey_patch import apply_patches, apply_peft_patches, preflight
 from monkey_patch.sft_trainer import TurboSFTTrainer
 from turbo_tune.arguments import TurboTuneConfig, parse_config
-from turbo_tune.data import load_sft_dataset, record_kind
+from turbo_tune.data import hold_out, load_sft_dataset, record_kind
 from turbo_tune.errors import ConfigError
 from turbo_tune.modeling import apply_lora, load_model, load_tokenizer
 from turbo_tune.toy_task import bundled_dataset
@@ -56,12 +58,15 @@ def join_process_group(config: TurboTuneConfig) -> None:
 
 
 def configure_mlflow() -> None:
-    """A local store in ./mlruns (SQLite: MLflow's file store is retired) unless MLFLOW_TRACKING_URI says otherwise."""
+    """A local store in ./mlruns (SQLite: MLflow's file store is retired) unless MLFLOW_TRACKING_URI says otherwise,
+    and MLflow's system metrics (CPU, memory; GPU utilisation and memory through nvidia-ml-py) where psutil is."""
     if "MLFLOW_TRACKING_URI" not in os.environ:
         store = Path("mlruns").resolve()
         store.mkdir(exist_ok=True)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
     os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "turbo-tune")
+    if importlib.util.find_spec("psutil") is not None:
+        os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
 
 
 def resolve_resume(config: TurboTuneConfig) -> str | None:
@@ -87,17 +92,31 @@ def resolve_resume(config: TurboTuneConfig) -> str | None:
     return None
 
 
-def load_training_data(config: TurboTuneConfig):
+def load_datasets(config: TurboTuneConfig) -> tuple[Dataset, Dataset | None]:
+    """The training data and the evaluation data (from --eval_data_path, or held out by --eval_split), checked."""
     if config.data_path is None:
-        return bundled_dataset(config.bundled_examples, seed=config.data_seed or 0)
-    return load_sft_dataset(config.data_path)
+        train_data = bundled_dataset(config.bundled_examples, seed=config.data_seed or 0)
+    else:
+        train_data = load_sft_dataset(config.data_path)
+    if config.eval_data_path is not None:
+        eval_data = load_sft_dataset(config.eval_data_path, flag="--eval_data_path")
+        if record_kind(eval_data[0]) != record_kind(train_data[0]):
+            raise ConfigError(
+                f"--eval_data_path {config.eval_data_path} holds {record_kind(eval_data[0])} records but the training "
+                f"data {record_kind(train_data[0])} ones; evaluate on the same kind."
+            )
+        return train_data, eval_data
+    if config.eval_split:
+        seed = config.seed if config.data_seed is None else config.data_seed
+        return hold_out(train_data, config.eval_split, seed)
+    return train_data, None
 
 
 def train(config: TurboTuneConfig) -> Path:
     preflight(config)
     resume = resolve_resume(config)
     tokenizer = load_tokenizer(config)
-    dataset = load_training_data(config)
+    dataset, eval_dataset = load_datasets(config)
     config.assistant_only_loss = not config.train_on_all_tokens and record_kind(dataset[0]) == "conversational"
 
     model = load_model(config)
@@ -110,7 +129,8 @@ def train(config: TurboTuneConfig) -> Path:
     if config.use_liger_efficiency_callback:
         efficiency = EfficiencyCallback(ModelFlops.from_config(model.config), device_peak_tflops())
     trainer = TurboSFTTrainer(
-        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, efficiency=efficiency
+        model=model, args=config, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
+        efficiency=efficiency,
     )
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_final_model(config.output_dir)

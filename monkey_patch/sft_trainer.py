@@ -1,6 +1,9 @@
-"""TRL's SFTTrainer with what Turbo-Tune adds: per-micro-batch efficiency accounting and a truncation report."""
+"""TRL's SFTTrainer with what Turbo-Tune adds: per-micro-batch efficiency accounting, expert-load metrics and
+pictures of the run, evaluation on the language-model loss with its perplexity, and a truncation report."""
 
 import logging
+import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -13,16 +16,22 @@ from trl import SFTTrainer
 
 from callback import EfficiencyCallback
 from monkey_patch.torch_compile import is_compiled_per_layer
+from turbo_tune.moe_health import ExpertLoadMonitor, routers
+from turbo_tune.run_pictures import RunPicturesCallback
 
 logger = logging.getLogger(__name__)
 
 
 class TurboSFTTrainer(SFTTrainer):
-    def __init__(self, *args, efficiency: EfficiencyCallback | None = None, **kwargs) -> None:
+    def __init__(self, model: torch.nn.Module, args=None, *, efficiency: EfficiencyCallback | None = None,
+                 **kwargs) -> None:
         self.efficiency = efficiency
-        if efficiency is not None:
-            kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), efficiency]
-        super().__init__(*args, **kwargs)
+        self.expert_load = None
+        if getattr(args, "moe_health_metrics", False) and routers(model):
+            self.expert_load = ExpertLoadMonitor(model, args.moe_load_warn_ratio)
+        ours = [efficiency] if efficiency is not None else []
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), *ours, RunPicturesCallback(self.expert_load)]
+        super().__init__(model=model, args=args, **kwargs)
 
     def _build_accelerator_args(self, **kwargs) -> dict:
         """No whole-model torch.compile when monkey_patch already compiled the decoder layers (with its fallback)."""
@@ -36,9 +45,32 @@ class TurboSFTTrainer(SFTTrainer):
             self.efficiency.observe_batch(inputs)
         return super().training_step(model, inputs, num_items_in_batch)
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Training forwards feed the expert-load count; evaluation scores the language-model loss alone."""
+        if not self.model.training:
+            return self._language_model_loss(model, inputs, return_outputs, num_items_in_batch)
+        counting = self.expert_load.counting(inputs.get("attention_mask")) if self.expert_load else nullcontext()
+        with counting:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _language_model_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """Without the load-balancing term, so that eval_loss is the cross-entropy of the supervised tokens (what
+        perplexity and --load_best_model_at_end should see), not that plus router_aux_loss_coef × aux_loss."""
+        aux_loss_enabled, self.aux_loss_enabled = self.aux_loss_enabled, False
+        inputs["output_router_logits"] = False
+        try:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            self.aux_loss_enabled = aux_loss_enabled
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self.efficiency is not None and self.model.training and "loss" in logs:
-            logs.update(self.efficiency.pop_metrics(self.state))
+        if self.model.training and "loss" in logs:
+            if self.efficiency is not None:
+                logs.update(self.efficiency.pop_metrics(self.state))
+            if self.expert_load is not None:
+                logs.update(self.expert_load.pop_metrics(self.state.global_step, warn=self.is_world_process_zero()))
+        if "eval_loss" in logs:
+            logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 700.0))  # exp overflows a float past ~709
         super().log(logs, start_time)
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
