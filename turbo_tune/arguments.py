@@ -211,15 +211,16 @@ class TurboTuneConfig(SFTConfig):
         if self.eval_split is None and self.eval_data_path is None and self.data_path is None:
             self.eval_split = BUNDLED_EVAL_SPLIT
         if not self.evaluates:
+            strategy = getattr(self.eval_strategy, "value", self.eval_strategy)
             for flag, on in (("--load_best_model_at_end", self.load_best_model_at_end),
-                             (f"--eval_strategy {self.eval_strategy}", str(self.eval_strategy) != "no")):
+                             (f"--eval_strategy {strategy}", strategy != "no")):
                 if on:
                     raise ConfigError(
                         f"{flag} needs evaluation data: add --eval_data_path PATH or --eval_split FRACTION."
                     )
             return
-        if str(self.eval_strategy) == "no":
-            self.eval_strategy = "epoch" if str(self.save_strategy) == "epoch" else "steps"
+        if self.eval_strategy == "no":
+            self.eval_strategy = "epoch" if self.save_strategy == "epoch" else "steps"
         if self.eval_steps is None:
             self.eval_steps = self.save_steps
 

@@ -77,12 +77,8 @@ class ExpertLoadMonitor:
         # would be a guard of the compiled layer, and each layer would compile its own graph.
         self._rows = {gates[layer]: row for row, layer in enumerate(self.layer_ids)}
         hook = deferred_while_compiling(self._count)
-        self._handles = [gate.register_forward_hook(hook) for gate in self._rows]
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        for gate in self._rows:
+            gate.register_forward_hook(hook)
 
     @contextmanager
     def counting(self, attention_mask: torch.Tensor | None):
@@ -103,7 +99,7 @@ class ExpertLoadMonitor:
                                              device=indices.device)
         if self._weights is None or self._weights.numel() != indices.numel():
             mask = self._attention_mask
-            if mask is not None and mask.numel() == indices.shape[0]:
+            if mask is not None and mask.numel() == indices.shape[0]:  # else no padding (packed rows) or a split
                 self._weights = mask.reshape(-1, 1).expand(indices.shape).reshape(-1).to(torch.long)
             else:
                 self._weights = torch.ones(indices.numel(), dtype=torch.long, device=indices.device)
