@@ -102,14 +102,31 @@ class TurboSFTTrainer(SFTTrainer):
         their initial weights. DeepSpeed, FSDP and peft checkpoints keep the live layout and go the usual way.
         """
         target = model if model is not None else self.model
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled or isinstance(target, PeftModel):
+        if not self._saved_in_hub_layout(resume_from_checkpoint, target):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if not (Path(resume_from_checkpoint) / "config.json").is_file():
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        dtype = next(target.parameters()).dtype
-        saved = type(target).from_pretrained(resume_from_checkpoint, dtype=dtype, device_map="cpu")
-        target.load_state_dict(saved.state_dict(), strict=True)
-        logger.info("Weights restored from %s.", resume_from_checkpoint)
+        self._load_converted(resume_from_checkpoint, target)
+
+    def _load_best_model(self) -> None:
+        """--load_best_model_at_end: the same conversion as _load_from_checkpoint, for the same reason (Trainer loads
+        the best checkpoint's file non-strictly, so the experts would keep the last step's weights)."""
+        best = self.state.best_model_checkpoint
+        if not self._saved_in_hub_layout(best, self.model):
+            return super()._load_best_model()
+        logger.info("Loading the best model from %s (score: %s).", best, self.state.best_metric)
+        self._load_converted(best, self.model)
+
+    def _saved_in_hub_layout(self, checkpoint: str, model: torch.nn.Module) -> bool:
+        """Whether the checkpoint is a plain full-weight save that `from_pretrained` must convert."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or isinstance(model, PeftModel):
+            return False
+        return (Path(checkpoint) / "config.json").is_file()
+
+    @staticmethod
+    def _load_converted(checkpoint: str, model: torch.nn.Module) -> None:
+        dtype = next(model.parameters()).dtype
+        saved = type(model).from_pretrained(checkpoint, dtype=dtype, device_map="cpu")
+        model.load_state_dict(saved.state_dict(), strict=True)
+        logger.info("Weights restored from %s.", checkpoint)
 
     def weights_are_sharded(self) -> bool:
         """Whether no single rank holds whole weights (ZeRO-3, FSDP), so saving or merging needs the engine's gather."""

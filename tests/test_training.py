@@ -205,6 +205,26 @@ def test_lora_run_saves_an_adapter_that_peft_restores_and_a_merged_model(tmp_pat
     torch.testing.assert_close(merged(tokens).logits, restored.merge_and_unload()(tokens).logits)
 
 
+def test_load_best_model_at_end_restores_every_weight_of_the_best_checkpoint(tmp_path):
+    """The worst evaluation is made 'best' so that it is not the last checkpoint. The experts are saved one tensor per
+    expert and live fused, so a non-strict state-dict load would leave them at the last step's values."""
+    output_dir = tmp_path / "best"
+    assert qwen3_sft.main([
+        "--output_dir", str(output_dir), "--bundled_examples", "200", "--max_steps", "10", "--save_steps", "5",
+        "--logging_steps", "5", "--gradient_checkpointing", "false", "--report_to", "none",
+        "--load_best_model_at_end", "--greater_is_better", "true",
+    ]) == 0
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert Path(state["best_model_checkpoint"]).name == "checkpoint-5"
+    best = AutoModelForCausalLM.from_pretrained(output_dir / "checkpoint-5").state_dict()
+    final = AutoModelForCausalLM.from_pretrained(output_dir).state_dict()
+    last = AutoModelForCausalLM.from_pretrained(output_dir / "checkpoint-10").state_dict()
+    assert not torch.equal(best["model.layers.0.mlp.experts.gate_up_proj"],
+                           last["model.layers.0.mlp.experts.gate_up_proj"])
+    for name, tensor in best.items():
+        torch.testing.assert_close(final[name], tensor, msg=name)
+
+
 def test_packed_run_trains(tmp_path):
     output_dir = tmp_path / "packed"
     assert run(output_dir, "--report_to", "none", "--use_packing", "--max_length", "256") == 0
