@@ -17,13 +17,14 @@ import turbo_tune.triton_mode  # noqa: F401  (before anything imports triton)
 # isort: split
 import torch.distributed as dist
 import transformers
+from datasets import Dataset
 
 from callback import EfficiencyCallback, ModelFlops, device_peak_tflops
 from monkey_patch import apply_patches, apply_peft_patches, preflight
 from monkey_patch.sft_trainer import TurboSFTTrainer
 from turbo_tune.arguments import TurboTuneConfig, parse_config
 from turbo_tune.checkpoints import TRAINER_STATE, last_complete_checkpoint, saved_progress
-from turbo_tune.data import load_sft_dataset, record_kind
+from turbo_tune.data import hold_out, load_sft_dataset, record_kind
 from turbo_tune.errors import ConfigError, RunStopped
 from turbo_tune.modeling import apply_lora, load_model, load_tokenizer
 from turbo_tune.run_dir import check_no_earlier_run, claim_output_dir, release_claims
@@ -89,10 +90,24 @@ def stop_if_complete(config: TurboTuneConfig, checkpoint: Path) -> None:
         )
 
 
-def load_training_data(config: TurboTuneConfig):
+def load_datasets(config: TurboTuneConfig) -> tuple[Dataset, Dataset | None]:
+    """The training data and the evaluation data (from --eval_data_path, or held out by --eval_split), checked."""
     if config.data_path is None:
-        return bundled_dataset(config.bundled_examples, seed=config.data_seed or 0)
-    return load_sft_dataset(config.data_path)
+        train_data = bundled_dataset(config.bundled_examples, seed=config.data_seed or 0)
+    else:
+        train_data = load_sft_dataset(config.data_path)
+    if config.eval_data_path is not None:
+        eval_data = load_sft_dataset(config.eval_data_path, flag="--eval_data_path")
+        if record_kind(eval_data[0]) != record_kind(train_data[0]):
+            raise ConfigError(
+                f"--eval_data_path {config.eval_data_path} holds {record_kind(eval_data[0])} records but the training "
+                f"data {record_kind(train_data[0])} ones; evaluate on the same kind."
+            )
+        return train_data, eval_data
+    if config.eval_split:
+        seed = config.seed if config.data_seed is None else config.data_seed
+        return hold_out(train_data, config.eval_split, seed)
+    return train_data, None
 
 
 def train(config: TurboTuneConfig) -> Path:
@@ -101,7 +116,7 @@ def train(config: TurboTuneConfig) -> Path:
     if resume is not None and reports_to_mlflow(config):
         continue_mlflow_run(config.output_dir)
     tokenizer = load_tokenizer(config)
-    dataset = load_training_data(config)
+    dataset, eval_dataset = load_datasets(config)
     config.assistant_only_loss = not config.train_on_all_tokens and record_kind(dataset[0]) == "conversational"
     claim_output_dir(config.output_dir, resuming=resume is not None, is_main_process=config.process_index == 0)
 
@@ -116,8 +131,8 @@ def train(config: TurboTuneConfig) -> Path:
         efficiency = EfficiencyCallback(ModelFlops.from_config(model.config), device_peak_tflops())
     guard = RunGuard(config.max_nonfinite_steps)
     trainer = TurboSFTTrainer(
-        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, efficiency=efficiency,
-        guard=guard,
+        model=model, args=config, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
+        efficiency=efficiency, guard=guard,
     )
     with guard.catching_signals():
         trainer.train(resume_from_checkpoint=resume)

@@ -17,6 +17,8 @@ A failing variant (an error, an OOM, a timeout) becomes a row with the reason; i
 The markdown table is printed last; OUT/e2e.json holds the rows, OUT/e2e.png a chart if matplotlib is installed.
 --profile adds one step after the timed ones, under torch.profiler (not timed): its costliest kernels (GPU time; CPU
 time on a CPU) go to OUT/<variant>.profile.md, to show where a variant's step goes.
+The expert-load metrics (turbo_tune/moe_health.py) are on in every variant, as in a run; the two *_no_moe_health
+variants switch them off, so their step time against `defaults` and `compile_fast_moe` is the metrics' overhead.
 --hidden small shrinks every dimension so that the whole path runs on a CPU in seconds (a smoke test, not a benchmark).
 
 --max_seq_search asks how long a sequence fits instead: per variant (default: LoRA on transformers' defaults against
@@ -94,7 +96,11 @@ VARIANTS = {
     # and with TRL's activation offloading: the checkpointed hidden states wait in pinned CPU memory for backward
     "lora_offload": ["use_lora", "activation_offloading"],
     "all_lora_offload": ["use_fast_moe_block", "use_liger_kernel", "use_packing", "use_lora", "activation_offloading"],
+    # the expert-load metrics (on in every other variant) switched off: their overhead is the step-time difference
+    "defaults_no_moe_health": ["moe_health_metrics=false"],
+    "compile_fast_moe_no_moe_health": ["use_fast_moe_block", "torch_compile", "moe_health_metrics=false"],
 }
+OPT_IN_FLAGS = ("use_lora", "moe_health_metrics=false")  # variants with these run only when --variants names them
 SEARCH_VARIANTS = ("lora", "all_lora")  # the defaults' and ours, in that order (ratios are to the first)
 
 SHAPES = {
@@ -121,7 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gradient_checkpointing", action="store_true",
                         help="as qwen3_sft.py does by default (always on with --max_seq_search)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
-                        help=f"default: all but the LoRA ones; {' '.join(SEARCH_VARIANTS)} with --max_seq_search")
+                        help=f"default: all but the LoRA and no_moe_health ones; {' '.join(SEARCH_VARIANTS)} with "
+                        "--max_seq_search")
     parser.add_argument("--timeout", type=int, help="seconds per variant, or per probe with --max_seq_search, "
                         "before it counts as failed (default 330; 300)")
     parser.add_argument("--profile", action="store_true", help="profile one extra step: OUT/<variant>.profile.md")
@@ -144,8 +151,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, name, defaults[args.max_seq_search])
     args.gradient_checkpointing = args.gradient_checkpointing or args.max_seq_search
     if args.variants is None:
-        args.variants = list(SEARCH_VARIANTS) if args.max_seq_search else [v for v, flags in VARIANTS.items()
-                                                                           if "use_lora" not in flags]
+        args.variants = list(SEARCH_VARIANTS) if args.max_seq_search else [
+            v for v, flags in VARIANTS.items() if not set(flags) & set(OPT_IN_FLAGS)]
     if args.search_gpus and len(args.search_gpus) < len(args.variants):
         parser.error(f"--search_gpus {','.join(args.search_gpus)} names fewer GPUs than the {len(args.variants)} "
                      "variants searched: give one GPU id per variant, or leave it out to search one at a time")
@@ -166,17 +173,18 @@ def packed_lengths(total_tokens: int, seq: int, seed: int) -> list[int]:
 
 
 def variant_settings(name: str) -> dict[str, object]:
-    """A variant's TurboTuneConfig settings: a boolean flag turned on, or ``name=value``."""
+    """A variant's TurboTuneConfig settings: a boolean flag turned on, or ``name=value`` (true/false: a boolean)."""
     settings = {}
     for item in VARIANTS[name]:
         key, _, value = item.partition("=")
-        settings[key] = value or True
+        settings[key] = {"": True, "true": True, "false": False}.get(value, value)
     return settings
 
 
 def command_line(name: str) -> str:
     """The qwen3_sft.py flags of a variant, as a user would type them."""
-    flags = [f"--{key}" if value is True else f"--{key} {value}" for key, value in variant_settings(name).items()]
+    flags = [f"--{key}" if value is True else f"--{key} {str(value).lower() if value is False else value}"
+             for key, value in variant_settings(name).items()]
     return " ".join(flags) or "(transformers defaults)"
 
 
@@ -222,7 +230,7 @@ def run_child(args: argparse.Namespace) -> dict:
         output_dir=work, report_to="none", save_strategy="no", logging_steps=1, max_steps=total_steps(args),
         per_device_train_batch_size=args.batch, max_length=args.seq, gradient_checkpointing=args.gradient_checkpointing,
         learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, dataloader_num_workers=0, seed=0,
-        train_on_all_tokens=True, disable_tqdm=True, **flags,
+        train_on_all_tokens=True, disable_tqdm=True, eval_split=0, **flags,
     )
     preflight(config)
     device = "cuda" if torch.cuda.is_available() else "cpu"

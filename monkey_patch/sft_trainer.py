@@ -1,9 +1,11 @@
-"""TRL's SFTTrainer with what Turbo-Tune adds: per-micro-batch efficiency accounting, a truncation report, and
+"""TRL's SFTTrainer with what Turbo-Tune adds: per-micro-batch efficiency accounting, expert-load metrics and
+pictures of the run, evaluation on the language-model loss with its perplexity, a truncation report, and
 checkpoints that are complete when they appear and never hold non-finite weights."""
 
 import logging
+import math
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +21,10 @@ from callback import EfficiencyCallback
 from monkey_patch.torch_compile import is_compiled_per_layer
 from turbo_tune.checkpoints import last_complete_checkpoint, publish, staging_root
 from turbo_tune.errors import ConfigError
+from turbo_tune.moe_health import ExpertLoadMonitor, routers
 from turbo_tune.run_dir import honour_umask
 from turbo_tune.run_guard import RunGuard
+from turbo_tune.run_pictures import RunPicturesCallback
 from turbo_tune.tracking import ResilientMLflowCallback
 
 logger = logging.getLogger(__name__)
@@ -56,15 +60,17 @@ def report_truncation(tokenized: Dataset, max_length: int, truncation_mode: str,
 
 
 class TurboSFTTrainer(SFTTrainer):
-    def __init__(
-        self, *args, efficiency: EfficiencyCallback | None = None, guard: RunGuard | None = None, **kwargs
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, args=None, *, efficiency: EfficiencyCallback | None = None,
+                 guard: RunGuard | None = None, **kwargs) -> None:
         self.efficiency = efficiency
         self.guard = guard
         self._staging_checkpoint = False
+        self.expert_load = None
+        if getattr(args, "moe_health_metrics", False) and routers(model):
+            self.expert_load = ExpertLoadMonitor(model, args.moe_load_warn_ratio)
         ours = [callback for callback in (efficiency, guard) if callback is not None]
-        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), *ours]
-        super().__init__(*args, **kwargs)
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), *ours, RunPicturesCallback(self.expert_load)]
+        super().__init__(model=model, args=args, **kwargs)
         # report_to's MLflow, minus the stalls when its store fails; in its place, ahead of the run guard, which marks
         # the MLflow run that callback starts as KILLED or FAILED
         callbacks = self.callback_handler.callbacks
@@ -93,9 +99,32 @@ class TurboSFTTrainer(SFTTrainer):
             self.guard.observe_grad_norm(grad_norm)
         return grad_norm
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Training forwards feed the expert-load count; evaluation scores the language-model loss alone."""
+        if not self.model.training:
+            return self._language_model_loss(model, inputs, return_outputs, num_items_in_batch)
+        counting = self.expert_load.counting(inputs.get("attention_mask")) if self.expert_load else nullcontext()
+        with counting:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _language_model_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """Without the load-balancing term, so that eval_loss is the cross-entropy of the supervised tokens (what
+        perplexity and --load_best_model_at_end should see), not that plus router_aux_loss_coef × aux_loss."""
+        aux_loss_enabled, self.aux_loss_enabled = self.aux_loss_enabled, False
+        inputs["output_router_logits"] = False
+        try:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            self.aux_loss_enabled = aux_loss_enabled
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self.efficiency is not None and self.model.training and "loss" in logs:
-            logs.update(self.efficiency.pop_metrics(self.state))
+        if self.model.training and "loss" in logs:
+            if self.efficiency is not None:
+                logs.update(self.efficiency.pop_metrics(self.state))
+            if self.expert_load is not None:
+                logs.update(self.expert_load.pop_metrics(self.state.global_step, warn=self.is_world_process_zero()))
+        if "eval_loss" in logs:
+            logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 700.0))  # exp overflows a float past ~709
         super().log(logs, start_time)
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
@@ -118,14 +147,31 @@ class TurboSFTTrainer(SFTTrainer):
         their initial weights. DeepSpeed, FSDP and peft checkpoints keep the live layout and go the usual way.
         """
         target = model if model is not None else self.model
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled or isinstance(target, PeftModel):
+        if not self._saved_in_hub_layout(resume_from_checkpoint, target):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if not (Path(resume_from_checkpoint) / "config.json").is_file():
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        dtype = next(target.parameters()).dtype
-        saved = type(target).from_pretrained(resume_from_checkpoint, dtype=dtype, device_map="cpu")
-        target.load_state_dict(saved.state_dict(), strict=True)
-        logger.info("Weights restored from %s.", resume_from_checkpoint)
+        self._load_converted(resume_from_checkpoint, target)
+
+    def _load_best_model(self) -> None:
+        """--load_best_model_at_end: the same conversion as _load_from_checkpoint, for the same reason (Trainer loads
+        the best checkpoint's file non-strictly, so the experts would keep the last step's weights)."""
+        best = self.state.best_model_checkpoint
+        if not self._saved_in_hub_layout(best, self.model):
+            return super()._load_best_model()
+        logger.info("Loading the best model from %s (score: %s).", best, self.state.best_metric)
+        self._load_converted(best, self.model)
+
+    def _saved_in_hub_layout(self, checkpoint: str, model: torch.nn.Module) -> bool:
+        """Whether the checkpoint is a plain full-weight save that `from_pretrained` must convert."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or isinstance(model, PeftModel):
+            return False
+        return (Path(checkpoint) / "config.json").is_file()
+
+    @staticmethod
+    def _load_converted(checkpoint: str, model: torch.nn.Module) -> None:
+        dtype = next(model.parameters()).dtype
+        saved = type(model).from_pretrained(checkpoint, dtype=dtype, device_map="cpu")
+        model.load_state_dict(saved.state_dict(), strict=True)
+        logger.info("Weights restored from %s.", checkpoint)
 
     def weights_are_finite(self) -> bool:
         """Whether every trainable weight is finite on every rank, each rank checking the part it holds (a ZeRO-3

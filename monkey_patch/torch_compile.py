@@ -66,8 +66,10 @@ _CAPTURING_HOOKS_MODULE = maybe_install_capturing_hooks.__module__  # where tran
 _DEFERRED: list = []
 
 
-def _deferring(hook):
-    """transformers' output-capturing ``hook``, recorded instead of run while Dynamo traces (see the module doc)."""
+def deferred_while_compiling(hook):
+    """A forward ``hook``, recorded instead of run while Dynamo traces and replayed eagerly right after the compiled
+    call (see the module doc): transformers' output-capturing hooks, and any hook that should stay out of the graph
+    (the expert-load counter of turbo_tune/moe_health.py)."""
 
     def deferred(module, args, output):
         if torch.compiler.is_compiling():
@@ -99,10 +101,11 @@ def _defer_capturing_hooks(layers: torch.nn.ModuleList, defer: bool) -> None:
     """Wrap (or unwrap) the output-capturing hooks on the layers and their submodules."""
     for module in layers.modules():
         for key, hook in list(module._forward_hooks.items()):
+            wrapped = getattr(hook, "__wrapped__", None)
             if defer and getattr(hook, "__module__", None) == _CAPTURING_HOOKS_MODULE:
-                module._forward_hooks[key] = _deferring(hook)
-            elif not defer and getattr(hook, "__module__", None) == __name__ and hasattr(hook, "__wrapped__"):
-                module._forward_hooks[key] = hook.__wrapped__
+                module._forward_hooks[key] = deferred_while_compiling(hook)
+            elif not defer and getattr(wrapped, "__module__", None) == _CAPTURING_HOOKS_MODULE:
+                module._forward_hooks[key] = wrapped
 
 
 def _mark_varying_sizes(args: tuple, kwargs: dict) -> None:

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from turbo_tune.arguments import (
+    BUNDLED_EVAL_SPLIT,
     CHECKPOINT_LEARNING_RATE,
     EMBEDDED_MODEL_LEARNING_RATE,
     gradient_accumulation_steps,
@@ -131,11 +132,31 @@ def test_fsdp_uses_the_shipped_config_and_its_own_activation_checkpointing(tmp_p
     (["--learning_rate", "-1"], "--learning_rate -1.0 must be a non-negative number"),
     (["--lerning_rate", "1e-4"], "unknown argument '--lerning_rate'; did you mean --learning_rate?"),
     (["--max_steps", "ten"], "argument --max_steps/--max-steps: invalid int value: 'ten'"),
+    (["--eval_split", "0.1", "--eval_data_path", "x.jsonl"], "--eval_data_path and --eval_split both choose"),
+    (["--eval_split", "1.5"], "--eval_split 1.5 is not a fraction in [0, 1)"),
+    (["--eval_split", "-0.1"], "--eval_split -0.1 is not a fraction in [0, 1)"),
+    (["--eval_data_path", "/nonexistent/eval.jsonl"], "--eval_data_path /nonexistent/eval.jsonl does not exist"),
+    (["--eval_split", "0", "--load_best_model_at_end"], "--load_best_model_at_end needs evaluation data"),
+    (["--eval_split", "0", "--eval_strategy", "steps"], "--eval_strategy steps needs evaluation data"),
+    (["--load_best_model_at_end", "--save_steps", "30", "--eval_steps", "20"],
+     "--load_best_model_at_end requires the saving steps to be a round multiple of the evaluation steps"),
+    (["--moe_load_warn_ratio", "-1"], "--moe_load_warn_ratio -1.0 is negative"),
 ])
 def test_bad_flag_is_one_config_error(tmp_path, flags, message):
     with pytest.raises(ConfigError) as error:
         parse(tmp_path, *flags)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_bundled_task_evaluates_on_the_save_interval_by_default(tmp_path):
+    config = parse(tmp_path, "--save_steps", "200")
+    assert config.eval_split == BUNDLED_EVAL_SPLIT
+    assert (config.eval_strategy, config.eval_steps) == ("steps", 200)
+    assert not parse(tmp_path, "--eval_split", "0").evaluates
+    data = tmp_path / "train.jsonl"
+    data.write_text("{}\n")
+    assert not parse(tmp_path, "--data_path", str(data)).evaluates  # own data: evaluation only when asked for
+    assert parse(tmp_path, "--data_path", str(data), "--eval_split", "0.1", "--eval_steps", "50").eval_steps == 50
 
 
 def test_unknown_key_in_config_file_suggests_the_closest_flag(tmp_path):
@@ -156,3 +177,8 @@ def test_invalid_yaml_config_names_the_file_and_line(tmp_path):
     config_file.write_text("learning_rate: [1\n")
     with pytest.raises(ConfigError, match=rf"--config {config_file} is not valid YAML: .* line 1, column 16"):
         parse(tmp_path, "--config", str(config_file))
+
+
+def test_load_best_model_at_end_works_with_the_default_eval_interval(tmp_path):
+    config = parse(tmp_path, "--load_best_model_at_end", "--save_steps", "30")
+    assert config.eval_steps == 30 and config.metric_for_best_model == "loss"

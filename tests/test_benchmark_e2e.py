@@ -151,6 +151,8 @@ def test_variants_carry_boolean_and_valued_flags_as_a_user_types_them():
     assert e2e.variant_settings("all_adamw8bit")["optim"] == "adamw_torch_8bit"
     assert e2e.command_line("all_adamw8bit").endswith("--use_packing --optim adamw_torch_8bit")
     assert e2e.command_line("defaults") == "(transformers defaults)"
+    assert e2e.variant_settings("defaults_no_moe_health") == {"moe_health_metrics": False}
+    assert e2e.command_line("compile_fast_moe_no_moe_health").endswith("--moe_health_metrics false")
 
 
 def test_gpu_profile_table_counts_each_kernel_once():

@@ -4,6 +4,7 @@ Liger's kernels do not run on the CPU (not even in Triton's interpreter), so for
 the config the Trainer hands to Liger, and what Liger's patch then replaces on a model with ScatterMoE experts.
 """
 
+import json
 import logging
 
 import pytest
@@ -152,7 +153,8 @@ def test_liger_config_keeps_scattermoe_and_compile_working(tmp_path, monkeypatch
     """The config is built as qwen3_sft.py builds it; Liger's patch then runs as Trainer.train runs it."""
     for name in ("apply_rotary_pos_emb", "Qwen3MoeRMSNorm", "Qwen3MoeExperts"):  # Liger patches these module-wide
         monkeypatch.setattr(modeling_qwen3_moe, name, getattr(modeling_qwen3_moe, name))
-    config = TurboTuneConfig(output_dir=str(tmp_path), report_to="none", use_liger_kernel=True, max_length=64, **flags)
+    config = TurboTuneConfig(output_dir=str(tmp_path), report_to="none", use_liger_kernel=True, max_length=64,
+                             eval_split=0, **flags)
     model = apply_patches(tiny_model(), config)
     trainer = TurboSFTTrainer(model=model, args=config, train_dataset=bundled_dataset(8, seed=0),
                               processing_class=load_tokenizer(config))
@@ -192,6 +194,9 @@ def test_compiled_packed_scattermoe_run_with_gradient_checkpointing(tmp_path, ca
     assert qwen3_sft.main([
         "--output_dir", str(output_dir), "--bundled_examples", "64", "--max_steps", "2", "--logging_steps", "1",
         "--save_strategy", "no", "--report_to", "none", "--max_length", "128", "--micro_batch_size", "4",
-        "--use_packing", "--use_fast_moe_block", "--torch_compile", "--torch_compile_backend", "aot_eager",
+        "--eval_split", "0", "--use_packing", "--use_fast_moe_block", "--torch_compile",
+        "--torch_compile_backend", "aot_eager",
     ]) == 0
     assert not [r for r in caplog.records if "continuing uncompiled" in r.getMessage()]
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    assert all(entry["moe_load_max_over_mean"] >= 1 for entry in history if "loss" in entry)  # the health hook too

@@ -6,7 +6,7 @@ import logging
 import pytest
 from datasets import Dataset
 
-from turbo_tune.data import load_sft_dataset
+from turbo_tune.data import hold_out, load_sft_dataset
 from turbo_tune.errors import ConfigError
 from turbo_tune.toy_task import PUZZLES, bundled_dataset
 
@@ -122,3 +122,32 @@ def test_skipped_files_of_a_data_folder_are_named(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="turbo_tune.data"):
         assert len(load_sft_dataset(str(tmp_path))) == 1
     assert "skipping 2 file(s) that are not .jsonl, .json or .parquet: extra.csv, notes.txt" in caplog.text
+
+
+def test_held_out_split_never_overlaps_training_and_is_seeded(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(200)]
+    dataset = Dataset.from_list(rows)
+
+    def questions(part: Dataset) -> list[str]:
+        return [record["messages"][0]["content"] for record in part]
+
+    train, held_out = hold_out(dataset, 0.05, seed=3)
+    assert len(held_out) == 10 and len(train) == 190
+    assert not set(questions(train)) & set(questions(held_out))
+    assert sorted(questions(train) + questions(held_out)) == sorted(questions(dataset))
+    assert questions(held_out) != [f"q{i}" for i in range(190, 200)]  # drawn at random, not the tail
+    again_train, again_held_out = hold_out(dataset, 0.05, seed=3)
+    assert questions(again_held_out) == questions(held_out) and questions(again_train) == questions(train)
+    assert questions(hold_out(dataset, 0.05, seed=4)[1]) != questions(held_out)
+
+
+def test_held_out_split_that_leaves_nothing_to_train_on_is_refused():
+    with pytest.raises(ConfigError, match="--eval_split 0.9 of 2 examples leaves none to train on"):
+        hold_out(Dataset.from_list([CHAT, CHAT]), 0.9, seed=0)
+
+
+def test_eval_data_errors_name_the_eval_flag(tmp_path):
+    path = write_jsonl(tmp_path / "eval.jsonl", [CHAT, {"text": "no messages"}])
+    with pytest.raises(ConfigError, match=r"^--eval_data_path .*eval\.jsonl, row 2: "):
+        load_sft_dataset(str(path), flag="--eval_data_path")

@@ -6,6 +6,7 @@ only on GPUs, so FSDP's runs are in benchmarks/distributed.py; here `--fsdp` mus
 under the engines (packing, LoRA, FP8) are in test_distributed_features.py.
 """
 
+import json
 from pathlib import Path
 
 import pytest
@@ -36,9 +37,17 @@ def assert_same_losses(losses: dict[int, float], expected: dict[int, float], rel
         assert losses[step] == pytest.approx(loss, rel=rel), step
 
 
+def expert_load(output_dir: Path) -> dict[int, float]:
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return {entry["step"]: entry["moe_load_max_over_mean"] for entry in history if "loss" in entry}
+
+
 @pytest.mark.parametrize("engine", [[], ZERO2], ids=["ddp", "zero2"])
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path, checkpoint, single_process, engine):
     assert_same_losses(train(tmp_path / "out", 2, checkpoint, *engine), single_process[1])
+    # the expert-load counts are summed over both processes: the same tokens as one process routes
+    expected = expert_load(single_process[0])
+    assert expert_load(tmp_path / "out") == pytest.approx(expected, rel=0.02)
 
 
 def test_zero3_matches_one_process_and_saves_one_consolidated_model(single_process, zero3_run):

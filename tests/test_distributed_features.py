@@ -89,7 +89,7 @@ def test_zero3_gathers_each_moe_block_as_one_leaf(tmp_path, checkpoint):
     """The experts' 3D weights and the router are fetched together at the MoE block, with no hooks inside it."""
     result = launch(1, "--no-python", sys.executable, "-c", LEAF_PROBE, "--output_dir", str(tmp_path / "out"),
                     "--model_path", str(checkpoint), "--report_to", "none", "--max_steps", "1",
-                    "--save_strategy", "no", *ZERO3)
+                    "--save_strategy", "no", "--eval_split", "0", *ZERO3)
     probe = json.loads(result.stdout.split("PROBE ", 1)[1])
     assert probe["blocks"] == AutoConfig.from_pretrained(checkpoint).num_hidden_layers
     assert all(probe["leaf"]) and all(probe["owned"])
@@ -128,7 +128,7 @@ def test_zero3_selects_and_trains_fp8_layers_on_partitioned_weights(tmp_path, ch
 
     result = launch(2, "--no-python", sys.executable, "-c", FP8_PROBE, "--output_dir", str(tmp_path / "out"),
                     "--model_path", str(checkpoint), "--report_to", "none", "--max_steps", "2", "--logging_steps",
-                    "1", "--save_strategy", "no", "--gradient_checkpointing", "false", *ZERO3)
+                    "1", "--save_strategy", "no", "--gradient_checkpointing", "false", "--eval_split", "0", *ZERO3)
     probe = json.loads(result.stdout.split("PROBE ", 1)[1].splitlines()[0])
     expected = select_fp8_modules(AutoModelForCausalLM.from_pretrained(checkpoint), "all_linear")
     assert probe["partitioned"]

@@ -12,7 +12,7 @@ from turbo_tune.toy_task import bundled_dataset
 
 
 def prepared_rows(tmp_path, dataset: Dataset, *flags: str) -> tuple[list[dict], object]:
-    config = parse_config(["--output_dir", str(tmp_path), "--report_to", "none", *flags])
+    config = parse_config(["--output_dir", str(tmp_path), "--report_to", "none", "--eval_split", "0", *flags])
     config.assistant_only_loss = not config.train_on_all_tokens and record_kind(dataset[0]) == "conversational"
     tokenizer = load_tokenizer(config)
     trainer = TurboSFTTrainer(

@@ -1,6 +1,7 @@
 """Real short runs of the embedded tiny Qwen3-MoE on the CPU, through the same entry point users call."""
 
 import json
+import math
 import re
 import shutil
 import signal
@@ -15,6 +16,7 @@ import qwen3_sft
 from distributed_runs import interrupt, start
 
 STEPS = 40
+EVAL = ("--eval_split", "0.05")  # 20 of the 400 examples, evaluated at each save (steps 20 and 40)
 
 
 def run_flags(output_dir: Path, *flags: str) -> list[str]:
@@ -46,7 +48,7 @@ def finished_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLFLOW_TRACKING_URI", tracking_uri)
         env.setenv("MLFLOW_EXPERIMENT_NAME", "turbo-tune-test")
-        assert run(root / "out", "--use_liger_efficiency_callback", "--report_to", "mlflow") == 0
+        assert run(root / "out", "--use_liger_efficiency_callback", "--report_to", "mlflow", *EVAL) == 0
     return root / "out", tracking_uri
 
 
@@ -87,11 +89,48 @@ def test_mlflow_holds_loss_and_efficiency_metrics(finished_run):
     assert all(value > 0 for value in tokens_per_s)
 
 
+def test_mlflow_holds_evaluation_expert_load_pictures_and_system_metrics(finished_run):
+    _, tracking_uri = finished_run
+    client = MlflowClient(tracking_uri)
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("turbo-tune-test").experiment_id])
+    run_id = mlflow_run.info.run_id
+    for key in ("eval_loss", "eval_mean_token_accuracy", "eval_perplexity"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [STEPS // 2, STEPS], key
+    for key in ("moe_load_max_over_mean", "moe_router_entropy", "moe_load_max_over_mean/layer_1",
+                "moe_router_entropy/layer_0"):
+        assert len(client.get_metric_history(run_id, key)) == STEPS, key
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"moe_load.png", "efficiency.png", f"checkpoint-{STEPS // 2}"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run_id, f"checkpoint-{STEPS // 2}")] == [
+        f"checkpoint-{STEPS // 2}/moe_load.png"]
+    assert any(key.startswith("system/") for key in mlflow_run.data.metrics)  # MLflow's own, psutil being there
+
+
+def test_eval_loss_falls_and_is_the_cross_entropy_behind_perplexity(finished_run):
+    output_dir, _ = finished_run
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    evals = [entry for entry in history if "eval_loss" in entry]
+    assert [entry["step"] for entry in evals] == [STEPS // 2, STEPS]
+    assert evals[1]["eval_loss"] < evals[0]["eval_loss"]
+    for entry in evals:
+        assert entry["eval_perplexity"] == pytest.approx(math.exp(entry["eval_loss"]))
+        assert "eval_aux_loss" not in entry  # the load-balancing term stays out of the evaluation loss
+        assert 0 <= entry["eval_mean_token_accuracy"] <= 1
+
+
+def test_pictures_are_written_beside_the_checkpoints_and_the_final_model(finished_run):
+    output_dir, _ = finished_run
+    for picture in (output_dir / "moe_load.png", output_dir / "efficiency.png",
+                    output_dir / f"checkpoint-{STEPS // 2}" / "moe_load.png",
+                    output_dir / f"checkpoint-{STEPS}" / "moe_load.png"):
+        assert picture.read_bytes().startswith(b"\x89PNG"), picture
+
+
 def test_resumed_run_reproduces_the_uninterrupted_losses(finished_run, tmp_path):
     output_dir, _ = finished_run
     resumed = tmp_path / "resumed"
     checkpoint = output_dir / f"checkpoint-{STEPS // 2}"
-    assert run(resumed, "--report_to", "none", "--resume_from_checkpoint", str(checkpoint)) == 0
+    assert run(resumed, "--report_to", "none", "--resume_from_checkpoint", str(checkpoint), *EVAL) == 0
     expected, got = losses(output_dir), losses(resumed)
     later_steps = [step for step in expected if step > STEPS // 2]
     assert later_steps and all(step in got for step in later_steps)
@@ -153,6 +192,8 @@ def test_earlier_run_is_never_overwritten(finished_run, capsys):
 @pytest.mark.parametrize(("flags", "message"), [
     (["--model_path", "/nonexistent/model"], "--model_path (MODEL_PATH) /nonexistent/model does not exist"),
     (["--data_path", "/nonexistent/data.jsonl"], "--data_path (DATA_PATH) /nonexistent/data.jsonl does not exist"),
+    (["--eval_data_path", "/nonexistent/eval.jsonl"], "--eval_data_path /nonexistent/eval.jsonl does not exist"),
+    (["--eval_split", "0.1", "--eval_data_path", "/nonexistent/eval.jsonl"], "both choose the evaluation data"),
     (["--global_batch_size", "7", "--micro_batch_size", "2"], "--global_batch_size 7 is not a positive multiple"),
     (["--deepspeed_config", "/nonexistent/zero3.json"], "--deepspeed_config (DS_CONFIG_PATH) /nonexistent"),
     (["--use_fp8"], "--use_fp8 needs a CUDA GPU with FP8 tensor cores"),
@@ -175,6 +216,16 @@ def test_bad_record_stops_before_any_output(tmp_path, capsys):
     data.write_text(json.dumps({"messages": [{"role": "wizard", "content": "x"}]}) + "\n")
     assert run(tmp_path / "out", "--report_to", "none", "--data_path", str(data)) == 2
     assert f"{data}, row 1, message 1: unknown role 'wizard'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_eval_data_stops_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(qwen3_sft, "load_model", lambda config: pytest.fail("the model was loaded"))
+    data = tmp_path / "eval.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "no answer"}]}) + "\n")
+    assert run(tmp_path / "out", "--report_to", "none", "--eval_data_path", str(data)) == 2
+    err = capsys.readouterr().err
+    assert f"--eval_data_path {data}, row 1: no assistant message" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
 
@@ -204,6 +255,26 @@ def test_lora_run_saves_an_adapter_that_peft_restores_and_a_merged_model(tmp_pat
     merged = AutoModelForCausalLM.from_pretrained(output_dir / "merged")
     tokens = torch.tensor([[1, 5, 9, 12]])
     torch.testing.assert_close(merged(tokens).logits, restored.merge_and_unload()(tokens).logits)
+
+
+def test_load_best_model_at_end_restores_every_weight_of_the_best_checkpoint(tmp_path):
+    """The worst evaluation is made 'best' so that it is not the last checkpoint. The experts are saved one tensor per
+    expert and live fused, so a non-strict state-dict load would leave them at the last step's values."""
+    output_dir = tmp_path / "best"
+    assert qwen3_sft.main([
+        "--output_dir", str(output_dir), "--bundled_examples", "200", "--max_steps", "10", "--save_steps", "5",
+        "--logging_steps", "5", "--gradient_checkpointing", "false", "--report_to", "none",
+        "--load_best_model_at_end", "--greater_is_better", "true",
+    ]) == 0
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert Path(state["best_model_checkpoint"]).name == "checkpoint-5"
+    best = AutoModelForCausalLM.from_pretrained(output_dir / "checkpoint-5").state_dict()
+    final = AutoModelForCausalLM.from_pretrained(output_dir).state_dict()
+    last = AutoModelForCausalLM.from_pretrained(output_dir / "checkpoint-10").state_dict()
+    assert not torch.equal(best["model.layers.0.mlp.experts.gate_up_proj"],
+                           last["model.layers.0.mlp.experts.gate_up_proj"])
+    for name, tensor in best.items():
+        torch.testing.assert_close(final[name], tensor, msg=name)
 
 
 def test_packed_run_trains(tmp_path):

@@ -26,6 +26,8 @@ CHECKPOINT_LEARNING_RATE = 1e-5
 FP8_TOKEN_MULTIPLE = 16
 FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 FP8_MODULE_PRESETS = ("brief", "routers", "edge_layers", "lm_head", "all_linear")
+# The bundled task holds out this share for evaluation (200 of its 20,000 examples) unless --eval_split says otherwise.
+BUNDLED_EVAL_SPLIT = 0.01
 
 
 @dataclass
@@ -42,6 +44,17 @@ class TurboTuneConfig(SFTConfig):
             "help": "JSONL/JSON/Parquet file, a folder of them, or a `datasets.save_to_disk` folder, with `messages` "
             "or `prompt`/`completion` records. Unset: the bundled chat task."
         },
+    )
+    eval_data_path: str | None = field(
+        default=None,
+        metadata={"help": "Evaluation data, in the same formats as --data_path. Evaluates every --eval_steps "
+                  "(default: the save interval) and at the end."},
+    )
+    eval_split: float | None = field(
+        default=None,
+        metadata={"help": "Hold out this fraction of the training data (seeded by --data_seed or --seed) and evaluate "
+                  f"on it instead of training on it. Unset: {BUNDLED_EVAL_SPLIT} for the bundled task, none for "
+                  "--data_path; 0 turns evaluation off."},
     )
     train_on_all_tokens: bool = field(
         default=False,
@@ -118,6 +131,16 @@ class TurboTuneConfig(SFTConfig):
         default=False,
         metadata={"help": "Log step time, tokens/s, MFU, memory and time to completion at every logging step."},
     )
+    moe_health_metrics: bool = field(
+        default=True,
+        metadata={"help": "Log each MoE layer's expert load (max/mean ratio, entropy) per logging window and draw "
+                  "moe_load.png at each save and at the end."},
+    )
+    moe_load_warn_ratio: float = field(
+        default=4.0,
+        metadata={"help": "Warn (once) when a layer's busiest expert gets more than this many times an even share of "
+                  "the routed tokens (moe_load_max_over_mean); 0 never warns."},
+    )
     bundled_examples: int = field(
         default=20000, metadata={"help": "How many examples of the bundled chat task to generate (no --data_path)."}
     )
@@ -157,6 +180,9 @@ class TurboTuneConfig(SFTConfig):
             check_readable(self.model_path, "--model_path (MODEL_PATH)")
         if self.data_path is not None:
             check_readable(self.data_path, "--data_path (DATA_PATH)")
+        self._configure_evaluation()
+        if self.moe_load_warn_ratio < 0:
+            raise ConfigError(f"--moe_load_warn_ratio {self.moe_load_warn_ratio} is negative; use 0 to never warn.")
         if self.model_dtype not in ("auto", "bfloat16", "float32"):
             raise ConfigError(f"--model_dtype {self.model_dtype!r} is not one of auto, bfloat16, float32.")
         if self.max_nonfinite_steps < 0:
@@ -181,9 +207,48 @@ class TurboTuneConfig(SFTConfig):
         self.run_name = self.run_name or Path(self.output_dir).name  # MLflow's own names repeat with the seed
         self.packing = self.packing or self.use_packing
         self.completion_only_loss = not self.train_on_all_tokens
-        super().__post_init__()
+        try:
+            super().__post_init__()
+        except ValueError as error:
+            if "--load_best_model_at_end" not in str(error):
+                raise
+            raise ConfigError(
+                f"{' '.join(str(error).split())}. --eval_steps defaults to --save_steps; set it to a divisor of it."
+            ) from None
         if self.use_fp8:
             self._pad_tokens_for_fp8()
+
+    @property
+    def evaluates(self) -> bool:
+        return self.eval_data_path is not None or bool(self.eval_split)
+
+    def _configure_evaluation(self) -> None:
+        """Evaluation data from one flag, evaluated on the save interval unless --eval_strategy/--eval_steps say
+        otherwise (so --load_best_model_at_end finds an evaluation at every save)."""
+        if self.eval_data_path is not None and self.eval_split is not None:
+            raise ConfigError("--eval_data_path and --eval_split both choose the evaluation data: pass only one.")
+        if self.eval_split is not None and not 0 <= self.eval_split < 1:
+            raise ConfigError(
+                f"--eval_split {self.eval_split} is not a fraction in [0, 1): e.g. 0.01 holds out 1% of the training "
+                "data for evaluation (0: no evaluation)."
+            )
+        if self.eval_data_path is not None:
+            check_readable(self.eval_data_path, "--eval_data_path")
+        if self.eval_split is None and self.eval_data_path is None and self.data_path is None:
+            self.eval_split = BUNDLED_EVAL_SPLIT
+        if not self.evaluates:
+            strategy = getattr(self.eval_strategy, "value", self.eval_strategy)
+            for flag, on in (("--load_best_model_at_end", self.load_best_model_at_end),
+                             (f"--eval_strategy {strategy}", strategy != "no")):
+                if on:
+                    raise ConfigError(
+                        f"{flag} needs evaluation data: add --eval_data_path PATH or --eval_split FRACTION."
+                    )
+            return
+        if self.eval_strategy == "no":
+            self.eval_strategy = "epoch" if self.save_strategy == "epoch" else "steps"
+        if self.eval_steps is None:
+            self.eval_steps = self.save_steps
 
     def _check_engine_flags(self) -> None:
         if self.deepspeed_config is not None and self.deepspeed is not None:

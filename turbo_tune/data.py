@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,62 +17,62 @@ FILE_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 ROLES = {"system", "user", "assistant", "tool"}
 
 
-def load_sft_dataset(data_path: str) -> Dataset:
-    """A file, a folder of files, or a `save_to_disk` folder, as one validated dataset."""
+def load_sft_dataset(data_path: str, flag: str = "--data_path") -> Dataset:
+    """A file, a folder of files, or a `save_to_disk` folder, as one validated dataset; errors name `flag`."""
     path = Path(data_path)
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
         dataset = load_from_disk(str(path))
         if not isinstance(dataset, Dataset):
             if "train" not in dataset:
-                raise ConfigError(f"--data_path {path} is a DatasetDict without a 'train' split: save one split.")
+                raise ConfigError(f"{flag} {path} is a DatasetDict without a 'train' split: save one split.")
             dataset = dataset["train"]
-        validate_records(dataset, str(path))
-        return _non_empty(dataset, path)
-    files = _data_files(path) if path.is_dir() else [path]
+        validate_records(dataset, str(path), flag)
+        return _non_empty(dataset, path, flag)
+    files = _data_files(path, flag) if path.is_dir() else [path]
     if not files:
-        raise ConfigError(f"--data_path {path} holds no .jsonl, .json or .parquet files.")
-    parts = [_load_file(file) for file in files]
+        raise ConfigError(f"{flag} {path} holds no .jsonl, .json or .parquet files.")
+    parts = [_load_file(file, flag) for file in files]
     kinds = {record_kind(part[0]) for part in parts if len(part)}
     if len(kinds) > 1:
         raise ConfigError(
-            f"--data_path {path} mixes conversational (`messages`) and prompt/completion files; use one kind."
+            f"{flag} {path} mixes conversational (`messages`) and prompt/completion files; use one kind."
         )
     columns = _shared_columns(parts)
-    return _non_empty(concatenate_datasets([part.select_columns(columns) for part in parts]), path)
+    return _non_empty(concatenate_datasets([part.select_columns(columns) for part in parts]), path, flag)
 
 
-def _data_files(folder: Path) -> list[Path]:
+def _data_files(folder: Path, flag: str) -> list[Path]:
     """The folder's data files; the others are named in the log, so a file in the wrong format is not lost silently."""
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     skipped = [str(p.relative_to(folder)) for p in files if p.suffix not in FILE_LOADERS]
     if skipped:
         logger.warning(
-            "--data_path %s: skipping %d file(s) that are not .jsonl, .json or .parquet: %s.",
-            folder, len(skipped), ", ".join(skipped[:10]) + (", ..." if len(skipped) > 10 else ""),
+            "%s %s: skipping %d file(s) that are not .jsonl, .json or .parquet: %s.",
+            flag, folder, len(skipped), ", ".join(skipped[:10]) + (", ..." if len(skipped) > 10 else ""),
         )
     return [p for p in files if p.suffix in FILE_LOADERS]
 
 
-def _load_file(file: Path) -> Dataset:
+def _load_file(file: Path, flag: str) -> Dataset:
     loader = FILE_LOADERS.get(file.suffix)
     if loader is None:
-        raise ConfigError(f"--data_path {file}: unsupported file type {file.suffix!r}; use .jsonl, .json or .parquet.")
+        raise ConfigError(f"{flag} {file}: unsupported file type {file.suffix!r}; use .jsonl, .json or .parquet.")
     if loader == "json":
-        records = _read_json_records(file)
-        validate_records(records, str(file))  # before Arrow, which fails on mixed types without naming the row
+        records = _read_json_records(file, flag)
+        validate_records(records, str(file), flag)  # before Arrow, which fails on mixed types without naming the row
         try:
             return Dataset.from_list(records)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
-            raise ConfigError(f"--data_path {file}: the records do not share one schema ({error}).") from None
+            raise ConfigError(f"{flag} {file}: the records do not share one schema ({error}).") from None
     try:
         dataset = Dataset.from_parquet(str(file))
     except Exception as error:  # pyarrow raises several types for a damaged file
-        raise ConfigError(f"--data_path {file} is not a readable Parquet file: {error}") from None
-    validate_records(dataset, str(file))
+        raise ConfigError(f"{flag} {file} is not a readable Parquet file: {error}") from None
+    validate_records(dataset, str(file), flag)
     return dataset
 
 
-def _read_json_records(file: Path) -> list[dict]:
+def _read_json_records(file: Path, flag: str) -> list[dict]:
     """JSON Lines, or one JSON array of records; a broken line is reported with its number."""
     raw = file.read_bytes()
     try:
@@ -79,14 +80,14 @@ def _read_json_records(file: Path) -> list[dict]:
     except UnicodeDecodeError as error:
         line = raw.count(b"\n", 0, error.start) + 1
         raise ConfigError(
-            f"--data_path {file}, line {line}: byte 0x{raw[error.start]:02x} is not UTF-8. "
+            f"{flag} {file}, line {line}: byte 0x{raw[error.start]:02x} is not UTF-8. "
             "Save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
         ) from None
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
         except json.JSONDecodeError as error:
-            raise ConfigError(f"--data_path {file} is not valid JSON: {error.msg} at line {error.lineno}.") from None
+            raise ConfigError(f"{flag} {file} is not valid JSON: {error.msg} at line {error.lineno}.") from None
     else:
         records = []
         for line_number, line in enumerate(text.splitlines(), start=1):
@@ -96,11 +97,11 @@ def _read_json_records(file: Path) -> list[dict]:
                 records.append(json.loads(line))
             except json.JSONDecodeError as error:
                 raise ConfigError(
-                    f"--data_path {file}, line {line_number}: not valid JSON ({error.msg}). Fix or remove that line."
+                    f"{flag} {file}, line {line_number}: not valid JSON ({error.msg}). Fix or remove that line."
                 ) from None
     for row, record in enumerate(records, start=1):
         if not isinstance(record, dict):
-            raise ConfigError(f"--data_path {file}, row {row}: expected a JSON object, got {type(record).__name__}.")
+            raise ConfigError(f"{flag} {file}, row {row}: expected a JSON object, got {type(record).__name__}.")
     return records
 
 
@@ -113,11 +114,11 @@ def record_kind(record: dict) -> str:
     return "unknown"
 
 
-def validate_records(records: Iterable[dict], source: str) -> None:
+def validate_records(records: Iterable[dict], source: str, flag: str = "--data_path") -> None:
     empty_answers = []
     for row, record in enumerate(records, start=1):
         kind = record_kind(record)
-        where = f"--data_path {source}, row {row}"
+        where = f"{flag} {source}, row {row}"
         if kind == "unknown":
             fields = ", ".join(sorted(key for key, value in record.items() if value is not None)) or "no fields"
             raise ConfigError(
@@ -132,9 +133,9 @@ def validate_records(records: Iterable[dict], source: str) -> None:
             empty_answers.append(row)
     if empty_answers:
         logger.warning(
-            "--data_path %s, row(s) %s: an assistant message is empty, so those examples teach the model to answer "
+            "%s %s, row(s) %s: an assistant message is empty, so those examples teach the model to answer "
             "with nothing but end-of-turn. Fill in or drop them if that is not intended.",
-            source, ", ".join(map(str, empty_answers[:10])) + (f" and {len(empty_answers) - 10} more"
+            flag, source, ", ".join(map(str, empty_answers[:10])) + (f" and {len(empty_answers) - 10} more"
                                                                if len(empty_answers) > 10 else ""),
         )
 
@@ -182,8 +183,20 @@ def _shared_columns(parts: list[Dataset]) -> list[str]:
     return [c for c in columns if c in ("messages", "prompt", "completion", "tools")] or columns
 
 
-def _non_empty(dataset: Dataset, path: Path) -> Dataset:
+def _non_empty(dataset: Dataset, path: Path, flag: str) -> Dataset:
     if len(dataset) == 0:
-        raise ConfigError(f"--data_path {path} holds no records: add training examples.")
+        raise ConfigError(f"{flag} {path} holds no records: add examples.")
     logger.info("Loaded %d %s records from %s.", len(dataset), record_kind(dataset[0]), path)
     return dataset
+
+
+def hold_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """(train, held-out): a seeded random `fraction` of the rows (at least one) set aside, so it is never trained on."""
+    held_out = math.ceil(fraction * len(dataset))
+    if held_out >= len(dataset):
+        raise ConfigError(
+            f"--eval_split {fraction} of {len(dataset)} examples leaves none to train on; use a smaller fraction."
+        )
+    split = dataset.train_test_split(test_size=held_out, seed=seed, shuffle=True)
+    logger.info("Held out %d of %d examples for evaluation (--eval_split %g).", held_out, len(dataset), fraction)
+    return split["train"], split["test"]

@@ -1,6 +1,7 @@
 """MLflow, the Trainer's metrics reporter: checked before the model loads, never in the way of training or of the
 final save, and one MLflow run per output folder, continued when the run resumes."""
 
+import importlib.util
 import json
 import logging
 import os
@@ -38,6 +39,8 @@ def configure_mlflow(config: TurboTuneConfig) -> None:
         store.mkdir(exist_ok=True)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
     os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "turbo-tune")
+    if importlib.util.find_spec("psutil") is not None:  # MLflow's system metrics: CPU, memory, GPU (nvidia-ml-py)
+        os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
     for name, value in HTTP_LIMITS.items():
         os.environ.setdefault(name, value)
     uri = os.environ["MLFLOW_TRACKING_URI"]
