@@ -19,7 +19,7 @@ from trl import SFTTrainer
 
 from callback import EfficiencyCallback
 from monkey_patch.torch_compile import is_compiled_per_layer
-from turbo_tune.checkpoints import last_complete_checkpoint, publish, staging_root
+from turbo_tune.checkpoints import TRAINER_STATE, last_complete_checkpoint, publish, staging_root
 from turbo_tune.errors import ConfigError
 from turbo_tune.moe_health import ExpertLoadMonitor, routers
 from turbo_tune.run_dir import honour_umask
@@ -46,9 +46,10 @@ def report_truncation(tokenized: Dataset, max_length: int, truncation_mode: str,
         logger.info("%s: no example is longer than max_length=%d tokens.", name, max_length)
         return
     if dropped == len(lengths):
+        purpose = "train on" if name == "train" else "evaluate on (or pass --eval_split 0)"
         raise ConfigError(
             f"--max_length {max_length}: every example of the {name} set is longer and none keeps a trained token in "
-            f"its first {max_length} tokens (the prompt fills them), so nothing is left to train on. Raise "
+            f"its first {max_length} tokens (the prompt fills them), so nothing is left to {purpose}. Raise "
             f"--max_length (the longest example has {lengths.max()} tokens)."
         )
     logger.warning(
@@ -202,6 +203,7 @@ class TurboSFTTrainer(SFTTrainer):
         self.accelerator.wait_for_everyone()
         with self._saving_into_staging():
             super()._save_checkpoint(model, trial)
+        self._point_best_checkpoint_at(run_dir, staging / name)
         self.accelerator.wait_for_everyone()  # every rank's shards are written
         if self.args.should_save:
             publish(staging / name, run_dir / name)
@@ -210,6 +212,19 @@ class TurboSFTTrainer(SFTTrainer):
                 output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                 best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True,
             )
+
+    def _point_best_checkpoint_at(self, run_dir: Path, staged: Path) -> None:
+        """transformers records the best checkpoint under the folder it saved into, the staging one here (and only if
+        the best is the checkpoint being saved): name its published place instead, in the state and in the staged
+        checkpoint's trainer_state.json, which --load_best_model_at_end and a resumed run read."""
+        best_step = self.state.best_global_step
+        if not best_step:
+            return
+        best = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{best_step}"
+        if best_step == self.state.global_step or best.is_dir():
+            self.state.best_model_checkpoint = str(best)
+            if self.args.should_save:
+                self.state.save_to_json(str(staged / TRAINER_STATE))
 
     @contextmanager
     def _saving_into_staging(self):

@@ -239,6 +239,7 @@ def test_training_run_with_expert_lora_and_fast_block(tmp_path, capfd):
     output_dir = tmp_path / "run"
     assert qwen3_sft.main([
         "--output_dir", str(output_dir), "--bundled_examples", "4", "--max_steps", "1", "--max_length", "32",
+        "--eval_split", "0",
         "--micro_batch_size", "1", "--gradient_checkpointing", "false", "--save_strategy", "no", "--report_to", "none",
         "--use_lora", "--use_fast_moe_block", "--lora_r", "4", "--merge_lora",
     ]) == 0

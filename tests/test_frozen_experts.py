@@ -222,6 +222,7 @@ def test_training_run_with_fp8_frozen_experts(tmp_path, capfd):
 
     assert qwen3_sft.main([
         "--output_dir", str(tmp_path / "run"), "--bundled_examples", "4", "--max_steps", "2", "--max_length", "32",
+        "--eval_split", "0",
         "--micro_batch_size", "1", "--gradient_checkpointing", "true", "--save_strategy", "no",
         "--report_to", "none", "--use_lora", "--use_fast_moe_block", "--lora_r", "4", "--fp8_frozen_experts",
     ]) == 0

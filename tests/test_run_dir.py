@@ -12,7 +12,7 @@ import qwen3_sft
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ["--bundled_examples", "32", "--max_steps", "1", "--report_to", "none", "--gradient_checkpointing",
-            "false"]
+            "false", "--eval_split", "0"]
 
 
 def run(output_dir: Path, *flags: str) -> int:

@@ -142,7 +142,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly_and_marks_mlflow_killed
     """A scheduler's SIGTERM mid-run: a checkpoint at the current step, the MLflow run KILLED, one line saying how
     to resume, exit 143; resuming from it continues the uninterrupted run's losses exactly."""
     output_dir, tracking_uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    process = start(*run_flags(output_dir, "--report_to", "mlflow"),
+    process = start(*run_flags(output_dir, "--report_to", "mlflow", *EVAL),  # finished_run's data and evaluation
                     env={"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_EXPERIMENT_NAME": "sigterm"})
     returncode, output = interrupt(process, signal.SIGTERM)
     assert returncode == 128 + signal.SIGTERM, output[-3000:]
@@ -155,7 +155,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly_and_marks_mlflow_killed
     (mlflow_run,) = client.search_runs([client.get_experiment_by_name("sigterm").experiment_id])
     assert mlflow_run.info.status == "KILLED"
 
-    assert run(output_dir, "--report_to", "none", "--resume_from_checkpoint", "last") == 0
+    assert run(output_dir, "--report_to", "none", "--resume_from_checkpoint", "last", *EVAL) == 0
     expected, got = losses(finished_run[0]), losses(output_dir)
     for later in range(step + 1, STEPS + 1):
         assert got[later] == pytest.approx(expected[later], rel=1e-6), later

@@ -133,8 +133,8 @@ class RunPicturesCallback(TrainerCallback):
             self.picture_start_step = state.global_step
         elif final and self.last_load is not None:
             shares, title = self.last_load  # nothing trained since the last save: the end shows the same stretch
-        if shares is None or not state.is_world_process_zero:
-            return
+        if shares is None or not state.is_world_process_zero or not folder.is_dir():
+            return  # (no folder: a checkpoint not written, its weights not finite; a folder would look like one)
         draw = partial(draw_expert_load, shares, self.expert_load.layer_ids, title=title)
         self._publish(folder / MOE_LOAD_PNG, draw, artifact_path)
 
