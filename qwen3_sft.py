@@ -21,7 +21,7 @@ from datasets import Dataset
 
 from callback import EfficiencyCallback, ModelFlops, device_peak_tflops
 from monkey_patch import apply_patches, apply_peft_patches, preflight
-from monkey_patch.sft_trainer import TurboSFTTrainer
+from monkey_patch.sft_trainer import TurboSFTTrainer, tokenize_and_check
 from turbo_tune.arguments import TurboTuneConfig, parse_config
 from turbo_tune.checkpoints import TRAINER_STATE, last_complete_checkpoint, saved_progress
 from turbo_tune.data import hold_out, load_sft_dataset, record_kind
@@ -118,6 +118,9 @@ def train(config: TurboTuneConfig) -> Path:
     tokenizer = load_tokenizer(config)
     dataset, eval_dataset = load_datasets(config)
     config.assistant_only_loss = not config.train_on_all_tokens and record_kind(dataset[0]) == "conversational"
+    dataset = tokenize_and_check(dataset, tokenizer, config, "train")
+    if eval_dataset is not None:
+        eval_dataset = tokenize_and_check(eval_dataset, tokenizer, config, "eval")
     claim_output_dir(config.output_dir, resuming=resume is not None, is_main_process=config.process_index == 0)
 
     model = load_model(config)

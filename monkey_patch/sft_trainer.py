@@ -7,6 +7,7 @@ import math
 import shutil
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.integrations import MLflowCallback, is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTTrainer
+from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
 from callback import EfficiencyCallback
 from monkey_patch.torch_compile import is_compiled_per_layer
@@ -58,6 +60,40 @@ def report_truncation(tokenized: Dataset, max_length: int, truncation_mode: str,
         name, too_long, len(lengths), max_length, lengths.max(), too_long - dropped,
         f" and {dropped} dropped, since no trained token is left in them" if dropped else "",
     )
+
+
+def untokenized(dataset, args) -> bool:
+    """Whether the dataset still has to be tokenized and checked against --max_length."""
+    return args.max_length is not None and isinstance(dataset, Dataset) and "input_ids" not in dataset.column_names
+
+
+def _tokenize_reporting_truncation(trainer, dataset: Dataset, processing_class, args, packing: bool, formatting_func,
+                                   name: str) -> Dataset:
+    """SFTTrainer's tokenization without its truncation, then report_truncation. TRL truncates or packs the result
+    later; it keeps the records' columns, so TRL still sees what kind of data it is."""
+    max_length, args.max_length = args.max_length, None
+    try:
+        tokenized = SFTTrainer._prepare_dataset(trainer, dataset, processing_class, args, False, formatting_func, name)
+    finally:
+        args.max_length = max_length
+    report_truncation(tokenized, max_length, args.truncation_mode, packing, name)
+    return tokenized
+
+
+def tokenize_and_check(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, args, name: str) -> Dataset:
+    """Tokenize a dataset as TurboSFTTrainer would, before the model loads, so that a --max_length that leaves nothing
+    to train on stops the run before the model is loaded; the trainer takes the tokenized rows as they are. What
+    SFTTrainer._prepare_dataset reads from its trainer is set here as SFTTrainer.__init__ sets it."""
+    if not untokenized(dataset, args):
+        return dataset
+    training_template = args.assistant_only_loss and not has_generation_markers(tokenizer.chat_template)
+    preparation = SimpleNamespace(
+        _tokenizer=getattr(tokenizer, "tokenizer", tokenizer),
+        chat_template=get_training_chat_template(tokenizer) if training_template else None,
+        completion_only_loss=args.completion_only_loss,
+    )
+    packing = args.packing if name == "train" or args.eval_packing is None else args.eval_packing
+    return _tokenize_reporting_truncation(preparation, dataset, tokenizer, args, packing, None, name)
 
 
 class TurboSFTTrainer(SFTTrainer):
@@ -129,16 +165,12 @@ class TurboSFTTrainer(SFTTrainer):
         super().log(logs, start_time)
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
-        """Tokenize first, count what max_length will cut, then let TRL truncate or pack the tokenized rows."""
-        if args.max_length is None or not isinstance(dataset, Dataset):
-            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
-        max_length, args.max_length = args.max_length, None
-        try:
-            tokenized = super()._prepare_dataset(dataset, processing_class, args, False, formatting_func, dataset_name)
-        finally:
-            args.max_length = max_length
-        report_truncation(tokenized, max_length, args.truncation_mode, packing, dataset_name)
-        return super()._prepare_dataset(tokenized, processing_class, args, packing, formatting_func, dataset_name)
+        """Tokenize first, count what max_length will cut, then let TRL truncate or pack the tokenized rows (a dataset
+        tokenize_and_check already tokenized and counted goes straight to TRL)."""
+        if untokenized(dataset, args):
+            dataset = _tokenize_reporting_truncation(self, dataset, processing_class, args, packing, formatting_func,
+                                                     dataset_name)
+        return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         """Resume a plain full-weight run through `from_pretrained`, which converts the saved layout.

@@ -1,5 +1,7 @@
 """The loss sees only what the model should learn to say: assistant turns (or completions), unless told otherwise."""
 
+import json
+
 import pytest
 from datasets import Dataset
 
@@ -90,3 +92,16 @@ def test_examples_whose_prompt_fills_max_length_are_counted_as_dropped(tmp_path,
 def test_nothing_left_after_truncation_is_one_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"--max_length 36: every example .* nothing is left to train on"):
         prepared_rows(tmp_path, Dataset.from_list(long_prompt_chats(4)), "--max_length", "36")
+
+
+def test_nothing_left_after_truncation_stops_the_run_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import qwen3_sft
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(chat) + "\n" for chat in long_prompt_chats(4)))
+    monkeypatch.setattr(qwen3_sft, "load_model", lambda config: pytest.fail("the model loaded before the refusal"))
+    assert qwen3_sft.main(["--output_dir", str(tmp_path / "out"), "--data_path", str(data), "--max_length", "36",
+                           "--report_to", "none"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qwen3_sft.py: error:")]
+    assert len(errors) == 1 and "--max_length 36: every example of the train set is longer" in errors[0]
+    assert not (tmp_path / "out").exists()
