@@ -62,11 +62,16 @@ def test_missing_deepspeed_config_is_named(tmp_path):
         parse(tmp_path, "--deepspeed_config", str(tmp_path / "nope.json"))
 
 
-def test_invalid_deepspeed_json_reports_line(tmp_path):
-    bad = tmp_path / "zero.json"
-    bad.write_text('{\n  "zero_optimization": {"stage": 3,}\n}\n')
-    with pytest.raises(ConfigError, match=r"zero\.json is not valid JSON: .* line 2"):
-        parse(tmp_path, "--deepspeed_config", str(bad))
+@pytest.mark.parametrize(("flag", "name", "text", "message"), [
+    ("--deepspeed_config", "zero.json", '{\n  "zero_optimization": {"stage": 3,}\n}\n',
+     r"zero\.json is not valid JSON: .* line 2"),
+    ("--config", "run.yaml", "learning_rate: [1\n", r"--config {path} is not valid YAML: .* line 1, column 16"),
+])
+def test_a_config_file_that_does_not_parse_names_the_file_and_line(tmp_path, flag, name, text, message):
+    bad = tmp_path / name
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match=message.format(path=bad)):
+        parse(tmp_path, flag, str(bad))
 
 
 def test_deepspeed_and_fsdp_conflict(tmp_path):
@@ -170,13 +175,6 @@ def test_unknown_key_in_config_file_suggests_the_closest_flag(tmp_path):
 def test_mlflow_run_name_defaults_to_the_output_folder(tmp_path):
     assert parse(tmp_path).run_name == "out"
     assert parse(tmp_path, "--run_name", "mine").run_name == "mine"
-
-
-def test_invalid_yaml_config_names_the_file_and_line(tmp_path):
-    config_file = tmp_path / "run.yaml"
-    config_file.write_text("learning_rate: [1\n")
-    with pytest.raises(ConfigError, match=rf"--config {config_file} is not valid YAML: .* line 1, column 16"):
-        parse(tmp_path, "--config", str(config_file))
 
 
 def test_load_best_model_at_end_works_with_the_default_eval_interval(tmp_path):
