@@ -51,8 +51,9 @@ _WEIGHT_GRAD_CONFIGS = _configs(
 
 
 # fp32 products are exact ("ieee"): no tensor cores, so the tiles above would spill registers and overflow shared
-# memory (a 128x256x64 fp32 tile pipelined 3 deep needs 288 KiB), and compiling and timing them all made a new shape
-# take minutes. fp32 runs (parity checks, --model_dtype float32) autotune over these small tiles instead.
+# memory (a 128x256x64 fp32 tile pipelined 3 deep needs 288 KiB). Compiling and timing them all, the first fp32 call
+# at a small shape had not finished after 120 s on an H200; with these small tiles it takes 4-18 s
+# (benchmarks/fp32_first_call.py, docs/results.md). fp32 runs (parity checks, --model_dtype float32) use them.
 _FP32_CONFIGS = _configs([(64, 64, 32, 4, 2), (32, 64, 32, 4, 2), (64, 32, 32, 4, 2), (32, 32, 32, 4, 1)])
 
 
