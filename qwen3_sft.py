@@ -118,10 +118,10 @@ def train(config: TurboTuneConfig) -> Path:
     tokenizer = load_tokenizer(config)
     dataset, eval_dataset = load_datasets(config)
     config.assistant_only_loss = not config.train_on_all_tokens and record_kind(dataset[0]) == "conversational"
-    dataset = tokenize_and_check(dataset, tokenizer, config, "train")
+    claim_output_dir(config.output_dir, resuming=resume is not None, is_main_process=config.process_index == 0)
+    dataset = tokenize_and_check(dataset, tokenizer, config, "train")  # the costly checks after the cheap claim
     if eval_dataset is not None:
         eval_dataset = tokenize_and_check(eval_dataset, tokenizer, config, "eval")
-    claim_output_dir(config.output_dir, resuming=resume is not None, is_main_process=config.process_index == 0)
 
     model = load_model(config)
     model = apply_patches(model, config)
