@@ -24,6 +24,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from turbo_tune.checkpoints import last_complete_checkpoint
 from turbo_tune.errors import RunStopped
+from turbo_tune.tracking import reporting_run_id
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +74,7 @@ class RunGuard(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         self.learning_rate = args.learning_rate
-        if state.is_world_process_zero and "mlflow" in (args.report_to or []):
-            import mlflow
-
-            active = mlflow.active_run()  # started by transformers' MLflowCallback, which runs before this one
-            self.mlflow_run_id = active.info.run_id if active is not None else None
+        self.mlflow_run_id = reporting_run_id(args, state)
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, optimizer=None, **kwargs

@@ -20,6 +20,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from turbo_tune.moe_health import ExpertLoadMonitor
+from turbo_tune.tracking import reporting_run_id
 
 logger = logging.getLogger(__name__)
 
@@ -76,16 +77,6 @@ def draw_efficiency(log_history: list[dict], path: Path) -> None:
     figure.savefig(path, dpi=100)
 
 
-def active_mlflow_run_id() -> str | None:
-    try:
-        import mlflow
-
-        run = mlflow.active_run()
-    except Exception:  # noqa: BLE001 (MLflow must never stop training)
-        return None
-    return run.info.run_id if run is not None else None
-
-
 def log_artifact(run_id: str | None, path: Path, artifact_path: str | None = None) -> None:
     """Attach a file to the MLflow run (finished or not); a failure is a warning."""
     if run_id is None:
@@ -108,9 +99,7 @@ class RunPicturesCallback(TrainerCallback):
         self.last_load: tuple[np.ndarray, str] | None = None
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
-        # After transformers' MLflowCallback (the Trainer's reporting callbacks come first), which starts the run
-        if state.is_world_process_zero and "mlflow" in (args.report_to or []):
-            self.run_id = active_mlflow_run_id()
+        self.run_id = reporting_run_id(args, state)
         self.picture_start_step = state.global_step
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:

@@ -10,6 +10,7 @@ import urllib.request
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from transformers import TrainerState
 from transformers.integrations import MLflowCallback
 
 from turbo_tune.arguments import TurboTuneConfig
@@ -27,6 +28,20 @@ HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACK
 
 def reports_to_mlflow(config: TurboTuneConfig) -> bool:
     return "mlflow" in (config.report_to or [])
+
+
+def reporting_run_id(args: TurboTuneConfig, state: TrainerState) -> str | None:
+    """The MLflow run the reporting callback started (at train begin, it runs before ours), on the main process;
+    None when not reporting to MLflow or when MLflow fails (it must never stop training)."""
+    if not (state.is_world_process_zero and reports_to_mlflow(args)):
+        return None
+    try:
+        import mlflow
+
+        run = mlflow.active_run()
+    except Exception:  # noqa: BLE001
+        return None
+    return run.info.run_id if run is not None else None
 
 
 def configure_mlflow(config: TurboTuneConfig) -> None:
