@@ -19,8 +19,9 @@ FP32 = ["--model_dtype", "float32", "--bf16", "false"]
 RUNS = {
     "fp32": FP32,
     "fp32_scattermoe": [*FP32, "--use_fast_moe_block"],
-    "bf16": [],
-    "bf16_scattermoe": ["--use_fast_moe_block"],
+    # bf16 weights by request: the default is now fp32 master weights under autocast, which these runs predate
+    "bf16": ["--model_dtype", "bfloat16"],
+    "bf16_scattermoe": ["--model_dtype", "bfloat16", "--use_fast_moe_block"],
     "lora_fp32": ["--use_lora", *FP32],
     "lora_bf16": ["--use_lora"],
     "lora_bf16_scattermoe": ["--use_lora", "--use_fast_moe_block"],
