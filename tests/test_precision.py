@@ -14,7 +14,8 @@ BF16, FP32 = torch.bfloat16, torch.float32
 
 
 def flags(**overrides) -> SimpleNamespace:
-    defaults = dict(model_dtype="auto", bf16=True, fp16=False, use_lora=False, deepspeed=None, fsdp=[])
+    defaults = dict(model_dtype="auto", bf16=True, fp16=False, use_lora=False, deepspeed=None, fsdp=[],
+                    use_fast_moe_block=True)
     return SimpleNamespace(**{**defaults, **overrides})
 
 
@@ -36,6 +37,13 @@ def test_bf16_full_parameter_weights_by_request_are_warned_about():
     assert level == logging.WARNING and "updates smaller than half a bf16 step are lost" in message
     assert describe_precision(flags(), FP32) == (logging.INFO, "Master weights in torch.float32, compute in bf16 "
                                                  "(autocast where it differs).")
+
+
+def test_fp32_master_weights_on_transformers_experts_warn_that_they_compute_in_fp32():
+    """transformers' grouped_mm casts its input to the weights' dtype outside autocast: fp32 experts, 2.8x slower."""
+    level, message = describe_precision(flags(use_fast_moe_block=False), FP32)
+    assert level == logging.WARNING and "--use_fast_moe_block" in message and "--model_dtype bfloat16" in message
+    assert describe_precision(flags(use_fast_moe_block=False, bf16=False), FP32)[0] == logging.INFO
 
 
 def test_experts_compute_in_the_autocast_dtype_and_fp32_weights_get_fp32_gradients(monkeypatch):

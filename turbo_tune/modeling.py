@@ -66,7 +66,12 @@ def describe_precision(config: TurboTuneConfig, dtype: torch.dtype) -> tuple[int
         return logging.WARNING, (
             "Full-parameter training with bf16 weights and no fp32 master copy (--model_dtype bfloat16): AdamW "
             "updates smaller than half a bf16 step are lost. Leave --model_dtype auto for fp32 master weights.")
-    return logging.INFO, f"Master weights in {dtype}, compute in {compute} (autocast where it differs)."
+    line = f"Master weights in {dtype}, compute in {compute} (autocast where it differs)."
+    if dtype == torch.float32 and compute != "the weights' dtype" and not config.use_fast_moe_block:
+        return logging.WARNING, line + (
+            " transformers' experts ignore autocast and compute in fp32, about 2.8x slower a step at Qwen3-30B-A3B's "
+            "shape (docs/results.md): add --use_fast_moe_block (bf16 compute, fp32 masters) or --model_dtype bfloat16.")
+    return logging.INFO, line
 
 
 def attention_implementation(config: TurboTuneConfig) -> str:
