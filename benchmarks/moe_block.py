@@ -2,7 +2,8 @@
 baseline that counts: what `--torch_compile` makes of the transformers default), Liger-Kernel's fused MoE (what
 `--use_liger_kernel` alone runs the experts with), `scattermoe` (the default: dW_gate_up on torch's grouped GEMM,
 dW_down on ScatterMoE's Triton kernel), `scattermoe_wgrad_triton` (both on the Triton kernel, the lowest peak) and
-`scattermoe_wgrad_grouped_mm` (both on the grouped GEMM, a row copy beside both gradients), in one run.
+`scattermoe_wgrad_grouped_mm` (both on the grouped GEMM, a row copy beside both gradients), in one run. The
+`*_no_tma` names are the same without TMA loads (`TURBO_TUNE_MOE_TMA=0`: every tile through pointer loads).
 
 Two scopes: `experts` (the experts module alone, routing computed outside the timed region) and `block` (the whole
 `Qwen3MoeSparseMoeBlock`, router included). Forward and forward+backward in bf16 (median of CUDA-event timings after
@@ -41,9 +42,11 @@ from monkey_patch.scattermoe.ops import WEIGHT_GRAD_ENV
 logger = logging.getLogger("moe_block")
 SCATTERMOE_WGRAD_TRITON = "scattermoe_wgrad_triton"
 SCATTERMOE_WGRAD_GROUPED_MM = "scattermoe_wgrad_grouped_mm"
-# scattermoe under each TURBO_TUNE_MOE_WEIGHT_GRAD backend (plain ``scattermoe``: the default, grouped_mm_gate_up)
+# scattermoe under each TURBO_TUNE_MOE_WEIGHT_GRAD backend (plain ``scattermoe``: the default, grouped_mm_gate_up),
+# with TMA loads and, as ``*_no_tma``, without
 WEIGHT_GRAD_OF = {"scattermoe": "grouped_mm_gate_up", SCATTERMOE_WGRAD_TRITON: "triton",
                   SCATTERMOE_WGRAD_GROUPED_MM: "grouped_mm"}
+WEIGHT_GRAD_OF |= {f"{name}_no_tma": backend for name, backend in WEIGHT_GRAD_OF.items()}
 GROUPED_MM_COMPILED = "grouped_mm_compiled"
 BASELINES = ("grouped_mm", GROUPED_MM_COMPILED)
 SCOPES = ("experts", "block")
@@ -86,9 +89,11 @@ def register_liger_fused_moe() -> None:
 
 
 def use_implementation(block: Qwen3MoeSparseMoeBlock, impl: str) -> None:
-    """Select ``impl``: the ``scattermoe_wgrad_*`` names are scattermoe under another weight-gradient backend
-    (``WEIGHT_GRAD_OF``); ``grouped_mm_compiled`` is ``grouped_mm`` (run_case compiles it)."""
+    """Select ``impl``: the ``scattermoe_wgrad_*`` and ``*_no_tma`` names are scattermoe under another
+    weight-gradient backend or without TMA (``WEIGHT_GRAD_OF``); ``grouped_mm_compiled`` is ``grouped_mm`` (run_case
+    compiles it)."""
     os.environ[WEIGHT_GRAD_ENV] = WEIGHT_GRAD_OF.get(impl, "grouped_mm")
+    os.environ[kernels.TMA_ENV] = "0" if impl.endswith("_no_tma") else "1"
     block.experts.config._experts_implementation = "scattermoe" if impl in WEIGHT_GRAD_OF else {
         GROUPED_MM_COMPILED: "grouped_mm"}.get(impl, impl)
 
@@ -190,7 +195,7 @@ def run_case(case: Case, implementations: list[str], repeats: int, dtype: torch.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     problem = Problem(case, scope, device, dtype)
     reference_out, reference_grads = problem.reference()
-    flops_fwd = 6 * case.tokens * case.top_k * case.hidden * case.inter
+    flops_fwd = 3 * pair_flops(case)
     rows = []
     for impl in implementations:
         if impl == "eager" and not case.with_eager:
@@ -240,6 +245,27 @@ def dense_ceiling_tflops(size: int = 8192) -> float:
     return 2 * size**3 / median_ms(lambda: a @ b, 3, 10) / 1e9
 
 
+def pair_flops(case: Case) -> int:
+    """FLOPs of one (T*k, I) x (I, H) product: the down projection; gate/up is twice it, forward+backward 9 times."""
+    return 2 * case.tokens * case.top_k * case.hidden * case.inter
+
+
+def matmul_flops(case: Case, impl: str) -> dict[str, int]:
+    """FLOPs per step of each matmul kernel of ``impl``, by a substring of its name: the Triton weight-gradient
+    kernel computes dW_down alone when torch's grouped GEMM (CUTLASS) computes dW_gate_up."""
+    if impl not in WEIGHT_GRAD_OF:
+        return {}
+    flops = {"_gather_gate_up_swiglu_kernel": 2 * pair_flops(case), "_scatter_matmul_kernel": 4 * pair_flops(case)}
+    backend = WEIGHT_GRAD_OF[impl]
+    if backend == "triton":
+        flops["_grouped_weight_grad_kernel"] = 3 * pair_flops(case)
+    elif backend == "grouped_mm_gate_up":
+        flops |= {"_grouped_weight_grad_kernel": pair_flops(case), "cutlass": 2 * pair_flops(case)}
+    else:
+        flops["cutlass"] = 3 * pair_flops(case)
+    return flops
+
+
 def profile_kernels(case: Case, impl: str, scope: str = "experts") -> str:
     """Per-kernel CUDA time of one forward+backward of ``impl``, with each scattermoe matmul kernel's TFLOP/s and
     its share of the dense bf16 ceiling measured in the same run."""
@@ -261,12 +287,7 @@ def profile_kernels(case: Case, impl: str, scope: str = "experts") -> str:
         torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - start) / steps * 1e3
     ceiling = dense_ceiling_tflops()
-    pair_gemm = 2 * case.tokens * case.top_k * case.hidden * case.inter
-    flops = {
-        "_gather_gate_up_swiglu_kernel": 2 * pair_gemm,
-        "_scatter_matmul_kernel": 4 * pair_gemm,
-        "_grouped_weight_grad_kernel": 3 * pair_gemm,
-    }
+    flops = matmul_flops(case, impl)
     lines = [f"### {impl} kernels, {case.shape} {case.tokens} tokens {case.routing}, {scope}", "",
              f"Dense bf16 ceiling (8192³ matmul) in this run: {ceiling:.0f} TFLOP/s.", "",
              "| kernel | ms per step | TFLOP/s | share of the ceiling |", "|---|---|---|---|"]
@@ -279,7 +300,7 @@ def profile_kernels(case: Case, impl: str, scope: str = "experts") -> str:
         rate = next((f / ms / 1e9 for name, f in flops.items() if name in event.key), None)
         cells = ("", "") if rate is None else (f"{rate:.0f}", f"{rate / ceiling:.0%}")
         lines.append(f"| {event.key[:60]} | {ms:.3f} | {cells[0]} | {cells[1]} |")
-    rate = 3 * pair_gemm / total / 1e9
+    rate = 9 * pair_flops(case) / total / 1e9
     lines.append(f"| total | {total:.3f} | {rate:.0f} | {rate / ceiling:.0%} |")
     lines += ["", f"Wall time per step with the profiler on: {wall_ms:.3f} ms. Host side:", "",
               kernel_table(all_events, on_gpu=False, rows=8, steps=steps)]

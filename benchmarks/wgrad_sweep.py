@@ -59,17 +59,10 @@ def weight_grad_problems(tokens: int, hidden: int, inter: int, experts: int, top
 
 def launch(problem: tuple, block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> torch.Tensor:
     """`kernels.grouped_weight_grad` with one fixed config instead of the autotuner's choice."""
-    a, b, sorted_pairs, expert_ends, top_k, a_gathered, b_gathered, dw = problem
-    num_experts, m_dim, n_dim = dw.shape
-    grid = (num_experts * triton.cdiv(m_dim, block_m) * triton.cdiv(n_dim, block_n),)
-    kernels._grouped_weight_grad_kernel.fn[grid](
-        a, b, sorted_pairs, expert_ends, dw,
-        m_dim, n_dim, top_k, kernels._rows_bucket(sorted_pairs.numel()),
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
-        A_GATHERED=a_gathered, B_GATHERED=b_gathered, INPUT_PRECISION=kernels._input_precision(a.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
-    )
-    return dw
+    kernel, grid, args, constexprs = kernels.weight_grad_launch(*problem)
+    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    kernel.fn[grid(meta)](*args, **constexprs, **meta, num_warps=num_warps, num_stages=num_stages)
+    return problem[-1]
 
 
 def sweep(problem: tuple, configs: list[tuple[int, ...]], flops: float) -> list[dict]:

@@ -22,7 +22,7 @@ def registered():
 
 @pytest.mark.parametrize(("scope", "implementations"), [
     ("experts", ["eager", "grouped_mm", "scattermoe", moe_block.SCATTERMOE_WGRAD_TRITON,
-                 moe_block.SCATTERMOE_WGRAD_GROUPED_MM]),
+                 moe_block.SCATTERMOE_WGRAD_GROUPED_MM, "scattermoe_no_tma"]),
     ("block", ["eager", "grouped_mm", "scattermoe"]),
 ])
 def test_every_cpu_implementation_agrees_with_the_fp32_reference(scope, implementations):
@@ -57,3 +57,12 @@ def test_a_failing_implementation_is_logged_and_skipped(caplog):
     rows = moe_block.run_case(TINY, ["grouped_mm", "no_such_implementation", "scattermoe"], 1, torch.float32)
     assert [row["impl"] for row in rows] == ["grouped_mm", "scattermoe"]
     assert "no_such_implementation failed at tiny" in caplog.text
+
+
+@pytest.mark.parametrize("impl", ["scattermoe", moe_block.SCATTERMOE_WGRAD_TRITON, moe_block.SCATTERMOE_WGRAD_GROUPED_MM,
+                                  "scattermoe_no_tma"])
+def test_profile_flops_count_each_matmul_once_whichever_kernel_computes_the_weight_gradients(impl):
+    """The six matmuls of forward+backward are 9 down-projection-sized products, split over the kernels that run."""
+    flops = moe_block.matmul_flops(TINY, impl)
+    assert sum(flops.values()) == 9 * moe_block.pair_flops(TINY)
+    assert moe_block.matmul_flops(TINY, "grouped_mm") == {}

@@ -4,13 +4,25 @@ Rows are the (token, expert) pairs of top-k routing, sorted by expert. A kernel 
 permuted copy of its input: it gathers token rows by index (``sorted_pairs // top_k``) and scatters outputs
 to pair order itself. Every weight tensor is passed as a logical (E, K, N) view, so one kernel serves both a
 projection and its transpose through strides. Each launcher below owns exactly one kernel.
+
+On Hopper, the operands that are read as whole tiles (every weight, and row blocks of a grouped activation) load
+through TMA tensor descriptors (``tl.make_tensor_descriptor``) instead of per-element pointers; rows gathered by
+token stay on pointer loads, which TMA cannot gather on Hopper. A descriptor spans all experts, so a tile may
+reach past its expert's last row or column into the next expert's: those values only meet zeros (the other
+operand's masked rows or columns) or land in masked output, as long as they are finite. ``tma_available`` decides
+per tensor; the pointer path serves everything else (fp32, misaligned views) and ``TURBO_TUNE_MOE_TMA=0``.
 """
+
+import os
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 
 from .launch import INTERPRET, launch
+
+TMA_ENV = "TURBO_TUNE_MOE_TMA"
 
 
 def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
@@ -77,6 +89,80 @@ def _row_blocks_upper_bound(num_rows: int, num_experts: int, block_m: int) -> in
     return triton.cdiv(num_rows, block_m) + num_experts
 
 
+def _tma_allocator(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Global scratch for the descriptors a kernel builds on the device."""
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def _tma_wanted(dtype: torch.dtype, device: torch.device) -> bool:
+    """TMA for bf16/fp16 on Hopper or newer (in Triton's interpreter for any dtype, so the CPU tests run it), unless
+    ``TURBO_TUNE_MOE_TMA=0``. The allocator is a context variable: set here, on the thread that launches, since
+    backward runs on autograd's own threads."""
+    if os.environ.get(TMA_ENV, "1") == "0":
+        return False
+    if INTERPRET:
+        return True
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if torch.cuda.get_device_capability(device) < (9, 0):
+        return False
+    triton.set_allocator(_tma_allocator)
+    return True
+
+
+def _tma_rows(tensor: torch.Tensor, row_stride: int, column_offsets: tuple[int, ...] = ()) -> bool:
+    """Whether ``tensor`` read as rows of ``row_stride`` elements with unit stride along the row fits a descriptor:
+    a 16-byte aligned start and row stride, and 16-byte aligned column offsets a kernel starts tiles at."""
+    size = tensor.element_size()
+    return (tensor.data_ptr() % 16 == 0 and row_stride * size % 16 == 0
+            and all(offset * size % 16 == 0 for offset in column_offsets))
+
+
+def _grouped_rows_tma(a: torch.Tensor) -> bool:
+    """A (rows, K) activation in grouped order as a descriptor: unit column stride, aligned rows."""
+    return _tma_wanted(a.dtype, a.device) and a.stride(1) == 1 and _tma_rows(a, a.stride(0))
+
+
+def _weight_tma(w: torch.Tensor, column_offsets: tuple[int, ...] = ()) -> tuple[bool, bool]:
+    """(TMA, K contiguous) for a logical (E, K, N) weight view: one 2D descriptor over all experts, rows of
+    (E*N, K) when K is contiguous (transformers' layout for the forward), of (E*K, N) when N is."""
+    if not _tma_wanted(w.dtype, w.device):
+        return False, False
+    num_experts, k_dim, n_dim = w.shape
+    if w.stride(1) == 1 and w.stride(0) == n_dim * w.stride(2):
+        return _tma_rows(w, w.stride(2)), True
+    if w.stride(2) == 1 and w.stride(0) == k_dim * w.stride(1):
+        return _tma_rows(w, w.stride(1), column_offsets), False
+    return False, False
+
+
+@triton.jit
+def _weight_descriptor(w_ptr, NUM_EXPERTS, K, N_TOTAL, stride_wk, stride_wn,
+                       W_K_CONTIG: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """All experts' (K, N_TOTAL) weights as one descriptor, rows of whichever dimension is not contiguous."""
+    if W_K_CONTIG:  # one return: the compiler types every return of a function, even under a constexpr branch
+        desc = tl.make_tensor_descriptor(w_ptr, shape=[NUM_EXPERTS * N_TOTAL, K], strides=[stride_wn, 1],
+                                         block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        desc = tl.make_tensor_descriptor(w_ptr, shape=[NUM_EXPERTS * K, N_TOTAL], strides=[stride_wk, 1],
+                                         block_shape=[BLOCK_K, BLOCK_N])
+    return desc
+
+
+@triton.jit
+def _load_weight(w_desc, w_ptrs, expert, K, N_TOTAL, k0, n0, k_mask, col_mask,
+                 W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr):
+    """The (BLOCK_K, BLOCK_N) tile of W[expert] at (k0, n0): through the descriptor, or pointers ``w_ptrs``."""
+    if W_TMA:  # one return, as in _weight_descriptor
+        if W_K_CONTIG:
+            w = w_desc.load([expert * N_TOTAL + n0, k0]).T
+        else:
+            w = w_desc.load([expert * K + k0, n0])
+    else:
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+    return w
+
+
 @triton.jit
 def _expert_row_block(
     pid_m, expert_ends_ptr, NUM_EXPERTS, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr
@@ -97,14 +183,19 @@ def _expert_row_block(
 
 
 @triton.jit
-def _accumulate(acc, a_ptrs, w_ptrs, row_mask, col_mask, K, stride_ak, stride_wk,
+def _accumulate(acc, a_ptrs, a_desc, row_start, w_ptrs, w_desc, expert, n0, row_mask, col_mask, K, N_TOTAL,
+                stride_ak, stride_wk, A_TMA: tl.constexpr, W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr,
                 BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """acc += a @ w over K in BLOCK_K steps: pointer tiles a (BLOCK_M, BLOCK_K) and w (BLOCK_K, BLOCK_N)."""
+    """acc += a @ W[expert] over K in BLOCK_K steps: a's (BLOCK_M, BLOCK_K) tiles from pointers ``a_ptrs`` or, for
+    grouped rows, descriptor ``a_desc`` at ``row_start``; W's (BLOCK_K, BLOCK_N) tiles at column ``n0``."""
     ks = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         k_mask = ks < K - k0
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        if A_TMA:
+            a = a_desc.load([row_start, k0])
+        else:
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = _load_weight(w_desc, w_ptrs, expert, K, N_TOTAL, k0, n0, k_mask, col_mask, W_TMA, W_K_CONTIG)
         acc = tl.dot(a, w, acc=acc, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
@@ -112,16 +203,18 @@ def _accumulate(acc, a_ptrs, w_ptrs, row_mask, col_mask, K, stride_ak, stride_wk
 
 
 @triton.jit
-def _accumulate_gate_up(acc_gate, acc_up, a_ptrs, w_ptrs, up_offset, row_mask, col_mask, K, stride_ak, stride_wk,
+def _accumulate_gate_up(acc_gate, acc_up, a_ptrs, w_ptrs, w_desc, expert, n0, up_offset, row_mask, col_mask, K,
+                        N_TOTAL, stride_ak, stride_wk, stride_wn, W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr,
                         BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """The gate and up halves of ``_accumulate`` at once, one load of ``a`` feeding both (up = w + up_offset)."""
+    """The gate and up halves of ``_accumulate`` at once, one load of ``a`` feeding both (up columns start
+    ``up_offset`` after gate's)."""
     ks = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         k_mask = ks < K - k0
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w_mask = k_mask[:, None] & col_mask[None, :]
-        w_gate = tl.load(w_ptrs, mask=w_mask, other=0.0)
-        w_up = tl.load(w_ptrs + up_offset, mask=w_mask, other=0.0)
+        w_gate = _load_weight(w_desc, w_ptrs, expert, K, N_TOTAL, k0, n0, k_mask, col_mask, W_TMA, W_K_CONTIG)
+        w_up = _load_weight(w_desc, w_ptrs + up_offset * stride_wn, expert, K, N_TOTAL, k0, n0 + up_offset, k_mask,
+                            col_mask, W_TMA, W_K_CONTIG)
         acc_gate = tl.dot(a, w_gate, acc=acc_gate, input_precision=INPUT_PRECISION)
         acc_up = tl.dot(a, w_up, acc=acc_up, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
@@ -129,15 +222,15 @@ def _accumulate_gate_up(acc_gate, acc_up, a_ptrs, w_ptrs, up_offset, row_mask, c
     return acc_gate, acc_up
 
 
-@triton.autotune(configs=_GATE_UP_CONFIGS, key=["K", "N", "ROWS_BUCKET", "HAS_A2"])
+@triton.autotune(configs=_GATE_UP_CONFIGS, key=["K", "N", "ROWS_BUCKET", "HAS_A2", "W_TMA"])
 @triton.jit
 def _gather_gate_up_swiglu_kernel(
     x_ptr, w_ptr, a2_ptr, w2_ptr, sorted_pairs_ptr, expert_ends_ptr, scale_ptr, gate_up_ptr, h_ptr,
     NUM_EXPERTS, K, K2, N, TOP_K, ROWS_BUCKET,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn,
     stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
-    HAS_A2: tl.constexpr, E_POW2: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_A2: tl.constexpr, W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr, E_POW2: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """gate|up = x[token] @ W[e] for the gate and up halves at once; SwiGLU and routing weight in the epilogue.
 
@@ -157,21 +250,27 @@ def _gather_gate_up_swiglu_kernel(
     row_mask = rows < row_end
     pairs = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     tokens = pairs // TOP_K
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = pid_n * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tokens[:, None] * stride_xm + ks[None, :] * stride_xk
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
-    up_offset = N * stride_wn
+    if W_TMA:
+        w_desc = _weight_descriptor(w_ptr, NUM_EXPERTS, K, 2 * N, stride_wk, stride_wn, W_K_CONTIG, BLOCK_K, BLOCK_N)
+    else:
+        w_desc = w_ptr
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_gate, acc_up = _accumulate_gate_up(acc_gate, acc_up, x_ptrs, w_ptrs, up_offset, row_mask, col_mask, K,
-                                           stride_xk, stride_wk, BLOCK_K, INPUT_PRECISION)
+    acc_gate, acc_up = _accumulate_gate_up(acc_gate, acc_up, x_ptrs, w_ptrs, w_desc, expert, n0, N, row_mask,
+                                           col_mask, K, 2 * N, stride_xk, stride_wk, stride_wn, W_TMA, W_K_CONTIG,
+                                           BLOCK_K, INPUT_PRECISION)
     if HAS_A2:
         a2_ptrs = a2_ptr + rows[:, None].to(tl.int64) * stride_a2m + ks[None, :] * stride_a2k
         w2_ptrs = w2_ptr + expert.to(tl.int64) * stride_w2e + ks[:, None] * stride_w2k + cols[None, :] * stride_w2n
-        acc_gate, acc_up = _accumulate_gate_up(acc_gate, acc_up, a2_ptrs, w2_ptrs, N * stride_w2n, row_mask, col_mask,
-                                               K2, stride_a2k, stride_w2k, BLOCK_K, INPUT_PRECISION)
+        acc_gate, acc_up = _accumulate_gate_up(acc_gate, acc_up, a2_ptrs, w2_ptrs, w2_ptr, expert, n0, N, row_mask,
+                                               col_mask, K2, 2 * N, stride_a2k, stride_w2k, stride_w2n, False, False,
+                                               BLOCK_K, INPUT_PRECISION)
     scale = tl.load(scale_ptr + pairs, mask=row_mask, other=0.0).to(tl.float32)
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up * scale[:, None]
     out_mask = row_mask[:, None] & col_mask[None, :]
@@ -182,20 +281,21 @@ def _gather_gate_up_swiglu_kernel(
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.autotune(configs=_MATMUL_CONFIGS, key=["K", "N", "ROWS_BUCKET", "A_GATHERED", "HAS_A2"])
-@triton.jit
+@triton.autotune(configs=_MATMUL_CONFIGS, key=["K", "N", "ROWS_BUCKET", "A_GATHERED", "HAS_A2", "A_TMA", "W_TMA"])
+@triton.jit(do_not_specialize=["NUM_ROWS"])  # a descriptor's extent only: one compile for every row count
 def _scatter_matmul_kernel(
     a_ptr, w_ptr, a2_ptr, w2_ptr, sorted_pairs_ptr, expert_ends_ptr, y_ptr,
-    NUM_EXPERTS, K, K2, N, TOP_K, ROWS_BUCKET,
+    NUM_EXPERTS, K, K2, N, TOP_K, ROWS_BUCKET, NUM_ROWS,
     stride_am, stride_ak, stride_we, stride_wk, stride_wn,
     stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
-    A_GATHERED: tl.constexpr, Y_SCATTERED: tl.constexpr, HAS_A2: tl.constexpr,
-    E_POW2: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    A_GATHERED: tl.constexpr, Y_SCATTERED: tl.constexpr, HAS_A2: tl.constexpr, A_TMA: tl.constexpr,
+    W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr, E_POW2: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """y = a @ W[e] per expert row block. ``a`` rows are gathered by token or read in grouped order; ``y`` rows
-    are scattered to pair order or written in grouped order. With HAS_A2, y += a2 @ W2[e] over grouped rows of
-    a2 in the same accumulator (LoRA's low-rank term, added without a second output buffer)."""
+    """y = a @ W[e] per expert row block. ``a`` rows are gathered by token or read in grouped order (A_TMA: through
+    a descriptor); ``y`` rows are scattered to pair order or written in grouped order. With HAS_A2,
+    y += a2 @ W2[e] over grouped rows of a2 in the same accumulator (LoRA's low-rank term, added without a second
+    output buffer)."""
     pid = tl.program_id(0)
     num_n_blocks = tl.cdiv(N, BLOCK_N)
     pid_m = pid // num_n_blocks
@@ -208,18 +308,29 @@ def _scatter_matmul_kernel(
     pairs = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     a_rows = pairs // TOP_K if A_GATHERED else rows.to(tl.int64)
     y_rows = pairs if Y_SCATTERED else rows.to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = pid_n * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
-    acc = _accumulate(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a_ptrs, w_ptrs, row_mask, col_mask, K,
-                      stride_ak, stride_wk, BLOCK_K, INPUT_PRECISION)
+    if A_TMA:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[NUM_ROWS, K], strides=[stride_am, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+    else:
+        a_desc = a_ptr
+    if W_TMA:
+        w_desc = _weight_descriptor(w_ptr, NUM_EXPERTS, K, N, stride_wk, stride_wn, W_K_CONTIG, BLOCK_K, BLOCK_N)
+    else:
+        w_desc = w_ptr
+    acc = _accumulate(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a_ptrs, a_desc, row_start, w_ptrs, w_desc,
+                      expert, n0, row_mask, col_mask, K, N, stride_ak, stride_wk, A_TMA, W_TMA, W_K_CONTIG, BLOCK_K,
+                      INPUT_PRECISION)
     if HAS_A2:
         a2_ptrs = a2_ptr + rows[:, None].to(tl.int64) * stride_a2m + ks[None, :] * stride_a2k
         w2_ptrs = w2_ptr + expert.to(tl.int64) * stride_w2e + ks[:, None] * stride_w2k + cols[None, :] * stride_w2n
-        acc = _accumulate(acc, a2_ptrs, w2_ptrs, row_mask, col_mask, K2, stride_a2k, stride_w2k, BLOCK_K,
-                          INPUT_PRECISION)
+        acc = _accumulate(acc, a2_ptrs, a2_ptr, row_start, w2_ptrs, w2_ptr, expert, n0, row_mask, col_mask, K2, N,
+                          stride_a2k, stride_w2k, False, False, False, BLOCK_K, INPUT_PRECISION)
     y_ptrs = y_ptr + y_rows[:, None] * N + cols[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
@@ -278,19 +389,20 @@ def _sum_top_k_kernel(y_ptr, out_ptr, T, H, TOP_K: tl.constexpr, BLOCK_T: tl.con
     tl.store(out_ptr + tokens[:, None] * H + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_WEIGHT_GRAD_CONFIGS, key=["M", "N", "ROWS_BUCKET", "A_GATHERED"])
-@triton.jit
+@triton.autotune(configs=_WEIGHT_GRAD_CONFIGS, key=["M", "N", "ROWS_BUCKET", "A_GATHERED", "A_TMA", "B_TMA"])
+@triton.jit(do_not_specialize=["NUM_ROWS"])  # a descriptor's extent only: one compile for every row count
 def _grouped_weight_grad_kernel(
     a_ptr, b_ptr, sorted_pairs_ptr, expert_ends_ptr, dw_ptr,
-    M, N, TOP_K, ROWS_BUCKET,
+    M, N, TOP_K, ROWS_BUCKET, NUM_ROWS,
     stride_ar, stride_am, stride_br, stride_bn, stride_de, stride_dm, stride_dn,
-    A_GATHERED: tl.constexpr, B_GATHERED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    A_GATHERED: tl.constexpr, B_GATHERED: tl.constexpr, A_TMA: tl.constexpr, B_TMA: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dW[e] = sum over the expert's rows of a[row]^T b[row], accumulated in fp32.
 
-    An operand is gathered by token (``pair // top_k``) or read in grouped order; experts without rows get
-    zeros, since dW is a full tensor.
+    An operand is gathered by token (``pair // top_k``) or read in grouped order, through a descriptor where
+    A_TMA/B_TMA (only opposite a gathered operand, whose masked rows zero the rows a tile reads past the expert's
+    end). Experts without rows get zeros, since dW is a full tensor.
     """
     pid = tl.program_id(0)
     num_m_blocks = tl.cdiv(M, BLOCK_M)
@@ -302,12 +414,20 @@ def _grouped_weight_grad_kernel(
     pid_n = tile % num_n_blocks
     row_start = tl.load(expert_ends_ptr + expert - 1, mask=expert > 0, other=0)
     row_end = tl.load(expert_ends_ptr + expert)
-    cols_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
+    cols_m = m0 + tl.arange(0, BLOCK_M)
+    cols_n = n0 + tl.arange(0, BLOCK_N)
     m_mask = cols_m < M
     n_mask = cols_n < N
     a_cols_ptr = a_ptr + cols_m[:, None] * stride_am
     b_cols_ptr = b_ptr + cols_n[None, :] * stride_bn
+    if A_TMA:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[NUM_ROWS, M], strides=[stride_ar, 1],
+                                           block_shape=[BLOCK_K, BLOCK_M])
+    if B_TMA:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[NUM_ROWS, N], strides=[stride_br, 1],
+                                           block_shape=[BLOCK_K, BLOCK_N])
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(row_start, row_end, BLOCK_K):
         rows = r0 + tl.arange(0, BLOCK_K)
@@ -316,8 +436,16 @@ def _grouped_weight_grad_kernel(
             tokens = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0).to(tl.int64) // TOP_K
         a_rows = tokens if A_GATHERED else rows.to(tl.int64)
         b_rows = tokens if B_GATHERED else rows.to(tl.int64)
-        a = tl.load(a_cols_ptr + (a_rows * stride_ar)[None, :], mask=m_mask[:, None] & row_mask[None, :], other=0.0)
-        b = tl.load(b_cols_ptr + (b_rows * stride_br)[:, None], mask=row_mask[:, None] & n_mask[None, :], other=0.0)
+        if A_TMA:
+            a = a_desc.load([r0, m0]).T
+        else:
+            a = tl.load(a_cols_ptr + (a_rows * stride_ar)[None, :], mask=m_mask[:, None] & row_mask[None, :],
+                        other=0.0)
+        if B_TMA:
+            b = b_desc.load([r0, n0])
+        else:
+            b = tl.load(b_cols_ptr + (b_rows * stride_br)[:, None], mask=row_mask[:, None] & n_mask[None, :],
+                        other=0.0)
         acc = tl.dot(a, b, acc=acc, input_precision=INPUT_PRECISION)
     dw_ptrs = dw_ptr + expert.to(tl.int64) * stride_de + cols_m[:, None] * stride_dm + cols_n[None, :] * stride_dn
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -364,11 +492,13 @@ def gather_gate_up_swiglu(
         return (blocks_m * triton.cdiv(inter, meta["BLOCK_N"]),)
 
     a2, w2, k2, a2_strides = _second_operand(a2, w2, x)
+    w_tma, w_k_contig = _weight_tma(w_gate_up, column_offsets=(inter,))
     launch(_tuned_for(_gather_gate_up_swiglu_kernel, x.dtype), grid, (
         x, w_gate_up, a2, w2, sorted_pairs, expert_ends, row_scale, gate_up, h,
         num_experts, hidden, k2, inter, top_k, _rows_bucket(num_rows),
         x.stride(0), x.stride(1), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), *a2_strides,
-    ), dict(HAS_A2=k2 > 0, E_POW2=triton.next_power_of_2(num_experts), INPUT_PRECISION=_input_precision(x.dtype)))
+    ), dict(HAS_A2=k2 > 0, W_TMA=w_tma, W_K_CONTIG=w_k_contig, E_POW2=triton.next_power_of_2(num_experts),
+            INPUT_PRECISION=_input_precision(x.dtype)))
     return gate_up, h
 
 
@@ -395,11 +525,13 @@ def scatter_matmul(
         return (blocks_m * triton.cdiv(n_dim, meta["BLOCK_N"]),)
 
     a2, w2, k2, a2_strides = _second_operand(a2, w2, a)
+    w_tma, w_k_contig = _weight_tma(w)
     launch(_tuned_for(_scatter_matmul_kernel, a.dtype), grid, (
         a, w, a2, w2, sorted_pairs, expert_ends, y,
-        num_experts, k_dim, k2, n_dim, top_k, _rows_bucket(num_rows),
+        num_experts, k_dim, k2, n_dim, top_k, _rows_bucket(num_rows), a.shape[0],
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), *a2_strides,
     ), dict(A_GATHERED=a_gathered, Y_SCATTERED=y_scattered, HAS_A2=k2 > 0,
+            A_TMA=not a_gathered and _grouped_rows_tma(a), W_TMA=w_tma, W_K_CONTIG=w_k_contig,
             E_POW2=triton.next_power_of_2(num_experts), INPUT_PRECISION=_input_precision(a.dtype)))
     return y
 
@@ -422,6 +554,33 @@ def swiglu_backward(
     return grad_gate_up, grad_scale, h
 
 
+def weight_grad_launch(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    sorted_pairs: torch.Tensor,
+    expert_ends: torch.Tensor,
+    top_k: int,
+    a_gathered: bool,
+    b_gathered: bool,
+    dw: torch.Tensor,
+) -> tuple[triton.runtime.Autotuner, Callable[[dict], tuple], tuple, dict]:
+    """The autotuned kernel, grid, arguments and constexprs of ``grouped_weight_grad`` (benchmarks/wgrad_sweep.py
+    launches them with fixed tiles)."""
+    num_experts, m_dim, n_dim = dw.shape
+    num_rows = sorted_pairs.numel()
+
+    def grid(meta):
+        return (num_experts * triton.cdiv(m_dim, meta["BLOCK_M"]) * triton.cdiv(n_dim, meta["BLOCK_N"]),)
+
+    args = (a, b, sorted_pairs, expert_ends, dw, m_dim, n_dim, top_k, _rows_bucket(num_rows), num_rows,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), dw.stride(0), dw.stride(1), dw.stride(2))
+    constexprs = dict(A_GATHERED=a_gathered, B_GATHERED=b_gathered,
+                      A_TMA=b_gathered and not a_gathered and _grouped_rows_tma(a),
+                      B_TMA=a_gathered and not b_gathered and _grouped_rows_tma(b),
+                      INPUT_PRECISION=_input_precision(a.dtype))
+    return _tuned_for(_grouped_weight_grad_kernel, a.dtype), grid, args, constexprs
+
+
 def grouped_weight_grad(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -433,17 +592,7 @@ def grouped_weight_grad(
     dw: torch.Tensor,
 ) -> torch.Tensor:
     """Fill dw (E, M, N) with per-expert a^T b over the expert's rows; a is (., M), b is (., N)."""
-    num_experts, m_dim, n_dim = dw.shape
-    num_rows = sorted_pairs.numel()
-
-    def grid(meta):
-        return (num_experts * triton.cdiv(m_dim, meta["BLOCK_M"]) * triton.cdiv(n_dim, meta["BLOCK_N"]),)
-
-    launch(_tuned_for(_grouped_weight_grad_kernel, a.dtype), grid, (
-        a, b, sorted_pairs, expert_ends, dw,
-        m_dim, n_dim, top_k, _rows_bucket(num_rows),
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
-    ), dict(A_GATHERED=a_gathered, B_GATHERED=b_gathered, INPUT_PRECISION=_input_precision(a.dtype)))
+    launch(*weight_grad_launch(a, b, sorted_pairs, expert_ends, top_k, a_gathered, b_gathered, dw))
     return dw
 
 
