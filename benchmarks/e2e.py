@@ -78,6 +78,10 @@ VARIANTS = {
     "compile_fast_moe": ["use_fast_moe_block", "torch_compile"],  # all without packing (Liger adds nothing there)
     # the strongest setup without our experts (transformers' grouped_mm, compiled, packed rows): the baseline of `all`
     "compile_packing": ["torch_compile", "use_packing"],
+    # the same with bf16 weights: with fp32 master weights (the full-parameter default) transformers' experts compute
+    # in fp32, as their grouped_mm casts its input to the weights' dtype outside autocast, so the fastest setup
+    # without our code keeps bf16 weights (and loses AdamW's small updates)
+    "compile_packing_bf16": ["torch_compile", "use_packing", "model_dtype=bfloat16"],
     "all": ["use_fast_moe_block", "use_liger_kernel", "torch_compile", "use_packing"],
     "all_fp8": ["use_fast_moe_block", "use_liger_kernel", "torch_compile", "use_packing", "use_fp8"],
     # all, with AdamW's moments in 8 bits (torchao's AdamW8bit through the Trainer's --optim): most of this model's

@@ -142,7 +142,8 @@ def test_max_seq_search_runs_tiny_probes_on_the_cpu(tmp_path):
 
 def test_flag_by_flag_comparison_leaves_the_lora_variants_to_the_sequence_search():
     assert e2e.parse_args([]).variants == ["defaults", "fast_moe", "liger", "compile", "packing", "fp8",
-                                           "compile_fast_moe", "compile_packing", "all", "all_fp8", "all_adamw8bit"]
+                                           "compile_fast_moe", "compile_packing", "compile_packing_bf16", "all",
+                                           "all_fp8", "all_adamw8bit"]
     assert e2e.parse_args(["--max_seq_search"]).variants == ["lora", "all_lora"]
 
 
@@ -153,6 +154,7 @@ def test_variants_carry_boolean_and_valued_flags_as_a_user_types_them():
     assert e2e.command_line("defaults") == "(transformers defaults)"
     assert e2e.variant_settings("defaults_no_moe_health") == {"moe_health_metrics": False}
     assert e2e.command_line("compile_fast_moe_no_moe_health").endswith("--moe_health_metrics false")
+    assert e2e.command_line("compile_packing_bf16") == "--torch_compile --use_packing --model_dtype bfloat16"
 
 
 def test_gpu_profile_table_counts_each_kernel_once():
