@@ -5,6 +5,7 @@
 #   RUN_NAME        run folder name, the same on every node (default qwen3-sft-multinode); use a new one per job
 #   MODEL_PATH DATA_PATH CKPT_PREFIX DS_CONFIG_PATH  as in qwen3_sft.sh; CKPT_PREFIX should be shared storage.
 #   TURBO_TUNE_NO_VENV=1  use the python3 on PATH instead of creating .venv (see scripts/common.sh)
+#   TURBO_TUNE_SHUTDOWN_TIMEOUT  seconds torchrun gives the workers to save after SIGTERM/SIGINT (default 3600)
 # Relative paths (in these variables and in the arguments) are taken from the directory you start it in.
 # Any argument is passed on to qwen3_sft.py.
 set -euo pipefail
@@ -19,7 +20,7 @@ prefix=outputs
 if [ -n "${CKPT_PREFIX:-}" ]; then prefix="$(from_caller "$CKPT_PREFIX")"; fi
 run_args "$prefix/${RUN_NAME:-qwen3-sft-multinode}" "$@"
 
-launch=("$PYTHON" -m torch.distributed.run --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$gpus_per_node"
+launch=("$PYTHON" -m turbo_tune.torchrun --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$gpus_per_node"
         --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" qwen3_sft.py)
 echo "+ ${launch[*]} ${RUN_ARGS[*]}" >&2
 exec "${launch[@]}" "${RUN_ARGS[@]}"

@@ -124,7 +124,7 @@ def build_model(out: Path, name: str, layers: int) -> Path:
 def launch_command(gpus: int) -> list[str]:
     if gpus == 1:
         return [sys.executable, "qwen3_sft.py"]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus),
+    return [sys.executable, "-m", "turbo_tune.torchrun", "--standalone", "--nproc_per_node", str(gpus),
             "qwen3_sft.py"]
 
 

@@ -26,7 +26,7 @@ def free_port() -> int:
 
 
 def torchrun(processes: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+    return [sys.executable, "-m", "turbo_tune.torchrun", "--nproc_per_node", str(processes),
             "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
 
 

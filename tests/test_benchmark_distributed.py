@@ -89,7 +89,7 @@ def test_flagship_commands(tmp_path, monkeypatch, gpus):
     kinds = ["ours", "defaults", "reduced-N", "resumed"] + (["reduced-2"] if gpus > 2 else [])
     assert sorted(runs) == sorted(f"flagship-{e}-{k}" for e in ("zero3", "fsdp") for k in kinds)
     ours, defaults = runs["flagship-zero3-ours"], runs["flagship-fsdp-defaults"]
-    assert ours.command[:6] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+    assert ours.command[:6] == [sys.executable, "-m", "turbo_tune.torchrun", "--standalone", "--nproc_per_node",
                                 str(gpus)] and ours.env == {}
     assert flag(ours.command, "--model_path") == str(tmp_path / "models" / "a3b-48L")
     assert flag(ours.command, "--deepspeed_config") == "config/zero3.json" and "--fsdp" in defaults.command
@@ -162,12 +162,12 @@ def test_tables_report_loss_agreement_speed_memory_resume_and_nodes(tmp_path, ca
     assert distributed.resumed_dloss(entries, shifted[:15], range(11, 21)) is None
     results = {"stages": {"tiny-zero3": {"model": "tiny", "engine": "zero3", "gpus": 2, "ok": True, **row}},
                "resume": {"zero3": {"ok": True, "steps": "11-20", "max_abs_dloss": 0.0}},
-               "multinode": {"ok": True, "command": "+ python3 -m torch.distributed.run --nnodes 2", **row}}
+               "multinode": {"ok": True, "command": "+ python3 -m turbo_tune.torchrun --nnodes 2", **row}}
     distributed.print_tables(results, parse(tmp_path, "--gpus", "2"))
     printed = capsys.readouterr().out
     assert "| tiny | zero3 | 2 | yes | 4.9490 → 3.0300 | 1.00e-02 | 1,013 | 1.50 |" in printed
     assert "| zero3 | yes | 11-20 | 0.00e+00 |" in printed
-    assert "2 nodes × 1 GPU(s)" in printed and "`+ python3 -m torch.distributed.run --nnodes 2`" in printed
+    assert "2 nodes × 1 GPU(s)" in printed and "`+ python3 -m turbo_tune.torchrun --nnodes 2`" in printed
 
 
 class RecordingRunner:

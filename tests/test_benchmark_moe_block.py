@@ -59,8 +59,8 @@ def test_a_failing_implementation_is_logged_and_skipped(caplog):
     assert "no_such_implementation failed at tiny" in caplog.text
 
 
-@pytest.mark.parametrize("impl", ["scattermoe", moe_block.SCATTERMOE_WGRAD_TRITON, moe_block.SCATTERMOE_WGRAD_GROUPED_MM,
-                                  "scattermoe_no_tma"])
+@pytest.mark.parametrize("impl", ["scattermoe", moe_block.SCATTERMOE_WGRAD_TRITON,
+                                  moe_block.SCATTERMOE_WGRAD_GROUPED_MM, "scattermoe_no_tma"])
 def test_profile_flops_count_each_matmul_once_whichever_kernel_computes_the_weight_gradients(impl):
     """The six matmuls of forward+backward are 9 down-projection-sized products, split over the kernels that run."""
     flops = moe_block.matmul_flops(TINY, impl)

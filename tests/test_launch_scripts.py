@@ -94,7 +94,7 @@ def test_multinode_script_runs_torchrun_with_the_rendezvous(tmp_path):
            "CKPT_PREFIX": "runs", "RUN_NAME": "job1"}
     result = launch("qwen3_sft_multinode.sh", env, *SHORT_RUN, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (f"+ python -m torch.distributed.run --nnodes 1 --node_rank 0 --nproc_per_node 1 --master_addr 127.0.0.1 "
+    assert (f"+ python -m turbo_tune.torchrun --nnodes 1 --node_rank 0 --nproc_per_node 1 --master_addr 127.0.0.1 "
             f"--master_port {port} qwen3_sft.py --output_dir {tmp_path}/runs/job1") in result.stderr
     assert (tmp_path / "runs" / "job1" / "model.safetensors").is_file()
 
