@@ -59,10 +59,9 @@ def weight_grad_problems(tokens: int, hidden: int, inter: int, experts: int, top
 
 def launch(problem: tuple, block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> torch.Tensor:
     """`kernels.grouped_weight_grad` with one fixed config instead of the autotuner's choice."""
-    kernel, grid, args, constexprs = kernels.weight_grad_launch(*problem)
-    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-    kernel.fn[grid(meta)](*args, **constexprs, **meta, num_warps=num_warps, num_stages=num_stages)
-    return problem[-1]
+    config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=num_warps,
+                           num_stages=num_stages)
+    return kernels.grouped_weight_grad(*problem, config=config)
 
 
 def sweep(problem: tuple, configs: list[tuple[int, ...]], flops: float) -> list[dict]:

@@ -14,7 +14,6 @@ per tensor; the pointer path serves everything else (fp32, misaligned views) and
 """
 
 import os
-from collections.abc import Callable
 
 import torch
 import triton
@@ -554,33 +553,6 @@ def swiglu_backward(
     return grad_gate_up, grad_scale, h
 
 
-def weight_grad_launch(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    sorted_pairs: torch.Tensor,
-    expert_ends: torch.Tensor,
-    top_k: int,
-    a_gathered: bool,
-    b_gathered: bool,
-    dw: torch.Tensor,
-) -> tuple[triton.runtime.Autotuner, Callable[[dict], tuple], tuple, dict]:
-    """The autotuned kernel, grid, arguments and constexprs of ``grouped_weight_grad`` (benchmarks/wgrad_sweep.py
-    launches them with fixed tiles)."""
-    num_experts, m_dim, n_dim = dw.shape
-    num_rows = sorted_pairs.numel()
-
-    def grid(meta):
-        return (num_experts * triton.cdiv(m_dim, meta["BLOCK_M"]) * triton.cdiv(n_dim, meta["BLOCK_N"]),)
-
-    args = (a, b, sorted_pairs, expert_ends, dw, m_dim, n_dim, top_k, _rows_bucket(num_rows), num_rows,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), dw.stride(0), dw.stride(1), dw.stride(2))
-    constexprs = dict(A_GATHERED=a_gathered, B_GATHERED=b_gathered,
-                      A_TMA=b_gathered and not a_gathered and _grouped_rows_tma(a),
-                      B_TMA=a_gathered and not b_gathered and _grouped_rows_tma(b),
-                      INPUT_PRECISION=_input_precision(a.dtype))
-    return _tuned_for(_grouped_weight_grad_kernel, a.dtype), grid, args, constexprs
-
-
 def grouped_weight_grad(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -590,9 +562,27 @@ def grouped_weight_grad(
     a_gathered: bool,
     b_gathered: bool,
     dw: torch.Tensor,
+    config: triton.Config | None = None,
 ) -> torch.Tensor:
-    """Fill dw (E, M, N) with per-expert a^T b over the expert's rows; a is (., M), b is (., N)."""
-    launch(*weight_grad_launch(a, b, sorted_pairs, expert_ends, top_k, a_gathered, b_gathered, dw))
+    """Fill dw (E, M, N) with per-expert a^T b over the expert's rows; a is (., M), b is (., N). ``config``: these
+    tiles instead of the autotuner's choice (benchmarks/wgrad_sweep.py)."""
+    num_experts, m_dim, n_dim = dw.shape
+    num_rows = sorted_pairs.numel()
+
+    def grid(meta):
+        return (num_experts * triton.cdiv(m_dim, meta["BLOCK_M"]) * triton.cdiv(n_dim, meta["BLOCK_N"]),)
+
+    kernel = _tuned_for(_grouped_weight_grad_kernel, a.dtype)
+    args = (a, b, sorted_pairs, expert_ends, dw, m_dim, n_dim, top_k, _rows_bucket(num_rows), num_rows,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), dw.stride(0), dw.stride(1), dw.stride(2))
+    constexprs = dict(A_GATHERED=a_gathered, B_GATHERED=b_gathered,
+                      A_TMA=b_gathered and not a_gathered and _grouped_rows_tma(a),
+                      B_TMA=a_gathered and not b_gathered and _grouped_rows_tma(b),
+                      INPUT_PRECISION=_input_precision(a.dtype))
+    if config is None:
+        launch(kernel, grid, args, constexprs)
+    else:
+        kernel.fn[grid(config.kwargs)](*args, **constexprs, **config.all_kwargs())
     return dw
 
 
