@@ -23,7 +23,7 @@ from callback import EfficiencyCallback, ModelFlops, device_peak_tflops
 from monkey_patch import apply_patches, apply_peft_patches, preflight
 from monkey_patch.sft_trainer import TurboSFTTrainer, tokenize_and_check
 from turbo_tune.arguments import TurboTuneConfig, parse_config
-from turbo_tune.checkpoints import TRAINER_STATE, last_complete_checkpoint, saved_progress
+from turbo_tune.checkpoints import TRAINER_STATE, final_model_written, last_complete_checkpoint, saved_progress
 from turbo_tune.data import hold_out, load_sft_dataset, record_kind
 from turbo_tune.errors import ConfigError, RunStopped
 from turbo_tune.modeling import apply_lora, load_model, load_tokenizer
@@ -82,6 +82,12 @@ def stop_if_complete(config: TurboTuneConfig, checkpoint: Path) -> None:
     """Resuming a run that already reached its last step would train past it and rotate a checkpoint away."""
     step, max_steps = saved_progress(checkpoint)
     target = config.max_steps if config.max_steps > 0 else max_steps
+    if step >= target and not final_model_written(config.output_dir):
+        raise RunStopped(
+            f"the run reached its last step ({checkpoint}, step {step} of {target}) but was stopped while writing its "
+            f"final model, so {config.output_dir} holds none: the trained weights are the ones in {checkpoint}.",
+            0,
+        )
     if step >= target:
         raise RunStopped(
             f"the run is already complete: {checkpoint} is step {step} of {target}; nothing to train or write. "
@@ -141,9 +147,9 @@ def train(config: TurboTuneConfig) -> Path:
         trainer.train(resume_from_checkpoint=resume)
         guard.finish(trainer.state, config.output_dir, trainer.weights_are_finite())
         trainer.save_final_model(config.output_dir)
-        trainer.save_state()
         if config.merge_lora:
             trainer.save_merged_model(Path(config.output_dir) / "merged", tokenizer)
+        trainer.save_state()  # last: it marks the final model complete (final_model_written)
     logger.info("Final model written to %s.", config.output_dir)
     return Path(config.output_dir)
 

@@ -21,7 +21,14 @@ from trl.chat_template_utils import get_training_chat_template, has_generation_m
 
 from callback import EfficiencyCallback
 from monkey_patch.torch_compile import is_compiled_per_layer
-from turbo_tune.checkpoints import TRAINER_STATE, last_complete_checkpoint, publish, staging_root
+from turbo_tune.checkpoints import (
+    FINAL_STAGING_DIR,
+    TRAINER_STATE,
+    last_complete_checkpoint,
+    publish,
+    publish_final_model,
+    staging_root,
+)
 from turbo_tune.errors import ConfigError
 from turbo_tune.moe_health import ExpertLoadMonitor, routers
 from turbo_tune.run_dir import honour_umask
@@ -281,11 +288,20 @@ class TurboSFTTrainer(SFTTrainer):
 
         FSDP checkpoints stay sharded (fast to write, and resumable on the same world size); for the final model the
         engine gathers the full state dict onto rank 0 instead. ZeRO-3 gathers through
-        `stage3_gather_16bit_weights_on_model_save` inside `save_model`.
+        `stage3_gather_16bit_weights_on_model_save` inside `save_model`. Written into a staging folder and moved into
+        ``output_dir`` once complete (turbo_tune/checkpoints.py).
         """
+        staging = Path(output_dir) / FINAL_STAGING_DIR
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # what a killed save left behind
+        self.accelerator.wait_for_everyone()
         if self.is_fsdp_enabled:
             self.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-        self.save_model(output_dir)
+        self.save_model(str(staging))
+        self.accelerator.wait_for_everyone()  # every rank's part of the gather is done
+        if self.args.should_save:
+            publish_final_model(staging, Path(output_dir))
+        self.accelerator.wait_for_everyone()
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)

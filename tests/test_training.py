@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import qwen3_sft
 from distributed_runs import interrupt, start
+from monkey_patch import sft_trainer
+from turbo_tune.checkpoints import FINAL_STAGING_DIR
 
 STEPS = 40
 EVAL = ("--eval_split", "0.05")  # 20 of the 400 examples, evaluated at each save (steps 20 and 40)
@@ -48,6 +50,9 @@ def finished_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLFLOW_TRACKING_URI", tracking_uri)
         env.setenv("MLFLOW_EXPERIMENT_NAME", "turbo-tune-test")
+        # MLflow samples system metrics every 10 s by default; the run can finish sooner on a fast machine
+        env.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+        env.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
         assert run(root / "out", "--use_liger_efficiency_callback", "--report_to", "mlflow", *EVAL) == 0
     return root / "out", tracking_uri
 
@@ -64,6 +69,7 @@ def test_loss_falls_and_accuracy_rises(finished_run):
 def test_checkpoints_and_final_model_reload_and_generate(finished_run):
     output_dir, _ = finished_run
     assert (output_dir / f"checkpoint-{STEPS // 2}").is_dir() and (output_dir / f"checkpoint-{STEPS}").is_dir()
+    assert not (output_dir / FINAL_STAGING_DIR).exists()  # the final model was published whole
     for folder in (output_dir, output_dir / f"checkpoint-{STEPS}"):
         model = AutoModelForCausalLM.from_pretrained(folder)
         tokenizer = AutoTokenizer.from_pretrained(output_dir)
@@ -170,10 +176,36 @@ def test_resuming_a_finished_run_says_so_and_writes_nothing(finished_run, capsys
     assert snapshot(output_dir) == before
 
 
+def test_a_run_killed_while_publishing_its_final_model_is_not_called_complete(tmp_path, monkeypatch, capsys):
+    """The final model is written into a staging folder and moved into the run folder file by file, and the run's
+    trainer state is written after it. A run that dies in between has no trainer state there: resuming it says so and
+    names the checkpoint that holds the trained weights, instead of calling the run complete."""
+    output_dir = tmp_path / "out"
+    flags = ["--output_dir", str(output_dir), "--bundled_examples", "64", "--max_steps", "4", "--save_steps", "4",
+             "--gradient_checkpointing", "false", "--report_to", "none"]
+
+    def killed_after_one_file(staged: Path, run_dir: Path) -> None:
+        first = sorted(staged.iterdir())[0]
+        first.replace(run_dir / first.name)
+        raise RuntimeError("killed while publishing")
+
+    monkeypatch.setattr(sft_trainer, "publish_final_model", killed_after_one_file)
+    with pytest.raises(RuntimeError, match="killed while publishing"):
+        qwen3_sft.main(flags)
+    assert (output_dir / FINAL_STAGING_DIR).is_dir() and not (output_dir / "trainer_state.json").exists()
+    monkeypatch.undo()
+    before = snapshot(output_dir)
+    assert qwen3_sft.main([*flags, "--resume_from_checkpoint", "last"]) == 0
+    assert (f"stopped while writing its final model, so {output_dir} holds none: the trained weights are the ones in "
+            f"{output_dir / 'checkpoint-4'}.") in capsys.readouterr().err
+    assert snapshot(output_dir) == before
+
+
 def test_resume_last_skips_a_checkpoint_whose_save_was_cut_short(finished_run, tmp_path, capsys):
     """A checkpoint folder without its trainer state (a save killed before checkpoints were staged) is not `last`."""
     output_dir = tmp_path / "out"
     shutil.copytree(finished_run[0] / f"checkpoint-{STEPS}", output_dir / f"checkpoint-{STEPS}")
+    shutil.copy(finished_run[0] / "trainer_state.json", output_dir)  # the run wrote its final model
     partial = output_dir / f"checkpoint-{STEPS + 5}"
     partial.mkdir()
     shutil.copy(finished_run[0] / "config.json", partial)

@@ -1,9 +1,11 @@
-"""Checkpoint folders that are either complete or absent.
+"""Checkpoint folders that are either complete or absent, and a final model that is either complete or known not to be.
 
 The Trainer writes a checkpoint into `OUTPUT_DIR/.checkpoint-in-progress/checkpoint-N` and it is renamed to
 `OUTPUT_DIR/checkpoint-N` once every rank has finished writing (monkey_patch/sft_trainer.py), so a run killed while
 saving leaves no partial `checkpoint-N` for `--resume_from_checkpoint last` to pick. A rename within one folder is
 atomic on POSIX file systems, and the staging folder does not match transformers' `checkpoint-*` rotation glob.
+The final model is staged the same way, in `OUTPUT_DIR/.final-model-in-progress`, so no partly written weights ever
+sit in OUTPUT_DIR.
 """
 
 import json
@@ -16,6 +18,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 logger = logging.getLogger(__name__)
 
 STAGING_DIR = ".checkpoint-in-progress"
+FINAL_STAGING_DIR = ".final-model-in-progress"
 TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last, so older unstaged checkpoints lack it if cut off
 
 
@@ -33,6 +36,21 @@ def publish(staged: Path, final: Path) -> None:
         shutil.rmtree(replaced)
     else:
         staged.rename(final)
+
+
+def publish_final_model(staged: Path, output_dir: Path) -> None:
+    """Move a completely written final model's files into the run folder. The run's own trainer_state.json, written
+    after this (qwen3_sft.train), is what marks the final model complete: a run killed before it has none there."""
+    for entry in staged.iterdir():
+        target = output_dir / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        entry.replace(target)
+    staged.rmdir()
+
+
+def final_model_written(output_dir: str | Path) -> bool:
+    return (Path(output_dir) / TRAINER_STATE).is_file()
 
 
 def checkpoint_step(path: Path) -> int | None:
