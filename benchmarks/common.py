@@ -81,6 +81,30 @@ def median_ms(fn, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def queued_ms(fn, warmup: int, repeats: int) -> float:
+    """Mean time of ``fn()`` in milliseconds over ``repeats`` calls issued back to back between two CUDA events, so
+    the GPU's queue stays full and the host's dispatch of each call hides behind the previous call's GPU work, as a
+    layer's does inside a model. ``median_ms`` synchronizes before each call instead, so every call pays its host
+    dispatch in full. Wall-clock time without a GPU."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    if not torch.cuda.is_available():
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - start) * 1e3 / repeats
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
 def run_qwen3_sft(output_dir: Path, log_path: Path, flags: list[str], timeout_s: float | None = None
                   ) -> tuple[bool, float, list[dict]]:
     """One ``qwen3_sft.py`` run in its own process (no checkpoints, no MLflow, efficiency metrics on), its output in

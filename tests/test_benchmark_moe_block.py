@@ -31,6 +31,7 @@ def test_every_cpu_implementation_agrees_with_the_fp32_reference(scope, implemen
     for row in rows:
         assert row["err_out"] <= 1e-4 and row["err_grads"] <= 1e-4, row
         assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0 and row["speedup_vs_grouped_mm"] > 0
+        assert row["fwd_bwd_queued_ms"] > 0 and row["speedup_queued_vs_grouped_mm"] > 0
     assert f"| {scope} | tiny | 40 | skewed" in moe_block.markdown_table(rows)
 
 
