@@ -2,6 +2,7 @@
 the losses follow the patch-off run's. fp32 against fp32 closely; bf16 no further from the fp32 run than transformers'
 own bf16 experts are."""
 
+import math
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +27,11 @@ RUNS = {
     "lora_bf16": ["--use_lora"],
     "lora_bf16_scattermoe": ["--use_lora", "--use_fast_moe_block"],
     "lora_bf16_scattermoe_fp8": ["--use_lora", "--use_fast_moe_block", "--fp8_frozen_experts"],
+    # the full-parameter default since issue 20: fp32 master weights, bf16 compute under autocast
+    "amp_scattermoe": ["--use_fast_moe_block"],
+    "amp_all": ["--use_fast_moe_block", "--use_liger_kernel", "--use_packing"],
+    "amp_fp8_experts": ["--fp8_experts"],
+    "amp_fp8": ["--use_fp8"],
 }
 FP32_LOSS_TOLERANCE = 1e-3  # relative, at every step
 BF16_SLACK = 1.5  # training amplifies rounding differences more than one block does
@@ -70,3 +76,20 @@ def test_bf16_training_stays_as_close_to_fp32_as_transformers_experts(losses, ou
     record(test=f"training {ours}", error=error, grouped_mm_error=floor, limit=limit)
     assert losses[ours][-1] < losses[ours][0]
     assert error <= limit, f"mean |loss - fp32 loss| {error:.2e} > {limit:.2e} (transformers' experts {floor:.2e})"
+
+
+def test_fp32_master_weights_stay_at_least_as_close_to_fp32_as_bf16_weights(losses):
+    """What the fp32-master default is for: AdamW's small updates are kept, so the run drifts from the fp32 run no
+    more than the run with bf16 weights does (both with our experts computing in bf16)."""
+    error = mean_abs_deviation(losses["amp_scattermoe"], losses["fp32"])
+    limit = mean_abs_deviation(losses["bf16_scattermoe"], losses["fp32"])
+    record(test="training amp_scattermoe", error=error, limit=limit)
+    assert losses["amp_scattermoe"][-1] < losses["amp_scattermoe"][0]
+    assert error <= limit
+
+
+@pytest.mark.parametrize("run", ["amp_all", "amp_fp8_experts", "amp_fp8"])
+def test_every_precision_flag_trains_on_fp32_master_weights(losses, run):
+    """Liger, packing, FP8 experts and FP8 linears on the fp32-master default: they run and the loss falls."""
+    curve = losses[run]
+    assert all(math.isfinite(loss) for loss in curve) and curve[-1] < curve[0], curve
