@@ -10,7 +10,8 @@ through TMA tensor descriptors (``tl.make_tensor_descriptor``) instead of per-el
 token stay on pointer loads, which TMA cannot gather on Hopper. A descriptor spans all experts, so a tile may
 reach past its expert's last row or column into the next expert's: those values only meet zeros (the other
 operand's masked rows or columns) or land in masked output, as long as they are finite. ``_weight_tma`` and
-``_grouped_rows_tma`` decide per tensor; the pointer path serves everything else (fp32, misaligned views) and ``TURBO_TUNE_MOE_TMA=0``.
+``_grouped_rows_tma`` decide per tensor; the pointer path serves everything else (fp32, misaligned views) and
+``TURBO_TUNE_MOE_TMA=0``.
 """
 
 import os
