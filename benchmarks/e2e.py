@@ -83,6 +83,8 @@ VARIANTS = {
     # without our code keeps bf16 weights (and loses AdamW's small updates)
     "compile_packing_bf16": ["torch_compile", "use_packing", "model_dtype=bfloat16"],
     "all": ["use_fast_moe_block", "use_liger_kernel", "torch_compile", "use_packing"],
+    # all with bf16 weights: against compile_packing_bf16, our code alone at the same numerics
+    "all_bf16": ["use_fast_moe_block", "use_liger_kernel", "torch_compile", "use_packing", "model_dtype=bfloat16"],
     "all_fp8": ["use_fast_moe_block", "use_liger_kernel", "torch_compile", "use_packing", "use_fp8"],
     # all, with AdamW's moments in 8 bits (torchao's AdamW8bit through the Trainer's --optim): most of this model's
     # step memory is weights, gradients and optimizer state, not activations

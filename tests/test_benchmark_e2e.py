@@ -143,7 +143,7 @@ def test_max_seq_search_runs_tiny_probes_on_the_cpu(tmp_path):
 def test_flag_by_flag_comparison_leaves_the_lora_variants_to_the_sequence_search():
     assert e2e.parse_args([]).variants == ["defaults", "fast_moe", "liger", "compile", "packing", "fp8",
                                            "compile_fast_moe", "compile_packing", "compile_packing_bf16", "all",
-                                           "all_fp8", "all_adamw8bit"]
+                                           "all_bf16", "all_fp8", "all_adamw8bit"]
     assert e2e.parse_args(["--max_seq_search"]).variants == ["lora", "all_lora"]
 
 
