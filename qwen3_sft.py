@@ -23,7 +23,7 @@ from callback import EfficiencyCallback, ModelFlops, device_peak_tflops
 from monkey_patch import apply_patches, apply_peft_patches, preflight
 from monkey_patch.sft_trainer import TurboSFTTrainer, tokenize_and_check
 from turbo_tune.arguments import TurboTuneConfig, parse_config
-from turbo_tune.checkpoints import TRAINER_STATE, final_model_written, last_complete_checkpoint, saved_progress
+from turbo_tune.checkpoints import TRAINER_STATE, holds_trainer_state, last_complete_checkpoint, saved_progress
 from turbo_tune.data import hold_out, load_sft_dataset, record_kind
 from turbo_tune.errors import ConfigError, RunStopped
 from turbo_tune.modeling import apply_lora, load_model, load_tokenizer
@@ -70,7 +70,7 @@ def resolve_resume(config: TurboTuneConfig) -> str | None:
     if resume is not None:
         if not Path(resume).is_dir():
             raise ConfigError(f"--resume_from_checkpoint {resume} is not a checkpoint folder.")
-        if not (Path(resume) / TRAINER_STATE).is_file():
+        if not holds_trainer_state(resume):
             raise ConfigError(f"--resume_from_checkpoint {resume} has no {TRAINER_STATE}: its save was interrupted.")
         stop_if_complete(config, Path(resume))
         return resume
@@ -82,18 +82,19 @@ def stop_if_complete(config: TurboTuneConfig, checkpoint: Path) -> None:
     """Resuming a run that already reached its last step would train past it and rotate a checkpoint away."""
     step, max_steps = saved_progress(checkpoint)
     target = config.max_steps if config.max_steps > 0 else max_steps
-    if step >= target and not final_model_written(config.output_dir):
+    if step < target:
+        return
+    if not holds_trainer_state(config.output_dir):  # written after the final model
         raise RunStopped(
             f"the run reached its last step ({checkpoint}, step {step} of {target}) but was stopped while writing its "
             f"final model, so {config.output_dir} holds none: the trained weights are the ones in {checkpoint}.",
             0,
         )
-    if step >= target:
-        raise RunStopped(
-            f"the run is already complete: {checkpoint} is step {step} of {target}; nothing to train or write. "
-            "Pass a larger --max_steps to train on.",
-            0,
-        )
+    raise RunStopped(
+        f"the run is already complete: {checkpoint} is step {step} of {target}; nothing to train or write. "
+        "Pass a larger --max_steps to train on.",
+        0,
+    )
 
 
 def load_datasets(config: TurboTuneConfig) -> tuple[Dataset, Dataset | None]:
@@ -149,7 +150,7 @@ def train(config: TurboTuneConfig) -> Path:
         trainer.save_final_model(config.output_dir)
         if config.merge_lora:
             trainer.save_merged_model(Path(config.output_dir) / "merged", tokenizer)
-        trainer.save_state()  # last: it marks the final model complete (final_model_written)
+        trainer.save_state()  # last: it marks the final model complete (stop_if_complete)
     logger.info("Final model written to %s.", config.output_dir)
     return Path(config.output_dir)
 

@@ -14,10 +14,8 @@ cd "$(dirname "$0")"
 source scripts/common.sh && ensure_venv
 
 num_gpus="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')"
-prefix=outputs
-if [ -n "${CKPT_PREFIX:-}" ]; then prefix="$(from_caller "$CKPT_PREFIX")"; fi
 # The process id keeps two runs started in the same second apart; qwen3_sft.py locks the folder it gets.
-run_args "$prefix/qwen3-sft-$(date +%Y%m%d-%H%M%S)-$$" "$@"
+run_args "$(ckpt_prefix)/qwen3-sft-$(date +%Y%m%d-%H%M%S)-$$" "$@"
 
 # torchrun for every engine (turbo_tune.torchrun: it waits for the workers' checkpoint after a signal); the Trainer
 # builds DeepSpeed from the config.

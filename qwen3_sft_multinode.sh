@@ -16,9 +16,7 @@ cd "$(dirname "$0")"
 source scripts/common.sh && ensure_venv
 
 gpus_per_node="${GPUS_PER_NODE:-$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')}"
-prefix=outputs
-if [ -n "${CKPT_PREFIX:-}" ]; then prefix="$(from_caller "$CKPT_PREFIX")"; fi
-run_args "$prefix/${RUN_NAME:-qwen3-sft-multinode}" "$@"
+run_args "$(ckpt_prefix)/${RUN_NAME:-qwen3-sft-multinode}" "$@"
 
 launch=("$PYTHON" -m turbo_tune.torchrun --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$gpus_per_node"
         --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" qwen3_sft.py)

@@ -237,13 +237,10 @@ class TurboSFTTrainer(SFTTrainer):
                            self.state.global_step, name, last)
             return
         staging = staging_root(run_dir)
-        if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)  # what a killed save left behind
-        self.accelerator.wait_for_everyone()
-        with self._saving_into_staging():
-            super()._save_checkpoint(model, trial)
-        self._point_best_checkpoint_at(run_dir, staging / name)
-        self.accelerator.wait_for_everyone()  # every rank's shards are written
+        with self._written_by_every_rank(staging):
+            with self._saving_into_staging():
+                super()._save_checkpoint(model, trial)
+            self._point_best_checkpoint_at(run_dir, staging / name)
         if self.args.should_save:
             publish(staging / name, run_dir / name)
             staging.rmdir()
@@ -264,6 +261,16 @@ class TurboSFTTrainer(SFTTrainer):
             self.state.best_model_checkpoint = str(best)
             if self.args.should_save:
                 self.state.save_to_json(str(staged / TRAINER_STATE))
+
+    @contextmanager
+    def _written_by_every_rank(self, staging: Path):
+        """The block writes into ``staging``, emptied first of what a killed save left there; when it ends, every
+        rank has finished its part (its shards, its share of a gather), so the main process may publish."""
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        yield
+        self.accelerator.wait_for_everyone()
 
     @contextmanager
     def _saving_into_staging(self):
@@ -292,13 +299,10 @@ class TurboSFTTrainer(SFTTrainer):
         ``output_dir`` once complete (turbo_tune/checkpoints.py).
         """
         staging = Path(output_dir) / FINAL_STAGING_DIR
-        if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)  # what a killed save left behind
-        self.accelerator.wait_for_everyone()
-        if self.is_fsdp_enabled:
-            self.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-        self.save_model(str(staging))
-        self.accelerator.wait_for_everyone()  # every rank's part of the gather is done
+        with self._written_by_every_rank(staging):
+            if self.is_fsdp_enabled:
+                self.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+            self.save_model(str(staging))
         if self.args.should_save:
             publish_final_model(staging, Path(output_dir))
         self.accelerator.wait_for_everyone()

@@ -46,6 +46,11 @@ from_caller() {
     esac
 }
 
+# ckpt_prefix: the folder that receives run folders, CKPT_PREFIX as seen from CALLER_DIR (unset: outputs).
+ckpt_prefix() {
+    if [ -n "${CKPT_PREFIX:-}" ]; then from_caller "$CKPT_PREFIX"; else printf '%s' outputs; fi
+}
+
 # run_args OUTPUT_DIR [ARG...]: set RUN_ARGS to the qwen3_sft.py flags that OUTPUT_DIR and the environment variables
 # ask for, followed by the ARGs, with every path in them taken from CALLER_DIR.
 run_args() {

@@ -49,8 +49,10 @@ def publish_final_model(staged: Path, output_dir: Path) -> None:
     staged.rmdir()
 
 
-def final_model_written(output_dir: str | Path) -> bool:
-    return (Path(output_dir) / TRAINER_STATE).is_file()
+def holds_trainer_state(folder: str | Path) -> bool:
+    """The Trainer's state is written last: in a checkpoint, once its save is complete; in the run folder, once the
+    final model is (qwen3_sft.train)."""
+    return (Path(folder) / TRAINER_STATE).is_file()
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -66,7 +68,7 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
         return None
     steps = {path: step for path in output_dir.iterdir() if (step := checkpoint_step(path)) is not None}
     for path in sorted(steps, key=steps.get, reverse=True):
-        if (path / TRAINER_STATE).is_file():
+        if holds_trainer_state(path):
             return path
         logger.warning("%s has no %s: its save was interrupted; skipped.", path, TRAINER_STATE)
     return None
