@@ -108,9 +108,9 @@ def block_ms(block: Block, tokens: int, repeats: int) -> float:
 def one_launch_ms(block: Block, tokens: int, repeats: int) -> float:
     """Host milliseconds per launch of one kernel (the gathered gate_up projection, without LoRA)."""
     x, _, ids = block.inputs(tokens, misaligned=False)
-    routing = compute_routing(ids, block.experts)
+    routing = kernels.Routing.of(*compute_routing(ids, block.experts), block.top_k)
     w = block.w_gate_up.transpose(1, 2)
-    return host_ms(lambda: kernels.scatter_matmul(x, w, *routing, block.top_k, a_gathered=True, y_scattered=False),
+    return host_ms(lambda: kernels.scatter_matmul(x, w, routing, a_gathered=True, y_scattered=False),
                    block.device, repeats)
 
 

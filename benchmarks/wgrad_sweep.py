@@ -48,11 +48,11 @@ def weight_grad_problems(tokens: int, hidden: int, inter: int, experts: int, top
     grad_gate_up = torch.randn(rows, 2 * inter, device=device, dtype=dtype)
     grad_out = torch.randn(tokens, hidden, device=device, dtype=dtype)  # read by token through the routing
     h = torch.randn(rows, inter, device=device, dtype=dtype)
-    routing = (sorted_pairs, expert_ends, top_k)
+    routing = kernels.Routing.of(sorted_pairs, expert_ends, top_k)
     return {
-        "dW_gate_up": (grad_gate_up, x, *routing, False, True,
+        "dW_gate_up": (grad_gate_up, x, routing, False, True,
                        torch.empty(experts, 2 * inter, hidden, device=device, dtype=dtype)),
-        "dW_down": (grad_out, h, *routing, True, False,
+        "dW_down": (grad_out, h, routing, True, False,
                     torch.empty(experts, hidden, inter, device=device, dtype=dtype)),
     }
 
@@ -67,9 +67,8 @@ def launch(problem: tuple, block_m: int, block_n: int, block_k: int, num_warps: 
 def sweep(problem: tuple, configs: list[tuple[int, ...]], flops: float) -> list[dict]:
     """The autotuned kernel's time, then the grouped_mm backend's and each config's, or why it did not run; results
     are checked against the autotuned kernel."""
-    a, b, sorted_pairs, expert_ends, top_k, a_gathered, b_gathered, dw = problem
-    reference = kernels.grouped_weight_grad(a, b, sorted_pairs, expert_ends, top_k, a_gathered, b_gathered,
-                                            torch.empty_like(dw))
+    a, b, routing, a_gathered, b_gathered, dw = problem
+    reference = kernels.grouped_weight_grad(a, b, routing, a_gathered, b_gathered, torch.empty_like(dw))
 
     def checked_and_timed(config, fn) -> dict:
         error = relative_error(fn(), reference)
@@ -78,10 +77,10 @@ def sweep(problem: tuple, configs: list[tuple[int, ...]], flops: float) -> list[
         return {"config": config, "ms": median_ms(fn, WARMUP, REPEATS)}
 
     rows = [{"config": "autotuned", "ms": median_ms(lambda: kernels.grouped_weight_grad(
-        a, b, sorted_pairs, expert_ends, top_k, a_gathered, b_gathered, dw), WARMUP, REPEATS)}]
+        a, b, routing, a_gathered, b_gathered, dw), WARMUP, REPEATS)}]
     os.environ[ops.WEIGHT_GRAD_ENV] = "grouped_mm"
     rows.append(checked_and_timed(GROUPED_MM, lambda: ops.expert_weight_grad(  # either projection: grouped_mm
-        a, b, (sorted_pairs, expert_ends, top_k), a_gathered, b_gathered, dw, "gate_up")))
+        a, b, routing, a_gathered, b_gathered, dw, "gate_up")))
     os.environ[ops.WEIGHT_GRAD_ENV] = "triton"
     for config in configs:
         try:

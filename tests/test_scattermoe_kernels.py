@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
 from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from monkey_patch.scattermoe import kernels, ops
 from monkey_patch.scattermoe.compilable_ops import scattermoe_experts
-from monkey_patch.scattermoe.ops import WEIGHT_GRAD_BACKENDS, WEIGHT_GRAD_ENV, compute_routing
+from monkey_patch.scattermoe.ops import WEIGHT_GRAD_BACKENDS, WEIGHT_GRAD_ENV, LowRank, compute_routing
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = 1e-4
@@ -88,6 +89,49 @@ def test_routing_groups_pairs_by_expert_and_counts_empty_experts():
     assert expert_ends.tolist() == [2, 2, 5, 6, 6]
 
 
+@pytest.mark.parametrize("rows_per_expert", [[0, 1, 64, 0, 130, 63, 0], [0, 0, 0], [200]])
+def test_row_block_schedule_gives_each_block_its_expert_and_rows_and_leaves_spare_blocks_empty(rows_per_expert):
+    counts = torch.tensor(rows_per_expert, device=DEVICE)
+    expert_ends = counts.cumsum(0).to(torch.int32)
+    num_rows = int(counts.sum())
+    expected = []
+    for expert, (count, end) in enumerate(zip(rows_per_expert, expert_ends.tolist(), strict=True)):
+        start = end - count
+        expected += [[expert, row, end] for row in range(start, end, kernels.ROW_BLOCK)]
+    spare = triton.cdiv(num_rows, kernels.ROW_BLOCK) + len(rows_per_expert) - len(expected)
+    expected += [[len(rows_per_expert), num_rows, num_rows]] * spare
+    assert kernels.row_block_schedule(expert_ends, num_rows).tolist() == expected
+
+
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_only_launches_whose_loads_are_all_descriptors_are_offered_warp_specialization(setting, monkeypatch):
+    """Triton 3.6 fails to build a warp-specialized loop with a pointer load in it: the down projection and the input
+    gradient (grouped rows by weights) may take it, unless TURBO_TUNE_MOE_WARP_SPECIALIZE=0; the gathered gradient of
+    h may not, nor may LoRA's extra term."""
+    if setting is not None:
+        monkeypatch.setenv(kernels.WARP_SPECIALIZE_ENV, setting)
+    launched = []
+    launch = kernels.launch
+    monkeypatch.setattr(kernels, "launch", lambda kernel, grid, args, constexprs: (
+        launched.append(kernel), launch(kernel, grid, args, constexprs))[1])
+    torch.manual_seed(0)
+    experts = make_eager_experts(64, 32, 4, 2)
+    weights, index = make_routing(40, 4, 2, "uniform")
+    x = torch.randn(40, 64, device=DEVICE, requires_grad=True)
+    lora = LowRank(torch.randn(4, 8, 32, device=DEVICE), torch.randn(4, 64, 8, device=DEVICE), 2.0)
+    expected = {  # per scatter-matmul launch, in order: whether it may be warp-specialized
+        None: [True, False, True],  # down projection, gradient of h (gathered), gradient of x
+        lora: [True, False, False, False, True],  # h·A_downᵀ, down + LoRA term, two gathered gradients, of x
+    }
+    for down_lora, may in expected.items():
+        launched.clear()
+        out = scattermoe_experts(x, experts.gate_up_proj, experts.down_proj, weights, index, down_lora=down_lora)
+        out.sum().backward()
+        matmuls = [kernel for kernel in launched if kernel.fn is kernels._scatter_matmul_kernel.fn]
+        assert [kernel is kernels._WARP_SPECIALIZED_MATMUL for kernel in matmuls] == [
+            specialized and setting is None for specialized in may]
+
+
 def test_weight_grad_kernel_writes_zeros_for_experts_without_rows():
     torch.manual_seed(0)
     index = torch.tensor([[0], [0], [2]], device=DEVICE)
@@ -95,7 +139,8 @@ def test_weight_grad_kernel_writes_zeros_for_experts_without_rows():
     a = torch.randn(3, 20, device=DEVICE)
     b = torch.randn(3, 36, device=DEVICE)
     dw = torch.full((3, 20, 36), float("nan"), device=DEVICE)
-    kernels.grouped_weight_grad(a, b, sorted_pairs, expert_ends, 1, a_gathered=True, b_gathered=False, dw=dw)
+    kernels.grouped_weight_grad(a, b, kernels.Routing.of(sorted_pairs, expert_ends, 1), a_gathered=True,
+                                b_gathered=False, dw=dw)
     assert (dw[1] == 0).all()
     b_grouped = b[sorted_pairs]
     assert relative_error(dw[0], a[:2].T @ b_grouped[:2]) <= TOLERANCE
@@ -195,11 +240,9 @@ def wgrad_sweep():
 def test_weight_grad_sweep_launches_the_kernel_as_the_launcher_does(wgrad_sweep):
     """benchmarks/wgrad_sweep.py calls the kernel with fixed configs: its arguments must be the launcher's."""
     problems = wgrad_sweep.weight_grad_problems(40, 64, 48, 6, 2, "cpu", torch.float32)
-    for a, b, sorted_pairs, expert_ends, top_k, a_gathered, b_gathered, dw in problems.values():
-        expected = kernels.grouped_weight_grad(a, b, sorted_pairs, expert_ends, top_k, a_gathered, b_gathered,
-                                               torch.empty_like(dw))
-        actual = wgrad_sweep.launch((a, b, sorted_pairs, expert_ends, top_k, a_gathered, b_gathered, dw),
-                                    64, 64, 64, 4, 1)
+    for a, b, routing, a_gathered, b_gathered, dw in problems.values():
+        expected = kernels.grouped_weight_grad(a, b, routing, a_gathered, b_gathered, torch.empty_like(dw))
+        actual = wgrad_sweep.launch((a, b, routing, a_gathered, b_gathered, dw), 64, 64, 64, 4, 1)
         assert relative_error(actual, expected) <= 1e-5
 
 

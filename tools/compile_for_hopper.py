@@ -5,12 +5,14 @@ fail to compile (the compiler's typing of constexpr branches, descriptor layouts
 limits). This drives the expert block's forward and backward on the CPU, in bf16 with TMA loads on, with LoRA on
 both projections, and in fp32, replacing each launch by a compilation to a Hopper cubin (ptxas included) of the
 kernel with the arguments and constexprs it was given, under each autotune config (``--configs first``: the first
-of each list only). Nothing runs, so outputs are garbage; only the compilations count.
+of each list only, and the first warp-specialized one). Nothing runs, so outputs are garbage; only
+the compilations count.
 
     TRITON_INTERPRET=0 python tools/compile_for_hopper.py [--configs first|all]
 
-Prints one line per compilation and exits non-zero on the first that fails, or when a kernel asked for TMA loads
-has no TMA copy in its PTX (or one not asked for has one).
+Prints one line per compilation and exits non-zero on the first that fails, when a kernel asked for TMA loads
+has no TMA copy in its PTX (or one not asked for has one), or when a config asked for warp specialization was built
+without it (Triton then quietly compiles the loop as usual).
 """
 
 import argparse
@@ -50,13 +52,21 @@ def source(fn: triton.JITFunction, args: tuple, constexprs: dict) -> ASTSource:
     return ASTSource(fn, signature, constants)
 
 
+def autotune_configs(kernel: triton.runtime.Autotuner, which: str) -> list:
+    """The configs the autotuner would time; for ``first``, the first one and the first warp-specialized one."""
+    if which == "all":
+        return kernel.configs
+    firsts = {config.kwargs.get("WARP_SPECIALIZE", False): config for config in reversed(kernel.configs)}
+    return [config for config in kernel.configs if config in firsts.values()]
+
+
 def compile_only(which: str, compiled: list[str]):
     """A stand-in for ``kernels.launch`` that compiles instead of launching."""
 
     def launch(kernel, grid, args: tuple, constexprs: dict) -> None:
         autotuned = isinstance(kernel, triton.runtime.Autotuner)
         fn = kernel.fn if autotuned else kernel
-        configs = kernel.configs[: 1 if which == "first" else None] if autotuned else [None]
+        configs = autotune_configs(kernel, which) if autotuned else [None]
         for config in configs:
             meta = {**constexprs, **(config.kwargs if config else {})}
             options = {key: meta.pop(key) for key in LAUNCH_OPTIONS if key in meta}
@@ -68,6 +78,9 @@ def compile_only(which: str, compiled: list[str]):
             uses_tma = "cp.async.bulk.tensor" in binary.asm["ptx"]
             if uses_tma != any(v for k, v in flags.items() if k.endswith("TMA")):
                 raise AssertionError(f"{fn.__name__} {flags}: TMA copies in its PTX: {uses_tma}")
+            specialized = "ttg.warp_specialize" in binary.asm["ttgir"]
+            if specialized != bool(meta.get("WARP_SPECIALIZE")):
+                raise AssertionError(f"{fn.__name__} {flags} {config.kwargs}: warp-specialized: {specialized}")
             line = (f"{fn.__name__} {flags} {config.kwargs if config else ''} {options}: "
                     f"{binary.metadata.shared} B shared, {time.perf_counter() - start:.1f} s")
             print(line, flush=True)

@@ -3,7 +3,9 @@
 Rows are the (token, expert) pairs of top-k routing, sorted by expert. A kernel never sees a padded or
 permuted copy of its input: it gathers token rows by index (``sorted_pairs // top_k``) and scatters outputs
 to pair order itself. Every weight tensor is passed as a logical (E, K, N) view, so one kernel serves both a
-projection and its transpose through strides. Each launcher below owns exactly one kernel.
+projection and its transpose through strides. Each launcher below owns exactly one kernel. The grouped kernels take
+rows in blocks of ROW_BLOCK, each within one expert; ``row_block_schedule`` maps blocks to experts once per routing
+(``Routing.of``), so a program starts with three loads instead of a search over the experts.
 
 On Hopper, the operands that are read as whole tiles (every weight, and row blocks of a grouped activation) load
 through TMA tensor descriptors (``tl.make_tensor_descriptor``) instead of per-element pointers; rows gathered by
@@ -11,10 +13,12 @@ token stay on pointer loads, which TMA cannot gather on Hopper. A descriptor spa
 reach past its expert's last row or column into the next expert's: those values only meet zeros (the other
 operand's masked rows or columns) or land in masked output, as long as they are finite. ``_weight_tma`` and
 ``_grouped_rows_tma`` decide per tensor; the pointer path serves everything else (fp32, misaligned views) and
-``TURBO_TUNE_MOE_TMA=0``.
+``TURBO_TUNE_MOE_TMA=0``. Where all of a loop's loads are descriptor loads (the down projection and the input
+gradient), warp-specialized configs join the autotuner's choice.
 """
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -23,33 +27,47 @@ import triton.language as tl
 from .launch import INTERPRET, launch
 
 TMA_ENV = "TURBO_TUNE_MOE_TMA"
+WARP_SPECIALIZE_ENV = "TURBO_TUNE_MOE_WARP_SPECIALIZE"
 
 
-def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
-    """Autotune space: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); one small config in the interpreter."""
+TILES = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+# The grouped kernels (gate/up, scatter matmul) take rows in blocks of ROW_BLOCK per expert, mapped to experts once
+# per routing by ``row_block_schedule``: BLOCK_M is the launcher's constexpr, not a tuned tile (the autotuner had
+# chosen 128 at every model shape on an H200, docs/results.md).
+ROW_BLOCK = 64 if INTERPRET else 128
+ROW_TILES = ("BLOCK_N", "BLOCK_K")
+
+
+def _configs(shapes: list[tuple[int, ...]], tiles: tuple[str, ...] = TILES,
+             warp_specialize: bool | None = None) -> list[triton.Config]:
+    """Autotune space: (*tiles, num_warps, num_stages), one small config in the interpreter (more would be timed).
+    ``warp_specialize``: the value of that constexpr in every config, for the kernels that have it."""
     if INTERPRET:
-        shapes = [(64, 64, 64, 4, 1)]
+        shapes = [(64,) * len(tiles) + (4, 1)]
+    flag = {} if warp_specialize is None else {"WARP_SPECIALIZE": warp_specialize}
     return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-        for m, n, k, w, s in shapes
+        triton.Config(dict(zip(tiles, shape[:-2], strict=True)) | flag, num_warps=shape[-2], num_stages=shape[-1])
+        for shape in shapes
     ]
 
 
 # Hopper-sized tiles first, then tiles that still fill the GPU when an expert gets few rows. The BLOCK_K 32 deep
 # pipelines are candidates after the weight-gradient kernel's sweep (below); the autotuner keeps them only if faster.
-_GATE_UP_CONFIGS = _configs(
-    [
-        (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 5), (128, 128, 32, 8, 6), (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4), (64, 64, 64, 4, 3),
-    ]
-)
+_GATE_UP_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 5), (128, 32, 8, 6), (64, 64, 4, 4),
+                             (128, 64, 4, 4)], ROW_TILES)
 _MATMUL_CONFIGS = _configs(
     [
-        (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 32, 8, 5), (256, 128, 32, 8, 5), (128, 128, 64, 4, 4),
-        (64, 128, 64, 4, 4), (64, 64, 64, 4, 3),
-        (128, 32, 64, 4, 4),  # LoRA's rank-sized outputs (N = r)
-    ]
+        (128, 64, 8, 4), (256, 64, 8, 3), (256, 32, 8, 5), (128, 32, 8, 5), (128, 64, 4, 4), (64, 64, 4, 3),
+        (32, 64, 4, 4),  # LoRA's rank-sized outputs (N = r)
+    ],
+    ROW_TILES, warp_specialize=False,
 )
+# Warp-specialized (a producer warp group issuing the TMA loads, two consumer groups on the tensor cores). Triton 3.6
+# builds these on Hopper only for one warp group per program (num_warps 4), and only for a loop whose every load is
+# a descriptor load: ``scatter_matmul`` offers them beside the others to such launches alone
+# (``_WARP_SPECIALIZED_MATMUL``). In the interpreter that kernel's one config is the warp-specialized one.
+_WARP_SPECIALIZED_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 4, 4), (256, 64, 4, 3), (128, 128, 4, 2)], ROW_TILES,
+                                     warp_specialize=True)
 # Short K steps, deep pipelines: a 72-config sweep on an H200 (benchmarks/wgrad_sweep.py, docs/history.md) found
 # (256, 128, 32, 8, 5) and (128, 256, 32, 8, 5) 1.16-1.21x faster than the best of the older list at both model shapes.
 _WEIGHT_GRAD_CONFIGS = _configs(
@@ -65,12 +83,14 @@ _WEIGHT_GRAD_CONFIGS = _configs(
 # fp32 products are exact ("ieee"): no tensor cores, so the tiles above would spill registers and overflow shared
 # memory (a 128x256x64 fp32 tile pipelined 3 deep needs 288 KiB). Compiling and timing them all, the first fp32 call
 # at a small shape had not finished after 120 s on an H200; with these small tiles it takes 4-18 s
-# (benchmarks/fp32_first_call.py, docs/results.md). fp32 runs (parity checks, --model_dtype float32) use them.
-_FP32_CONFIGS = _configs([(64, 64, 32, 4, 2), (32, 64, 32, 4, 2), (64, 32, 32, 4, 2), (32, 32, 32, 4, 1)])
+# (benchmarks/fp32_first_call.py, docs/results.md). fp32 runs (parity checks, --model_dtype float32) use them; the
+# grouped kernels' rows stay ROW_BLOCK high, with narrower columns and eight warps to hold the accumulators.
+_FP32_SHAPES = {TILES: [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2), (64, 32, 32, 4, 2), (32, 32, 32, 4, 1)],
+                ROW_TILES: [(64, 32, 8, 2), (32, 32, 4, 2), (32, 32, 8, 1)]}
 
 
 def _tuned_for(kernel: triton.runtime.Autotuner, dtype: torch.dtype) -> triton.runtime.Autotuner:
-    """``kernel``, or for fp32 its twin that autotunes over ``_FP32_CONFIGS`` (same code, same autotune key)."""
+    """``kernel``, or for fp32 its twin that autotunes over ``_FP32_SHAPES`` (same code, same autotune key)."""
     return _FP32_TWINS[kernel] if dtype == torch.float32 else kernel
 
 
@@ -84,9 +104,6 @@ def _rows_bucket(num_rows: int) -> int:
     return triton.next_power_of_2(max(num_rows, 1))
 
 
-def _row_blocks_upper_bound(num_rows: int, num_experts: int, block_m: int) -> int:
-    """Row blocks never exceed this whatever the routing: each expert wastes at most one partial block."""
-    return triton.cdiv(num_rows, block_m) + num_experts
 
 
 def _tma_allocator(size: int, alignment: int, stream: int | None) -> torch.Tensor:
@@ -164,41 +181,61 @@ def _load_weight(w_desc, w_ptrs, expert, K, N_TOTAL, k0, n0, k_mask, col_mask,
 
 
 @triton.jit
-def _expert_row_block(
-    pid_m, expert_ends_ptr, NUM_EXPERTS, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr
-):
-    """Map row block ``pid_m`` to (expert, first row, end row of the expert) without any host sync."""
+def _row_block_schedule_kernel(expert_ends_ptr, schedule_ptr, NUM_EXPERTS, NUM_ROWS, NUM_BLOCKS,
+                               E_POW2: tl.constexpr, ROWS: tl.constexpr, BLOCK_B: tl.constexpr):
+    """For BLOCK_B row blocks of ROWS grouped rows: (expert, first row, end row of the expert), experts in order,
+    each starting a new block. Blocks past the last hold (NUM_EXPERTS, NUM_ROWS, NUM_ROWS): no rows."""
     experts = tl.arange(0, E_POW2)
     valid = experts < NUM_EXPERTS
     ends = tl.load(expert_ends_ptr + experts, mask=valid, other=0)
     starts = tl.load(expert_ends_ptr + experts - 1, mask=valid & (experts > 0), other=0)
-    blocks = (ends - starts + BLOCK_M - 1) // BLOCK_M
+    blocks = (ends - starts + ROWS - 1) // ROWS
     block_ends = tl.cumsum(blocks, 0)
-    expert = tl.sum((block_ends <= pid_m).to(tl.int32), 0)
-    is_expert = experts == expert
-    first_block = tl.sum(tl.where(is_expert, block_ends - blocks, 0), 0)
-    row_start = tl.sum(tl.where(is_expert, starts, 0), 0) + (pid_m - first_block) * BLOCK_M
-    row_end = tl.sum(tl.where(is_expert, ends, 0), 0)
-    return expert, row_start, row_end
+    ids = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    expert = tl.sum((block_ends[None, :] <= ids[:, None]).to(tl.int32), 1)
+    is_expert = experts[None, :] == expert[:, None]
+    first_block = tl.sum(tl.where(is_expert, (block_ends - blocks)[None, :], 0), 1)
+    in_use = expert < NUM_EXPERTS
+    row_start = tl.sum(tl.where(is_expert, starts[None, :], 0), 1) + (ids - first_block) * ROWS
+    row_end = tl.sum(tl.where(is_expert, ends[None, :], 0), 1)
+    entries = schedule_ptr + ids * 3
+    stored = ids < NUM_BLOCKS
+    tl.store(entries, tl.where(in_use, expert, NUM_EXPERTS), mask=stored)
+    tl.store(entries + 1, tl.where(in_use, row_start, NUM_ROWS), mask=stored)
+    tl.store(entries + 2, tl.where(in_use, row_end, NUM_ROWS), mask=stored)
 
 
 @triton.jit
-def _accumulate(acc, a_ptrs, a_desc, row_start, w_ptrs, w_desc, expert, n0, row_mask, col_mask, K, N_TOTAL,
+def _row_block(schedule_ptr, pid_m):
+    """(expert, first row, end row of the expert) of row block ``pid_m``: three loads, no search per program."""
+    entry = schedule_ptr + pid_m * 3
+    return tl.load(entry), tl.load(entry + 1), tl.load(entry + 2)
+
+
+@triton.jit
+def _accumulate(acc, a_ptrs, a_desc, row_start, w_ptrs, w_desc, expert, n0, row_mask, col_mask, K, k_end, N_TOTAL,
                 stride_ak, stride_wk, A_TMA: tl.constexpr, W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr,
-                BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """acc += a @ W[expert] over K in BLOCK_K steps: a's (BLOCK_M, BLOCK_K) tiles from pointers ``a_ptrs`` or, for
-    grouped rows, descriptor ``a_desc`` at ``row_start``; W's (BLOCK_K, BLOCK_N) tiles at column ``n0``."""
+                BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+    """acc += a @ W[expert] over K (up to ``k_end``: K, or 0 for no work) in BLOCK_K steps: a's (BLOCK_M, BLOCK_K)
+    tiles from pointers ``a_ptrs`` or, for grouped rows, descriptor ``a_desc`` at ``row_start``; W's
+    (BLOCK_K, BLOCK_N) tiles at column ``n0``."""
     ks = tl.arange(0, BLOCK_K)
-    for k0 in range(0, K, BLOCK_K):
-        k_mask = ks < K - k0
-        if A_TMA:
+    if WARP_SPECIALIZE:  # a loop of descriptor loads and dots only: what Triton's Hopper warp specialization takes
+        for k0 in tl.range(0, k_end, BLOCK_K, warp_specialize=True):
             a = a_desc.load([row_start, k0])
-        else:
-            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = _load_weight(w_desc, w_ptrs, expert, K, N_TOTAL, k0, n0, k_mask, col_mask, W_TMA, W_K_CONTIG)
-        acc = tl.dot(a, w, acc=acc, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        w_ptrs += BLOCK_K * stride_wk
+            w = _load_weight(w_desc, w_ptrs, expert, K, N_TOTAL, k0, n0, ks, col_mask, True, W_K_CONTIG)
+            acc = tl.dot(a, w, acc=acc, input_precision=INPUT_PRECISION)
+    else:
+        for k0 in range(0, k_end, BLOCK_K):
+            k_mask = ks < K - k0
+            if A_TMA:
+                a = a_desc.load([row_start, k0])
+            else:
+                a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w = _load_weight(w_desc, w_ptrs, expert, K, N_TOTAL, k0, n0, k_mask, col_mask, W_TMA, W_K_CONTIG)
+            acc = tl.dot(a, w, acc=acc, input_precision=INPUT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            w_ptrs += BLOCK_K * stride_wk
     return acc
 
 
@@ -225,11 +262,11 @@ def _accumulate_gate_up(acc_gate, acc_up, a_ptrs, w_ptrs, w_desc, expert, n0, up
 @triton.autotune(configs=_GATE_UP_CONFIGS, key=["K", "N", "ROWS_BUCKET", "HAS_A2", "W_TMA"])
 @triton.jit
 def _gather_gate_up_swiglu_kernel(
-    x_ptr, w_ptr, a2_ptr, w2_ptr, sorted_pairs_ptr, expert_ends_ptr, scale_ptr, gate_up_ptr, h_ptr,
+    x_ptr, w_ptr, a2_ptr, w2_ptr, sorted_pairs_ptr, schedule_ptr, scale_ptr, gate_up_ptr, h_ptr,
     NUM_EXPERTS, K, K2, N, TOP_K, ROWS_BUCKET,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn,
     stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
-    HAS_A2: tl.constexpr, W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr, E_POW2: tl.constexpr,
+    HAS_A2: tl.constexpr, W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """gate|up = x[token] @ W[e] for the gate and up halves at once; SwiGLU and routing weight in the epilogue.
@@ -243,7 +280,7 @@ def _gather_gate_up_swiglu_kernel(
     num_n_blocks = tl.cdiv(N, BLOCK_N)
     pid_m = pid // num_n_blocks
     pid_n = pid % num_n_blocks
-    expert, row_start, row_end = _expert_row_block(pid_m, expert_ends_ptr, NUM_EXPERTS, E_POW2, BLOCK_M)
+    expert, row_start, row_end = _row_block(schedule_ptr, pid_m)
     if expert >= NUM_EXPERTS:
         return
     rows = row_start + tl.arange(0, BLOCK_M)
@@ -284,25 +321,27 @@ def _gather_gate_up_swiglu_kernel(
 @triton.autotune(configs=_MATMUL_CONFIGS, key=["K", "N", "ROWS_BUCKET", "A_GATHERED", "HAS_A2", "A_TMA", "W_TMA"])
 @triton.jit(do_not_specialize=["NUM_ROWS"])  # a descriptor's extent only: one compile for every row count
 def _scatter_matmul_kernel(
-    a_ptr, w_ptr, a2_ptr, w2_ptr, sorted_pairs_ptr, expert_ends_ptr, y_ptr,
+    a_ptr, w_ptr, a2_ptr, w2_ptr, sorted_pairs_ptr, schedule_ptr, y_ptr,
     NUM_EXPERTS, K, K2, N, TOP_K, ROWS_BUCKET, NUM_ROWS,
     stride_am, stride_ak, stride_we, stride_wk, stride_wn,
     stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
     A_GATHERED: tl.constexpr, Y_SCATTERED: tl.constexpr, HAS_A2: tl.constexpr, A_TMA: tl.constexpr,
-    W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr, E_POW2: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     """y = a @ W[e] per expert row block. ``a`` rows are gathered by token or read in grouped order (A_TMA: through
     a descriptor); ``y`` rows are scattered to pair order or written in grouped order. With HAS_A2,
     y += a2 @ W2[e] over grouped rows of a2 in the same accumulator (LoRA's low-rank term, added without a second
-    output buffer)."""
+    output buffer). WARP_SPECIALIZE builds the main loop warp-specialized, which Triton 3.6 refuses for a kernel
+    that may return early: a block with no rows runs no iteration instead."""
     pid = tl.program_id(0)
     num_n_blocks = tl.cdiv(N, BLOCK_N)
     pid_m = pid // num_n_blocks
     pid_n = pid % num_n_blocks
-    expert, row_start, row_end = _expert_row_block(pid_m, expert_ends_ptr, NUM_EXPERTS, E_POW2, BLOCK_M)
-    if expert >= NUM_EXPERTS:
-        return
+    expert, row_start, row_end = _row_block(schedule_ptr, pid_m)
+    if not WARP_SPECIALIZE:
+        if expert >= NUM_EXPERTS:
+            return
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     pairs = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0).to(tl.int64)
@@ -324,13 +363,13 @@ def _scatter_matmul_kernel(
     else:
         w_desc = w_ptr
     acc = _accumulate(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a_ptrs, a_desc, row_start, w_ptrs, w_desc,
-                      expert, n0, row_mask, col_mask, K, N, stride_ak, stride_wk, A_TMA, W_TMA, W_K_CONTIG, BLOCK_K,
-                      INPUT_PRECISION)
+                      expert, n0, row_mask, col_mask, K, tl.where(row_start < row_end, K, 0), N, stride_ak, stride_wk,
+                      A_TMA, W_TMA, W_K_CONTIG, BLOCK_K, INPUT_PRECISION, WARP_SPECIALIZE)
     if HAS_A2:
         a2_ptrs = a2_ptr + rows[:, None].to(tl.int64) * stride_a2m + ks[None, :] * stride_a2k
         w2_ptrs = w2_ptr + expert.to(tl.int64) * stride_w2e + ks[:, None] * stride_w2k + cols[None, :] * stride_w2n
-        acc = _accumulate(acc, a2_ptrs, a2_ptr, row_start, w2_ptrs, w2_ptr, expert, n0, row_mask, col_mask, K2, N,
-                          stride_a2k, stride_w2k, False, False, False, BLOCK_K, INPUT_PRECISION)
+        acc = _accumulate(acc, a2_ptrs, a2_ptr, row_start, w2_ptrs, w2_ptr, expert, n0, row_mask, col_mask, K2, K2,
+                          N, stride_a2k, stride_w2k, False, False, False, BLOCK_K, INPUT_PRECISION, False)
     y_ptrs = y_ptr + y_rows[:, None] * N + cols[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
@@ -451,10 +490,52 @@ def _grouped_weight_grad_kernel(
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+def _twin(kernel: triton.runtime.Autotuner, configs: list[triton.Config]) -> triton.runtime.Autotuner:
+    """The same kernel and autotune key over other configs, with its own cache of choices."""
+    return triton.autotune(configs=configs, key=kernel.keys)(kernel.fn)
+
+
+def _fp32_twin(kernel: triton.runtime.Autotuner) -> triton.runtime.Autotuner:
+    """``kernel`` autotuned over ``_FP32_SHAPES`` of its tiles (none warp-specialized: fp32 loads never go through
+    descriptors on a GPU)."""
+    first = kernel.configs[0].kwargs
+    tiles = TILES if "BLOCK_M" in first else ROW_TILES
+    return _twin(kernel, _configs(_FP32_SHAPES[tiles], tiles, first.get("WARP_SPECIALIZE")))
+
+
 _FP32_TWINS = {
-    kernel: triton.autotune(configs=_FP32_CONFIGS, key=kernel.keys)(kernel.fn)
+    kernel: _fp32_twin(kernel)
     for kernel in (_gather_gate_up_swiglu_kernel, _scatter_matmul_kernel, _grouped_weight_grad_kernel)
 }
+_WARP_SPECIALIZED_MATMUL = _twin(
+    _scatter_matmul_kernel, _WARP_SPECIALIZED_CONFIGS if INTERPRET else _MATMUL_CONFIGS + _WARP_SPECIALIZED_CONFIGS)
+
+
+class Routing(NamedTuple):
+    """The (token, expert) pairs of top-k routing, sorted by expert, as the launchers read them."""
+
+    sorted_pairs: torch.Tensor  # (T*k,) pair ids (token * top_k + slot) in expert order
+    expert_ends: torch.Tensor  # (E,) int32, each expert's end row in that order
+    schedule: torch.Tensor  # (row blocks, 3) int32, from row_block_schedule
+    top_k: int
+
+    @classmethod
+    def of(cls, sorted_pairs: torch.Tensor, expert_ends: torch.Tensor, top_k: int) -> "Routing":
+        return cls(sorted_pairs, expert_ends, row_block_schedule(expert_ends, sorted_pairs.numel()), top_k)
+
+
+def row_block_schedule(expert_ends: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Per block of ROW_BLOCK grouped rows, (expert, first row, end row of the expert), computed once per routing
+    on the device (no host sync) for every grouped kernel: (row blocks, 3) int32, as many blocks as any routing
+    of ``num_rows`` rows can need (each expert leaves at most one block partial); the unused ones hold no rows."""
+    num_experts = expert_ends.numel()
+    num_blocks = triton.cdiv(num_rows, ROW_BLOCK) + num_experts
+    schedule = torch.empty(num_blocks, 3, device=expert_ends.device, dtype=torch.int32)
+    blocks_per_program = 64
+    launch(_row_block_schedule_kernel, lambda meta: (triton.cdiv(num_blocks, blocks_per_program),),
+           (expert_ends, schedule, num_experts, num_rows, num_blocks),
+           dict(E_POW2=triton.next_power_of_2(num_experts), ROWS=ROW_BLOCK, BLOCK_B=blocks_per_program, num_warps=4))
+    return schedule
 
 
 def _second_operand(
@@ -470,9 +551,7 @@ def gather_gate_up_swiglu(
     x: torch.Tensor,
     w_gate_up: torch.Tensor,
     row_scale: torch.Tensor,
-    sorted_pairs: torch.Tensor,
-    expert_ends: torch.Tensor,
-    top_k: int,
+    routing: Routing,
     a2: torch.Tensor | None = None,
     w2: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -482,32 +561,29 @@ def gather_gate_up_swiglu(
     """
     num_experts, hidden, two_inter = w_gate_up.shape
     inter = two_inter // 2
-    num_rows = sorted_pairs.numel()
+    num_rows = routing.sorted_pairs.numel()
     row_scale = row_scale.contiguous()  # indexed flat by pair; a strided (T, k) view flattens with a stride
     gate_up = torch.empty(num_rows, two_inter, device=x.device, dtype=x.dtype)
     h = torch.empty(num_rows, inter, device=x.device, dtype=x.dtype)
 
     def grid(meta):
-        blocks_m = _row_blocks_upper_bound(num_rows, num_experts, meta["BLOCK_M"])
-        return (blocks_m * triton.cdiv(inter, meta["BLOCK_N"]),)
+        return (routing.schedule.shape[0] * triton.cdiv(inter, meta["BLOCK_N"]),)
 
     a2, w2, k2, a2_strides = _second_operand(a2, w2, x)
     w_tma, w_k_contig = _weight_tma(w_gate_up, column_offsets=(inter,))
     launch(_tuned_for(_gather_gate_up_swiglu_kernel, x.dtype), grid, (
-        x, w_gate_up, a2, w2, sorted_pairs, expert_ends, row_scale, gate_up, h,
-        num_experts, hidden, k2, inter, top_k, _rows_bucket(num_rows),
+        x, w_gate_up, a2, w2, routing.sorted_pairs, routing.schedule, row_scale, gate_up, h,
+        num_experts, hidden, k2, inter, routing.top_k, _rows_bucket(num_rows),
         x.stride(0), x.stride(1), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), *a2_strides,
-    ), dict(HAS_A2=k2 > 0, W_TMA=w_tma, W_K_CONTIG=w_k_contig, E_POW2=triton.next_power_of_2(num_experts),
-            INPUT_PRECISION=_input_precision(x.dtype)))
+    ), dict(HAS_A2=k2 > 0, W_TMA=w_tma, W_K_CONTIG=w_k_contig, INPUT_PRECISION=_input_precision(x.dtype),
+            BLOCK_M=ROW_BLOCK))
     return gate_up, h
 
 
 def scatter_matmul(
     a: torch.Tensor,
     w: torch.Tensor,
-    sorted_pairs: torch.Tensor,
-    expert_ends: torch.Tensor,
-    top_k: int,
+    routing: Routing,
     a_gathered: bool,
     y_scattered: bool,
     a2: torch.Tensor | None = None,
@@ -515,24 +591,27 @@ def scatter_matmul(
 ) -> torch.Tensor:
     """a @ W[e] for w as (E, K, N) view -> (T*k, N); a is (T, K) gathered by token or (T*k, K) grouped, and the
     output is in pair order (scattered) or grouped order. ``a2`` (T*k, K2) grouped with ``w2`` as (E, K2, N)
-    view adds a2 @ W2[e]."""
+    view adds a2 @ W2[e]. Where every load is a descriptor load, the autotuner also times warp-specialized configs
+    (unless ``TURBO_TUNE_MOE_WARP_SPECIALIZE=0``)."""
     num_experts, k_dim, n_dim = w.shape
-    num_rows = sorted_pairs.numel()
+    num_rows = routing.sorted_pairs.numel()
     y = torch.empty(num_rows, n_dim, device=a.device, dtype=a.dtype)
 
     def grid(meta):
-        blocks_m = _row_blocks_upper_bound(num_rows, num_experts, meta["BLOCK_M"])
-        return (blocks_m * triton.cdiv(n_dim, meta["BLOCK_N"]),)
+        return (routing.schedule.shape[0] * triton.cdiv(n_dim, meta["BLOCK_N"]),)
 
     a2, w2, k2, a2_strides = _second_operand(a2, w2, a)
     w_tma, w_k_contig = _weight_tma(w)
-    launch(_tuned_for(_scatter_matmul_kernel, a.dtype), grid, (
-        a, w, a2, w2, sorted_pairs, expert_ends, y,
-        num_experts, k_dim, k2, n_dim, top_k, _rows_bucket(num_rows), a.shape[0],
+    a_tma = not a_gathered and _grouped_rows_tma(a)
+    all_tma = a_tma and w_tma and k2 == 0  # what a warp-specialized loop needs
+    warp_specialized = all_tma and os.environ.get(WARP_SPECIALIZE_ENV, "1") != "0"
+    kernel = _WARP_SPECIALIZED_MATMUL if warp_specialized else _tuned_for(_scatter_matmul_kernel, a.dtype)
+    launch(kernel, grid, (
+        a, w, a2, w2, routing.sorted_pairs, routing.schedule, y,
+        num_experts, k_dim, k2, n_dim, routing.top_k, _rows_bucket(num_rows), a.shape[0],
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), *a2_strides,
-    ), dict(A_GATHERED=a_gathered, Y_SCATTERED=y_scattered, HAS_A2=k2 > 0,
-            A_TMA=not a_gathered and _grouped_rows_tma(a), W_TMA=w_tma, W_K_CONTIG=w_k_contig,
-            E_POW2=triton.next_power_of_2(num_experts), INPUT_PRECISION=_input_precision(a.dtype)))
+    ), dict(A_GATHERED=a_gathered, Y_SCATTERED=y_scattered, HAS_A2=k2 > 0, A_TMA=a_tma, W_TMA=w_tma,
+            W_K_CONTIG=w_k_contig, INPUT_PRECISION=_input_precision(a.dtype), BLOCK_M=ROW_BLOCK))
     return y
 
 
@@ -557,9 +636,7 @@ def swiglu_backward(
 def grouped_weight_grad(
     a: torch.Tensor,
     b: torch.Tensor,
-    sorted_pairs: torch.Tensor,
-    expert_ends: torch.Tensor,
-    top_k: int,
+    routing: Routing,
     a_gathered: bool,
     b_gathered: bool,
     dw: torch.Tensor,
@@ -568,14 +645,14 @@ def grouped_weight_grad(
     """Fill dw (E, M, N) with per-expert a^T b over the expert's rows; a is (., M), b is (., N). ``config``: these
     tiles instead of the autotuner's choice (benchmarks/wgrad_sweep.py)."""
     num_experts, m_dim, n_dim = dw.shape
-    num_rows = sorted_pairs.numel()
+    num_rows = routing.sorted_pairs.numel()
 
     def grid(meta):
         return (num_experts * triton.cdiv(m_dim, meta["BLOCK_M"]) * triton.cdiv(n_dim, meta["BLOCK_N"]),)
 
     kernel = _tuned_for(_grouped_weight_grad_kernel, a.dtype)
-    args = (a, b, sorted_pairs, expert_ends, dw, m_dim, n_dim, top_k, _rows_bucket(num_rows), num_rows,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), dw.stride(0), dw.stride(1), dw.stride(2))
+    args = (a, b, routing.sorted_pairs, routing.expert_ends, dw, m_dim, n_dim, routing.top_k, _rows_bucket(num_rows),
+            num_rows, a.stride(0), a.stride(1), b.stride(0), b.stride(1), dw.stride(0), dw.stride(1), dw.stride(2))
     constexprs = dict(A_GATHERED=a_gathered, B_GATHERED=b_gathered,
                       A_TMA=b_gathered and not a_gathered and _grouped_rows_tma(a),
                       B_TMA=a_gathered and not b_gathered and _grouped_rows_tma(b),

@@ -62,21 +62,22 @@ def experts_forward(
     adapter). The routing-weighted activations h (T*k, I) are not kept: backward recomputes them from the
     pre-activations in the pass it reads those anyway."""
     top_k = routing_weights.shape[1]
+    routing = kernels.Routing.of(sorted_pairs, expert_ends, top_k)
     su = sv = None
     if gate_up_lora is not None:
         su = kernels.scatter_matmul(
-            x, gate_up_lora.a.transpose(1, 2), sorted_pairs, expert_ends, top_k, a_gathered=True, y_scattered=False
+            x, gate_up_lora.a.transpose(1, 2), routing, a_gathered=True, y_scattered=False
         ).mul_(gate_up_lora.scale)
     gate_up, h = kernels.gather_gate_up_swiglu(
-        x, w_gate_up.transpose(1, 2), routing_weights.reshape(-1), sorted_pairs, expert_ends, top_k,
+        x, w_gate_up.transpose(1, 2), routing_weights.reshape(-1), routing,
         a2=su, w2=None if su is None else gate_up_lora.b.transpose(1, 2),
     )
     if down_lora is not None:
         sv = kernels.scatter_matmul(
-            h, down_lora.a.transpose(1, 2), sorted_pairs, expert_ends, top_k, a_gathered=False, y_scattered=False
+            h, down_lora.a.transpose(1, 2), routing, a_gathered=False, y_scattered=False
         ).mul_(down_lora.scale)
     out_pairs = kernels.scatter_matmul(
-        h, w_down.transpose(1, 2), sorted_pairs, expert_ends, top_k, a_gathered=False, y_scattered=True,
+        h, w_down.transpose(1, 2), routing, a_gathered=False, y_scattered=True,
         a2=sv, w2=None if sv is None else down_lora.b.transpose(1, 2),
     )
     return kernels.sum_top_k(out_pairs, top_k), gate_up, su, sv
@@ -87,23 +88,23 @@ def _low_rank_grads(
     grad_p_gathered: bool,
     lora: LowRank,
     low_rank_inputs: torch.Tensor,
-    routing: tuple[torch.Tensor, torch.Tensor, int],
+    routing: kernels.Routing,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For P = inputs·Wᵀ + low_rank_inputs·Bᵀ (low_rank_inputs = s·inputs·Aᵀ): ds = s·dP·B (grouped) and dB.
     ``grad_p_gathered``: dP is in pair/token order and is read through the routing, else grouped."""
-    ds = kernels.scatter_matmul(grad_p, lora.b, *routing, a_gathered=grad_p_gathered, y_scattered=False)
+    ds = kernels.scatter_matmul(grad_p, lora.b, routing, a_gathered=grad_p_gathered, y_scattered=False)
     ds.mul_(lora.scale)
     grad_b = torch.empty(lora.b.shape, device=lora.b.device, dtype=grad_p.dtype)
-    kernels.grouped_weight_grad(grad_p, low_rank_inputs, *routing, a_gathered=grad_p_gathered, b_gathered=False,
+    kernels.grouped_weight_grad(grad_p, low_rank_inputs, routing, a_gathered=grad_p_gathered, b_gathered=False,
                                 dw=grad_b)
     return ds, grad_b
 
 
 def _grad_a(ds: torch.Tensor, inputs: torch.Tensor, inputs_gathered: bool, lora: LowRank,
-            routing: tuple[torch.Tensor, torch.Tensor, int]) -> torch.Tensor:
+            routing: kernels.Routing) -> torch.Tensor:
     """dA = dsᵀ·inputs per expert (``inputs_gathered``: inputs in token order, read through the routing)."""
     grad_a = torch.empty(lora.a.shape, device=lora.a.device, dtype=inputs.dtype)
-    return kernels.grouped_weight_grad(ds, inputs, *routing, a_gathered=False, b_gathered=inputs_gathered, dw=grad_a)
+    return kernels.grouped_weight_grad(ds, inputs, routing, a_gathered=False, b_gathered=inputs_gathered, dw=grad_a)
 
 
 def weight_grad_backend() -> str:
@@ -159,7 +160,7 @@ _FASTEST_WEIGHT_GRAD: dict[tuple, str] = {}
 def expert_weight_grad(
     a: torch.Tensor,
     b: torch.Tensor,
-    routing: tuple[torch.Tensor, torch.Tensor, int],
+    routing: kernels.Routing,
     a_gathered: bool,
     b_gathered: bool,
     weight: torch.Tensor,
@@ -167,17 +168,15 @@ def expert_weight_grad(
 ) -> torch.Tensor:
     """Per expert, aᵀ·b over the expert's rows, shaped like ``weight`` (E, M, N); a is (., M), b is (., N).
     ``projection`` ("gate_up" or "down") is which weight it is, for ``grouped_mm_gate_up``."""
-    sorted_pairs, expert_ends, top_k = routing
-
     def on_triton() -> torch.Tensor:
-        return kernels.grouped_weight_grad(a, b, *routing, a_gathered=a_gathered, b_gathered=b_gathered,
+        return kernels.grouped_weight_grad(a, b, routing, a_gathered=a_gathered, b_gathered=b_gathered,
                                            dw=torch.empty_like(weight, memory_format=torch.contiguous_format))
 
     def on_grouped_mm() -> torch.Tensor:
-        tokens = sorted_pairs // top_k
+        tokens = routing.sorted_pairs // routing.top_k
         a_rows = a.index_select(0, tokens) if a_gathered else a
         b_rows = b.index_select(0, tokens) if b_gathered else b
-        return torch._grouped_mm(a_rows.t(), b_rows, offs=expert_ends)
+        return torch._grouped_mm(a_rows.t(), b_rows, offs=routing.expert_ends)
 
     backend = weight_grad_backend()
     if backend == "grouped_mm_gate_up":
@@ -185,8 +184,8 @@ def expert_weight_grad(
     if backend == "triton" or not _grouped_mm_fits(a, b):
         return on_triton()
     if backend == "auto":
-        key = (weight.shape[1], weight.shape[2], kernels._rows_bucket(sorted_pairs.numel()), a_gathered, b_gathered,
-               a.dtype, a.device)
+        key = (weight.shape[1], weight.shape[2], kernels._rows_bucket(routing.sorted_pairs.numel()), a_gathered,
+               b_gathered, a.dtype, a.device)
         if key not in _FASTEST_WEIGHT_GRAD:
             candidates = {"triton": on_triton, "grouped_mm": on_grouped_mm}
             _FASTEST_WEIGHT_GRAD[key] = min(candidates, key=lambda name: _time_ms(candidates[name]))
@@ -216,14 +215,14 @@ def experts_backward(
     """
     num_tokens, top_k = routing_weights.shape
     grad_out = grad_out.to(x.dtype).contiguous()  # autocast can hand back an fp32 gradient for a bf16 output
-    routing = (sorted_pairs, expert_ends, top_k)
+    routing = kernels.Routing.of(sorted_pairs, expert_ends, top_k)
     grad_a_gu = grad_b_gu = grad_a_down = grad_b_down = grad_w_gate_up = grad_w_down = None
 
     dsv = a_down = None
     if down_lora is not None:
         a_down = down_lora.a
         dsv, grad_b_down = _low_rank_grads(grad_out, True, down_lora, sv, routing)
-    grad_h = kernels.scatter_matmul(grad_out, w_down, *routing, a_gathered=True, y_scattered=False, a2=dsv, w2=a_down)
+    grad_h = kernels.scatter_matmul(grad_out, w_down, routing, a_gathered=True, y_scattered=False, a2=dsv, w2=a_down)
     grad_gate_up, grad_scale, h = kernels.swiglu_backward(
         grad_h, gate_up, sorted_pairs, routing_weights.reshape(-1), want_h=needs_weight_grads or dsv is not None
     )
@@ -237,7 +236,7 @@ def experts_backward(
         a_gate_up = gate_up_lora.a
         dsu, grad_b_gu = _low_rank_grads(grad_gate_up, False, gate_up_lora, su, routing)
         grad_a_gu = _grad_a(dsu, x, True, gate_up_lora, routing)
-    grad_x = kernels.scatter_matmul(grad_gate_up, w_gate_up, *routing, a_gathered=False, y_scattered=True,
+    grad_x = kernels.scatter_matmul(grad_gate_up, w_gate_up, routing, a_gathered=False, y_scattered=True,
                                     a2=dsu, w2=a_gate_up)
     del dsu
     grad_x = kernels.sum_top_k(grad_x, top_k)

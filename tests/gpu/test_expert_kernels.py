@@ -31,7 +31,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBl
 
 from monkey_patch.fast_moe import register_scattermoe
 from monkey_patch.frozen_experts import quantize_rowwise
-from monkey_patch.scattermoe import launch
+from monkey_patch.scattermoe import kernels, launch
 from monkey_patch.scattermoe.compilable_ops import scattermoe_experts
 from monkey_patch.scattermoe.ops import WEIGHT_GRAD_BACKENDS, WEIGHT_GRAD_ENV, LowRank
 
@@ -102,6 +102,22 @@ def test_strided_misaligned_and_transposed_inputs_give_the_contiguous_results():
     problem, reference, grouped_mm = bf16_baseline(QWEN3_30B_A3B, 4096, "skewed")
     ours = experts_outputs(problem, "scattermoe", BF16, QWEN3_30B_A3B, prepare=strided_inputs)
     assert_as_close_as_grouped_mm("experts strided/misaligned/transposed 30B-A3B 4096", ours, grouped_mm, reference)
+
+
+def test_every_config_of_the_descriptor_fed_matmul_is_as_close_as_grouped_mm(monkeypatch):
+    """The autotuner keeps whichever config is fastest on the GPU and shape at hand, so each must be right, the
+    warp-specialized ones included: each in turn runs the launches whose loads are all descriptor loads (the down
+    projection and the input gradient)."""
+    kernel = kernels._WARP_SPECIALIZED_MATMUL
+    monkeypatch.setattr(launch, "enabled", False)  # Triton's own path, which reads the configs on every launch
+    problem, reference, grouped_mm = bf16_baseline(QWEN3_30B_A3B, 4096, "skewed")
+    configs = kernel.configs
+    assert any(config.kwargs["WARP_SPECIALIZE"] for config in configs)
+    for config in configs:
+        monkeypatch.setattr(kernel, "configs", [config])
+        ours = experts_outputs(problem, "scattermoe", BF16, QWEN3_30B_A3B)
+        assert_as_close_as_grouped_mm(f"experts 30B-A3B 4096 skewed, descriptor-fed matmul {config}", ours,
+                                      grouped_mm, reference)
 
 
 @pytest.mark.parametrize("weight_grad", ["grouped_mm_gate_up", "triton"])
