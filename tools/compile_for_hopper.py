@@ -5,8 +5,7 @@ fail to compile (the compiler's typing of constexpr branches, descriptor layouts
 limits). This drives the expert block's forward and backward on the CPU, in bf16 with TMA loads on, with LoRA on
 both projections, and in fp32, replacing each launch by a compilation to a Hopper cubin (ptxas included) of the
 kernel with the arguments and constexprs it was given, under each autotune config (``--configs first``: the first
-of each list only, and the first warp-specialized one). Nothing runs, so outputs are garbage; only
-the compilations count.
+of each kind in each list only). Nothing runs, so outputs are garbage; only the compilations count.
 
     TRITON_INTERPRET=0 python tools/compile_for_hopper.py [--configs first|all]
 
@@ -53,10 +52,15 @@ def source(fn: triton.JITFunction, args: tuple, constexprs: dict) -> ASTSource:
 
 
 def autotune_configs(kernel: triton.runtime.Autotuner, which: str) -> list:
-    """The configs the autotuner would time; for ``first``, the first one and the first warp-specialized one."""
+    """The configs the autotuner would time; for ``first``, the first one of each kind (the values of its flags
+    such as WARP_SPECIALIZE and PERSISTENT)."""
     if which == "all":
         return kernel.configs
-    firsts = {config.kwargs.get("WARP_SPECIALIZE", False): config for config in reversed(kernel.configs)}
+
+    def kind(config: triton.Config) -> tuple:
+        return tuple((name, value) for name, value in config.kwargs.items() if not name.startswith("BLOCK_"))
+
+    firsts = {kind(config): config for config in reversed(kernel.configs)}
     return [config for config in kernel.configs if config in firsts.values()]
 
 

@@ -17,6 +17,7 @@ operand's masked rows or columns) or land in masked output, as long as they are 
 gradient), warp-specialized configs join the autotuner's choice.
 """
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -38,15 +39,13 @@ ROW_BLOCK = 64 if INTERPRET else 128
 ROW_TILES = ("BLOCK_N", "BLOCK_K")
 
 
-def _configs(shapes: list[tuple[int, ...]], tiles: tuple[str, ...] = TILES,
-             warp_specialize: bool | None = None) -> list[triton.Config]:
+def _configs(shapes: list[tuple[int, ...]], tiles: tuple[str, ...] = TILES, **flags: bool) -> list[triton.Config]:
     """Autotune space: (*tiles, num_warps, num_stages), one small config in the interpreter (more would be timed).
-    ``warp_specialize``: the value of that constexpr in every config, for the kernels that have it."""
+    ``flags``: constexprs of the same value in every config (WARP_SPECIALIZE, PERSISTENT of the scatter matmul)."""
     if INTERPRET:
         shapes = [(64,) * len(tiles) + (4, 1)]
-    flag = {} if warp_specialize is None else {"WARP_SPECIALIZE": warp_specialize}
     return [
-        triton.Config(dict(zip(tiles, shape[:-2], strict=True)) | flag, num_warps=shape[-2], num_stages=shape[-1])
+        triton.Config(dict(zip(tiles, shape[:-2], strict=True)) | flags, num_warps=shape[-2], num_stages=shape[-1])
         for shape in shapes
     ]
 
@@ -60,14 +59,17 @@ _MATMUL_CONFIGS = _configs(
         (128, 64, 8, 4), (256, 64, 8, 3), (256, 32, 8, 5), (128, 32, 8, 5), (128, 64, 4, 4), (64, 64, 4, 3),
         (32, 64, 4, 4),  # LoRA's rank-sized outputs (N = r)
     ],
-    ROW_TILES, warp_specialize=False,
+    ROW_TILES, WARP_SPECIALIZE=False, PERSISTENT=False,
 )
 # Warp-specialized (a producer warp group issuing the TMA loads, two consumer groups on the tensor cores). Triton 3.6
 # builds these on Hopper only for one warp group per program (num_warps 4), and only for a loop whose every load is
 # a descriptor load: ``scatter_matmul`` offers them beside the others to such launches alone
-# (``_WARP_SPECIALIZED_MATMUL``). In the interpreter that kernel's one config is the warp-specialized one.
+# (``_WARP_SPECIALIZED_MATMUL``). Persistent ones (a program per SM, looping over tiles, its loop warp-specialized)
+# let the producer load the next tile while the consumers store the last: the down projection's K is only 768.
+# In the interpreter that kernel's one config is persistent and warp-specialized.
 _WARP_SPECIALIZED_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 4, 4), (256, 64, 4, 3), (128, 128, 4, 2)], ROW_TILES,
-                                     warp_specialize=True)
+                                     WARP_SPECIALIZE=True, PERSISTENT=False)
+_PERSISTENT_CONFIGS = _configs([(128, 64, 4, 3), (256, 64, 4, 3)], ROW_TILES, WARP_SPECIALIZE=True, PERSISTENT=True)
 # Short K steps, deep pipelines: a 72-config sweep on an H200 (benchmarks/wgrad_sweep.py, docs/history.md) found
 # (256, 128, 32, 8, 5) and (128, 256, 32, 8, 5) 1.16-1.21x faster than the best of the older list at both model shapes.
 _WEIGHT_GRAD_CONFIGS = _configs(
@@ -97,6 +99,12 @@ def _tuned_for(kernel: triton.runtime.Autotuner, dtype: torch.dtype) -> triton.r
 def _input_precision(dtype: torch.dtype) -> str:
     """fp32 inputs use exact products so fp32 results match torch to 1e-4; bf16/fp16 go to tensor cores."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.cache
+def _programs_per_launch(device: torch.device) -> int:
+    """A persistent kernel's grid: one program per multiprocessor (three in the interpreter, so its CPU tests loop)."""
+    return 3 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _rows_bucket(num_rows: int) -> int:
@@ -220,8 +228,8 @@ def _accumulate(acc, a_ptrs, a_desc, row_start, w_ptrs, w_desc, expert, n0, row_
     tiles from pointers ``a_ptrs`` or, for grouped rows, descriptor ``a_desc`` at ``row_start``; W's
     (BLOCK_K, BLOCK_N) tiles at column ``n0``."""
     ks = tl.arange(0, BLOCK_K)
-    if WARP_SPECIALIZE:  # a loop of descriptor loads and dots only: what Triton's Hopper warp specialization takes
-        for k0 in tl.range(0, k_end, BLOCK_K, warp_specialize=True):
+    if A_TMA and W_TMA:  # descriptor loads and dots only: a loop Triton's Hopper warp specialization takes
+        for k0 in tl.range(0, k_end, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
             a = a_desc.load([row_start, k0])
             w = _load_weight(w_desc, w_ptrs, expert, K, N_TOTAL, k0, n0, ks, col_mask, True, W_K_CONTIG)
             acc = tl.dot(a, w, acc=acc, input_precision=INPUT_PRECISION)
@@ -318,30 +326,18 @@ def _gather_gate_up_swiglu_kernel(
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.autotune(configs=_MATMUL_CONFIGS, key=["K", "N", "ROWS_BUCKET", "A_GATHERED", "HAS_A2", "A_TMA", "W_TMA"])
-@triton.jit(do_not_specialize=["NUM_ROWS"])  # a descriptor's extent only: one compile for every row count
-def _scatter_matmul_kernel(
-    a_ptr, w_ptr, a2_ptr, w2_ptr, sorted_pairs_ptr, schedule_ptr, y_ptr,
-    NUM_EXPERTS, K, K2, N, TOP_K, ROWS_BUCKET, NUM_ROWS,
-    stride_am, stride_ak, stride_we, stride_wk, stride_wn,
+@triton.jit
+def _scatter_matmul_tile(
+    pid_m, pid_n, a_ptr, a_desc, w_ptr, w_desc, a2_ptr, w2_ptr, sorted_pairs_ptr, schedule_ptr, y_ptr,
+    K, K2, N, TOP_K, stride_am, stride_ak, stride_we, stride_wk, stride_wn,
     stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
     A_GATHERED: tl.constexpr, Y_SCATTERED: tl.constexpr, HAS_A2: tl.constexpr, A_TMA: tl.constexpr,
     W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    """y = a @ W[e] per expert row block. ``a`` rows are gathered by token or read in grouped order (A_TMA: through
-    a descriptor); ``y`` rows are scattered to pair order or written in grouped order. With HAS_A2,
-    y += a2 @ W2[e] over grouped rows of a2 in the same accumulator (LoRA's low-rank term, added without a second
-    output buffer). WARP_SPECIALIZE builds the main loop warp-specialized, which Triton 3.6 refuses for a kernel
-    that may return early: a block with no rows runs no iteration instead."""
-    pid = tl.program_id(0)
-    num_n_blocks = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // num_n_blocks
-    pid_n = pid % num_n_blocks
+    """One (row block, column block) tile of ``_scatter_matmul_kernel``; a block with no rows runs no iteration
+    and stores nothing."""
     expert, row_start, row_end = _row_block(schedule_ptr, pid_m)
-    if not WARP_SPECIALIZE:
-        if expert >= NUM_EXPERTS:
-            return
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     pairs = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0).to(tl.int64)
@@ -353,15 +349,6 @@ def _scatter_matmul_kernel(
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
-    if A_TMA:
-        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[NUM_ROWS, K], strides=[stride_am, 1],
-                                           block_shape=[BLOCK_M, BLOCK_K])
-    else:
-        a_desc = a_ptr
-    if W_TMA:
-        w_desc = _weight_descriptor(w_ptr, NUM_EXPERTS, K, N, stride_wk, stride_wn, W_K_CONTIG, BLOCK_K, BLOCK_N)
-    else:
-        w_desc = w_ptr
     acc = _accumulate(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a_ptrs, a_desc, row_start, w_ptrs, w_desc,
                       expert, n0, row_mask, col_mask, K, tl.where(row_start < row_end, K, 0), N, stride_ak, stride_wk,
                       A_TMA, W_TMA, W_K_CONTIG, BLOCK_K, INPUT_PRECISION, WARP_SPECIALIZE)
@@ -372,6 +359,56 @@ def _scatter_matmul_kernel(
                           N, stride_a2k, stride_w2k, False, False, False, BLOCK_K, INPUT_PRECISION, False)
     y_ptrs = y_ptr + y_rows[:, None] * N + cols[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.autotune(configs=_MATMUL_CONFIGS, key=["K", "N", "ROWS_BUCKET", "A_GATHERED", "HAS_A2", "A_TMA", "W_TMA"])
+@triton.jit(do_not_specialize=["NUM_ROWS", "NUM_BLOCKS"])  # extents only: one compile for every row count
+def _scatter_matmul_kernel(
+    a_ptr, w_ptr, a2_ptr, w2_ptr, sorted_pairs_ptr, schedule_ptr, y_ptr,
+    NUM_EXPERTS, K, K2, N, TOP_K, ROWS_BUCKET, NUM_ROWS, NUM_BLOCKS,
+    stride_am, stride_ak, stride_we, stride_wk, stride_wn,
+    stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
+    A_GATHERED: tl.constexpr, Y_SCATTERED: tl.constexpr, HAS_A2: tl.constexpr, A_TMA: tl.constexpr,
+    W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+):
+    """y = a @ W[e] per expert row block. ``a`` rows are gathered by token or read in grouped order (A_TMA: through
+    a descriptor); ``y`` rows are scattered to pair order or written in grouped order. With HAS_A2,
+    y += a2 @ W2[e] over grouped rows of a2 in the same accumulator (LoRA's low-rank term, added without a second
+    output buffer).
+
+    One tile per program, or with PERSISTENT every grid-stride tile of NUM_BLOCKS row blocks. WARP_SPECIALIZE
+    builds the persistent loop, or else the K loop, warp-specialized; Triton 3.6 refuses that in a kernel that may
+    return early, so such a program past the last row block runs no iteration instead."""
+    pid = tl.program_id(0)
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    if A_TMA:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[NUM_ROWS, K], strides=[stride_am, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+    else:
+        a_desc = a_ptr
+    if W_TMA:
+        w_desc = _weight_descriptor(w_ptr, NUM_EXPERTS, K, N, stride_wk, stride_wn, W_K_CONTIG, BLOCK_K, BLOCK_N)
+    else:
+        w_desc = w_ptr
+    if PERSISTENT:
+        for tile in tl.range(pid, NUM_BLOCKS * num_n_blocks, tl.num_programs(0), warp_specialize=WARP_SPECIALIZE):
+            _scatter_matmul_tile(
+                tile // num_n_blocks, tile % num_n_blocks, a_ptr, a_desc, w_ptr, w_desc, a2_ptr, w2_ptr,
+                sorted_pairs_ptr, schedule_ptr, y_ptr, K, K2, N, TOP_K, stride_am, stride_ak, stride_we, stride_wk,
+                stride_wn, stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n, A_GATHERED, Y_SCATTERED,
+                HAS_A2, A_TMA, W_TMA, W_K_CONTIG, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, False)
+    else:
+        pid_m = pid // num_n_blocks
+        if not WARP_SPECIALIZE:
+            if tl.load(schedule_ptr + pid_m * 3) >= NUM_EXPERTS:  # past the last row block
+                return
+        _scatter_matmul_tile(
+            pid_m, pid % num_n_blocks, a_ptr, a_desc, w_ptr, w_desc, a2_ptr, w2_ptr, sorted_pairs_ptr, schedule_ptr,
+            y_ptr, K, K2, N, TOP_K, stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_a2m, stride_a2k,
+            stride_w2e, stride_w2k, stride_w2n, A_GATHERED, Y_SCATTERED, HAS_A2, A_TMA, W_TMA, W_K_CONTIG,
+            INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, WARP_SPECIALIZE)
 
 
 @triton.jit(do_not_specialize=["num_rows"])  # varies with packed rows: no second compile when it hits a multiple of 16
@@ -500,15 +537,16 @@ def _fp32_twin(kernel: triton.runtime.Autotuner) -> triton.runtime.Autotuner:
     descriptors on a GPU)."""
     first = kernel.configs[0].kwargs
     tiles = TILES if "BLOCK_M" in first else ROW_TILES
-    return _twin(kernel, _configs(_FP32_SHAPES[tiles], tiles, first.get("WARP_SPECIALIZE")))
+    flags = {name: value for name, value in first.items() if name not in tiles}
+    return _twin(kernel, _configs(_FP32_SHAPES[tiles], tiles, **flags))
 
 
 _FP32_TWINS = {
     kernel: _fp32_twin(kernel)
     for kernel in (_gather_gate_up_swiglu_kernel, _scatter_matmul_kernel, _grouped_weight_grad_kernel)
 }
-_WARP_SPECIALIZED_MATMUL = _twin(
-    _scatter_matmul_kernel, _WARP_SPECIALIZED_CONFIGS if INTERPRET else _MATMUL_CONFIGS + _WARP_SPECIALIZED_CONFIGS)
+_WARP_SPECIALIZED_MATMUL = _twin(_scatter_matmul_kernel, _PERSISTENT_CONFIGS if INTERPRET else
+                                 _MATMUL_CONFIGS + _WARP_SPECIALIZED_CONFIGS + _PERSISTENT_CONFIGS)
 
 
 class Routing(NamedTuple):
@@ -597,8 +635,11 @@ def scatter_matmul(
     num_rows = routing.sorted_pairs.numel()
     y = torch.empty(num_rows, n_dim, device=a.device, dtype=a.dtype)
 
+    num_blocks = routing.schedule.shape[0]
+
     def grid(meta):
-        return (routing.schedule.shape[0] * triton.cdiv(n_dim, meta["BLOCK_N"]),)
+        tiles = num_blocks * triton.cdiv(n_dim, meta["BLOCK_N"])
+        return (min(tiles, _programs_per_launch(a.device)) if meta["PERSISTENT"] else tiles,)
 
     a2, w2, k2, a2_strides = _second_operand(a2, w2, a)
     w_tma, w_k_contig = _weight_tma(w)
@@ -608,7 +649,7 @@ def scatter_matmul(
     kernel = _WARP_SPECIALIZED_MATMUL if warp_specialized else _tuned_for(_scatter_matmul_kernel, a.dtype)
     launch(kernel, grid, (
         a, w, a2, w2, routing.sorted_pairs, routing.schedule, y,
-        num_experts, k_dim, k2, n_dim, routing.top_k, _rows_bucket(num_rows), a.shape[0],
+        num_experts, k_dim, k2, n_dim, routing.top_k, _rows_bucket(num_rows), a.shape[0], num_blocks,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), *a2_strides,
     ), dict(A_GATHERED=a_gathered, Y_SCATTERED=y_scattered, HAS_A2=k2 > 0, A_TMA=a_tma, W_TMA=w_tma,
             W_K_CONTIG=w_k_contig, INPUT_PRECISION=_input_precision(a.dtype), BLOCK_M=ROW_BLOCK))

@@ -106,8 +106,8 @@ def test_strided_misaligned_and_transposed_inputs_give_the_contiguous_results():
 
 def test_every_config_of_the_descriptor_fed_matmul_is_as_close_as_grouped_mm(monkeypatch):
     """The autotuner keeps whichever config is fastest on the GPU and shape at hand, so each must be right, the
-    warp-specialized ones included: each in turn runs the launches whose loads are all descriptor loads (the down
-    projection and the input gradient)."""
+    warp-specialized and persistent ones included: each in turn runs the launches whose loads are all descriptor
+    loads (the down projection and the input gradient)."""
     kernel = kernels._WARP_SPECIALIZED_MATMUL
     monkeypatch.setattr(launch, "enabled", False)  # Triton's own path, which reads the configs on every launch
     problem, reference, grouped_mm = bf16_baseline(QWEN3_30B_A3B, 4096, "skewed")
