@@ -8,6 +8,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from monkey_patch import fast_moe
 from monkey_patch.fast_moe import apply_fast_moe_block, register_scattermoe, revert_fast_moe_block
+from tests.numerics import relative_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = 1e-4
@@ -45,11 +46,6 @@ def batch(seed: int = 1) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, 256, (2, 11), generator=generator).to(DEVICE)
     return {"input_ids": input_ids, "labels": input_ids}
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    assert expected.abs().max() > 0, "never compare against zeros"
-    return ((actual - expected).norm() / expected.norm()).item()
 
 
 def loss_and_grads(model: Qwen3MoeForCausalLM) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:

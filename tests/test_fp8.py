@@ -23,6 +23,7 @@ from monkey_patch.fp8 import (
     revert_fp8,
     select_fp8_modules,
 )
+from tests.numerics import relative_error
 from turbo_tune.arguments import parse_config
 from turbo_tune.errors import ConfigError
 from turbo_tune.modeling import apply_lora, load_model
@@ -57,11 +58,6 @@ def convertible_model(seed: int = 0) -> Qwen3MoeForCausalLM:
 def batch(vocab: int = 256) -> dict[str, torch.Tensor]:
     input_ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(1))
     return {"input_ids": input_ids, "labels": input_ids}
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    assert expected.abs().max() > 0, "never compare against zeros"
-    return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
 
 
 def qwen3_30b_a3b_on_meta(layers: int = 48) -> Qwen3MoeForCausalLM:

@@ -13,15 +13,10 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 from monkey_patch.scattermoe import kernels, ops
 from monkey_patch.scattermoe.compilable_ops import scattermoe_experts
 from monkey_patch.scattermoe.ops import WEIGHT_GRAD_BACKENDS, WEIGHT_GRAD_ENV, LowRank, compute_routing
+from tests.numerics import relative_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = 1e-4
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    assert expected.abs().max() > 0, "never compare against zeros"
-    assert torch.isfinite(actual).all()
-    return ((actual - expected).norm() / expected.norm()).item()
 
 
 def make_eager_experts(hidden: int, inter: int, num_experts: int, top_k: int) -> Qwen3MoeExperts:

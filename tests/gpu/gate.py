@@ -12,6 +12,7 @@ from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from monkey_patch.fast_moe import register_scattermoe
+from tests.numerics import relative_error
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU gate: run `bash tests/gpu/run.sh` on a GPU")
 
@@ -42,14 +43,6 @@ QWEN3_235B_A22B = Shape("235B-A22B", 4096, 1536, 128, 8)
 RAGGED = Shape("ragged", 200, 104, 12, 3)  # no dimension a multiple of a tile, rows 16-byte aligned
 UNALIGNED = Shape("unaligned", 196, 100, 12, 3)  # rows not 16-byte aligned: torch's grouped GEMM refuses them
 SMALL = Shape("small-top8", 128, 96, 16, 8)  # the fp32 shape that took minutes to autotune (issue 20)
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """‖actual − expected‖ / ‖expected‖ in fp32; never against zeros, never with a non-finite value."""
-    expected = expected.float()
-    assert expected.abs().max() > 0, "never compare against zeros"
-    assert torch.isfinite(actual).all(), "non-finite values"
-    return ((actual.float() - expected).norm() / expected.norm()).item()
 
 
 def routing(tokens: int, shape: Shape, kind: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
