@@ -253,6 +253,14 @@ def dense_ceiling_tflops(size: int = 8192) -> float:
     return 2 * size**3 / median_ms(lambda: a @ b, 3, 10) / 1e9
 
 
+@functools.cache
+def copy_bandwidth_gbps(size_gib: int = 2) -> float:
+    """GB/s of a device-to-device copy (read + write) of ``size_gib`` GiB: the ceiling of the memory-bound passes."""
+    source = torch.empty(size_gib * GIB, device="cuda", dtype=torch.uint8)
+    target = torch.empty_like(source)
+    return 2 * source.numel() / median_ms(lambda: target.copy_(source), 3, 10) / 1e6
+
+
 def pair_flops(case: Case) -> int:
     """FLOPs of one (T*k, I) x (I, H) product: the down projection; gate/up is twice it, forward+backward 9 times."""
     return 2 * case.tokens * case.top_k * case.hidden * case.inter
@@ -274,9 +282,27 @@ def matmul_flops(case: Case, impl: str) -> dict[str, int]:
     return flops
 
 
+def memory_bytes(case: Case, impl: str) -> dict[str, int]:
+    """Bytes each memory-bound pass of ``impl`` reads and writes per step (bf16), by a substring of its kernel name:
+    the SwiGLU backward (gradient of h and the pre-activations in, their gradients and h out), the two top-k
+    combines (forward output and input gradient) and, with torch's grouped GEMM for a weight gradient, the copy of
+    the routed rows it reads (``index_select``: one for dW_gate_up, a second for dW_down)."""
+    if impl not in WEIGHT_GRAD_OF:
+        return {}
+    rows = case.tokens * case.top_k
+    element = 2
+    moved = {"_swiglu_backward_kernel": element * rows * 6 * case.inter,
+             "_sum_top_k_kernel": 2 * element * (rows + case.tokens) * case.hidden}
+    copies = {"triton": 0, "grouped_mm_gate_up": 1, "grouped_mm": 2}[WEIGHT_GRAD_OF[impl]]
+    if copies:
+        moved["indexSelect"] = copies * 2 * element * rows * case.hidden
+    return moved
+
+
 def profile_kernels(case: Case, impl: str, scope: str = "experts") -> str:
-    """Per-kernel CUDA time of one forward+backward of ``impl``, with each scattermoe matmul kernel's TFLOP/s and
-    its share of the dense bf16 ceiling measured in the same run."""
+    """Per-kernel CUDA time of one forward+backward of ``impl``: each scattermoe matmul kernel's TFLOP/s and share of
+    the dense bf16 ceiling, each memory-bound pass's bytes, GB/s and share of a device copy's bandwidth, both
+    ceilings measured in the same run."""
     problem = Problem(case, scope, torch.device("cuda"), torch.bfloat16)
     module = problem.module(impl)
 
@@ -294,11 +320,13 @@ def profile_kernels(case: Case, impl: str, scope: str = "experts") -> str:
             step()
         torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - start) / steps * 1e3
-    ceiling = dense_ceiling_tflops()
-    flops = matmul_flops(case, impl)
+    ceiling, bandwidth = dense_ceiling_tflops(), copy_bandwidth_gbps()
+    flops, moved = matmul_flops(case, impl), memory_bytes(case, impl)
     lines = [f"### {impl} kernels, {case.shape} {case.tokens} tokens {case.routing}, {scope}", "",
-             f"Dense bf16 ceiling (8192³ matmul) in this run: {ceiling:.0f} TFLOP/s.", "",
-             "| kernel | ms per step | TFLOP/s | share of the ceiling |", "|---|---|---|---|"]
+             f"Ceilings in this run: dense bf16 (8192³ matmul) {ceiling:.0f} TFLOP/s, device copy "
+             f"{bandwidth:.0f} GB/s.",
+             "", "| kernel | ms per step | TFLOP/s | share of the ceiling | GB moved | GB/s | share of the copy's |",
+             "|---|---|---|---|---|---|---|"]
     all_events = prof.key_averages()
     kernels_only = [e for e in all_events if e.device_type != torch.autograd.DeviceType.CPU]
     events = sorted(kernels_only, key=lambda e: -e.device_time_total)
@@ -306,10 +334,13 @@ def profile_kernels(case: Case, impl: str, scope: str = "experts") -> str:
     for event in events[:12]:
         ms = event.device_time_total / steps / 1e3
         rate = next((f / ms / 1e9 for name, f in flops.items() if name in event.key), None)
-        cells = ("", "") if rate is None else (f"{rate:.0f}", f"{rate / ceiling:.0%}")
-        lines.append(f"| {event.key[:60]} | {ms:.3f} | {cells[0]} | {cells[1]} |")
+        size = next((b for name, b in moved.items() if name in event.key), None)
+        cells = ["", ""] if rate is None else [f"{rate:.0f}", f"{rate / ceiling:.0%}"]
+        cells += ["", "", ""] if size is None else [f"{size / 1e9:.2f}", f"{size / ms / 1e6:.0f}",
+                                                      f"{size / ms / 1e6 / bandwidth:.0%}"]
+        lines.append(f"| {event.key[:60]} | {ms:.3f} | {' | '.join(cells)} |")
     rate = 9 * pair_flops(case) / total / 1e9
-    lines.append(f"| total | {total:.3f} | {rate:.0f} | {rate / ceiling:.0%} |")
+    lines.append(f"| total | {total:.3f} | {rate:.0f} | {rate / ceiling:.0%} | | | |")
     lines += ["", f"Wall time per step with the profiler on: {wall_ms:.3f} ms. Host side:", "",
               kernel_table(all_events, on_gpu=False, rows=8, steps=steps)]
     return "\n".join(lines)

@@ -67,3 +67,14 @@ def test_profile_flops_count_each_matmul_once_whichever_kernel_computes_the_weig
     flops = moe_block.matmul_flops(TINY, impl)
     assert sum(flops.values()) == 9 * moe_block.pair_flops(TINY)
     assert moe_block.matmul_flops(TINY, "grouped_mm") == {}
+
+
+def test_profile_bytes_count_each_memory_bound_pass_and_the_row_copies_of_the_grouped_gemm():
+    rows, inter, hidden = TINY.tokens * TINY.top_k, TINY.inter, TINY.hidden
+    swiglu, combines = 2 * rows * 6 * inter, 2 * 2 * (rows + TINY.tokens) * hidden
+    assert moe_block.memory_bytes(TINY, moe_block.SCATTERMOE_WGRAD_TRITON) == {
+        "_swiglu_backward_kernel": swiglu, "_sum_top_k_kernel": combines}
+    copy = 2 * 2 * rows * hidden  # read and written once, bf16
+    assert moe_block.memory_bytes(TINY, "scattermoe")["indexSelect"] == copy
+    assert moe_block.memory_bytes(TINY, moe_block.SCATTERMOE_WGRAD_GROUPED_MM)["indexSelect"] == 2 * copy
+    assert moe_block.memory_bytes(TINY, "grouped_mm") == {}
