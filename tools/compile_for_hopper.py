@@ -10,8 +10,11 @@ of each kind in each list only). Nothing runs, so outputs are garbage; only the 
     TRITON_INTERPRET=0 python tools/compile_for_hopper.py [--configs first|all]
 
 Prints one line per compilation and exits non-zero on the first that fails, when a kernel asked for TMA loads
-has no TMA copy in its PTX (or one not asked for has one), or when a config asked for warp specialization was built
-without it (Triton then quietly compiles the loop as usual).
+has no TMA copy in its PTX (or one not asked for has one), when rows gathered by token are loaded without an
+asynchronous copy (not software-pipelined) in a config with more than one stage, or when a config asked for warp
+specialization was built without it (Triton then quietly compiles the loop as usual). Arguments are specialized as
+Triton's launcher specializes them (alignment, divisibility by 16, strides of 1): without that, no pointer load
+is wide enough to pipeline and the compiled code is not what the GPU runs.
 """
 
 import argparse
@@ -24,31 +27,35 @@ os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: the real comp
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import native_specialize_impl  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from monkey_patch.scattermoe import kernels, ops  # noqa: E402
 from monkey_patch.scattermoe.compilable_ops import scattermoe_experts  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
-TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64",
-         torch.int32: "i32", torch.float8_e4m3fn: "fp8e4nv"}
+SHARED_MEMORY_LIMIT = 227 * 1024  # per block on an H100 or H200; an autotuned config over it is skipped there
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
 def source(fn: triton.JITFunction, args: tuple, constexprs: dict) -> ASTSource:
-    """The kernel as Triton's launcher would hand it to the compiler: pointer and integer types from ``args``."""
-    signature, constants = {}, dict(constexprs)
-    for name, value in zip(fn.arg_names, args, strict=False):
-        if isinstance(value, torch.Tensor):
-            signature[name] = "*" + TYPES[value.dtype]
-        elif isinstance(value, int) and not isinstance(value, bool):
-            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+    """The kernel as Triton's launcher would hand it to the compiler: each argument specialized by Triton's own rule
+    (a tensor's dtype and 16-byte alignment; an integer equal to 1 made a constant, one divisible by 16 marked so,
+    unless the kernel says not to), which decides how wide its loads are and whether they can be pipelined."""
+    signature, constants, attrs = {}, dict(constexprs), {}
+    for param, value in zip(fn.params, args, strict=False):
+        kind, attr = native_specialize_impl(BaseBackend, value, False, not param.do_not_specialize,
+                                            not param.do_not_specialize_on_alignment)
+        if kind == "constexpr":
+            constants[param.name] = value
         else:
-            constants[name] = value
+            signature[param.name] = kind
+            if attr:
+                attrs[(param.num,)] = BaseBackend.parse_attr(attr)
     signature |= {name: "constexpr" for name in constants}
-    return ASTSource(fn, signature, constants)
+    return ASTSource(fn, signature, constants, attrs)
 
 
 def autotune_configs(kernel: triton.runtime.Autotuner, which: str) -> list:
@@ -82,13 +89,21 @@ def compile_only(which: str, compiled: list[str]):
             uses_tma = "cp.async.bulk.tensor" in binary.asm["ptx"]
             if uses_tma != any(v for k, v in flags.items() if k.endswith("TMA")):
                 raise AssertionError(f"{fn.__name__} {flags}: TMA copies in its PTX: {uses_tma}")
+            pipelined = "cp.async.cg" in binary.asm["ptx"] or "cp.async.ca" in binary.asm["ptx"]
+            gathered = any(v for k, v in flags.items() if k.endswith("GATHERED"))
+            if gathered and options.get("num_stages", 1) > 1 and not pipelined:
+                raise AssertionError(f"{fn.__name__} {flags} {config.kwargs}: rows gathered by pointer, not pipelined")
             specialized = "ttg.warp_specialize" in binary.asm["ttgir"]
             if specialized != bool(meta.get("WARP_SPECIALIZE")):
                 raise AssertionError(f"{fn.__name__} {flags} {config.kwargs}: warp-specialized: {specialized}")
+            too_big = binary.metadata.shared > SHARED_MEMORY_LIMIT
             line = (f"{fn.__name__} {flags} {config.kwargs if config else ''} {options}: "
-                    f"{binary.metadata.shared} B shared, {time.perf_counter() - start:.1f} s")
+                    f"{binary.metadata.shared} B shared{' (over the limit)' if too_big else ''}, "
+                    f"{time.perf_counter() - start:.1f} s")
             print(line, flush=True)
             compiled.append(line)
+            if too_big and config is None:
+                raise AssertionError(f"{fn.__name__}: {binary.metadata.shared} B of shared memory, no other config")
 
     return launch
 
@@ -125,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     for dtype, lora in ((torch.bfloat16, False), (torch.bfloat16, True), (torch.float32, False)):
         drive(dtype, lora)
     kernels.dequantize_rows(torch.randn(8, 64).to(torch.float8_e4m3fn), torch.rand(8, 1), torch.bfloat16)
-    print(f"{len(compiled)} compilations for sm_90, all succeeded")
+    over = sum("(over the limit)" in line for line in compiled)
+    print(f"{len(compiled)} compilations for sm_90, all succeeded; {over} over the {SHARED_MEMORY_LIMIT} B of shared "
+          "memory a block may have, which the autotuner skips")
     return 0
 
 
