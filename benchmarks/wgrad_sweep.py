@@ -59,8 +59,8 @@ def weight_grad_problems(tokens: int, hidden: int, inter: int, experts: int, top
 
 def launch(problem: tuple, block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> torch.Tensor:
     """`kernels.grouped_weight_grad` with one fixed config instead of the autotuner's choice."""
-    config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=num_warps,
-                           num_stages=num_stages)
+    config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "PERSISTENT": False},
+                           num_warps=num_warps, num_stages=num_stages)
     return kernels.grouped_weight_grad(*problem, config=config)
 
 

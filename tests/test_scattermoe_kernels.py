@@ -142,6 +142,36 @@ def test_weight_grad_kernel_writes_zeros_for_experts_without_rows():
     assert relative_error(dw[2], a[2:].T @ b_grouped[2:]) <= TOLERANCE
 
 
+@pytest.mark.parametrize("a_gathered", [True, False], ids=["dW_down-like", "dW_gate_up-like"])
+@pytest.mark.parametrize("persistent", [False, True])
+def test_weight_grad_kernel_one_program_per_tile_or_persistent_matches_torch_with_empty_and_ragged_experts(
+        a_gathered, persistent):
+    """The persistent form runs each program's tiles as one loop of row chunks (three programs in the interpreter,
+    42 tiles here, several chunks for the busy experts, one for the empty ones, which must still be zeros)."""
+    torch.manual_seed(3)
+    tokens, top_k, num_experts, m_dim, n_dim = 50, 2, 7, 72, 40
+    logits = torch.randn(tokens, num_experts, device=DEVICE)
+    logits[:, :2] += 4.0
+    logits[:, 5:] = -1e4  # experts 5 and 6 get no rows
+    index = logits.topk(top_k, dim=-1).indices
+    sorted_pairs, expert_ends = compute_routing(index, num_experts)
+    routing = kernels.Routing.of(sorted_pairs, expert_ends, top_k)
+    token_rows = torch.randn(tokens, m_dim if a_gathered else n_dim, device=DEVICE)
+    grouped_rows = torch.randn(tokens * top_k, n_dim if a_gathered else m_dim, device=DEVICE)
+    a, b = (token_rows, grouped_rows) if a_gathered else (grouped_rows, token_rows)
+    gathered = token_rows[sorted_pairs // top_k]
+    a_grouped, b_grouped = (gathered, grouped_rows) if a_gathered else (grouped_rows, gathered)
+    starts = [0, *expert_ends[:-1].tolist()]
+    expected = torch.stack([a_grouped[start:end].T @ b_grouped[start:end]
+                            for start, end in zip(starts, expert_ends.tolist(), strict=True)])
+    config = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "PERSISTENT": persistent}, num_warps=4,
+                           num_stages=1)
+    dw = torch.full((num_experts, m_dim, n_dim), float("nan"), device=DEVICE)
+    kernels.grouped_weight_grad(a, b, routing, a_gathered, not a_gathered, dw, config=config)
+    assert (dw[5:] == 0).all()
+    assert relative_error(dw, expected) <= 1e-5
+
+
 def test_unknown_weight_grad_backend_is_refused_by_name(monkeypatch):
     monkeypatch.setenv(WEIGHT_GRAD_ENV, "cublas")
     experts = make_eager_experts(16, 16, 2, 1)

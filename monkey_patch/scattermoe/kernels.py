@@ -72,14 +72,16 @@ _WARP_SPECIALIZED_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 4, 4), (256, 64
 _PERSISTENT_CONFIGS = _configs([(128, 64, 4, 3), (256, 64, 4, 3)], ROW_TILES, WARP_SPECIALIZE=True, PERSISTENT=True)
 # Short K steps, deep pipelines: a 72-config sweep on an H200 (benchmarks/wgrad_sweep.py, docs/history.md) found
 # (256, 128, 32, 8, 5) and (128, 256, 32, 8, 5) 1.16-1.21x faster than the best of the older list at both model shapes.
+# Persistent ones beside them (see the kernel), with the tiles the autotuner chose at the model shapes.
 _WEIGHT_GRAD_CONFIGS = _configs(
     [
         (256, 128, 32, 8, 5), (128, 256, 32, 8, 5), (256, 128, 32, 8, 6), (128, 256, 32, 8, 6), (256, 128, 64, 8, 5),
         (128, 256, 64, 8, 5), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 4, 2), (128, 128, 64, 8, 5),
         (64, 128, 64, 4, 4), (64, 64, 64, 4, 3),
         (32, 128, 64, 4, 4), (128, 32, 64, 4, 4),  # LoRA factor gradients: one side is the rank
-    ]
-)
+    ],
+    PERSISTENT=False,
+) + ([] if INTERPRET else _configs([(128, 256, 64, 8, 5), (128, 256, 32, 8, 5), (256, 128, 32, 8, 6)], PERSISTENT=True))
 
 
 # fp32 products are exact ("ieee"): no tensor cores, so the tiles above would spill registers and overflow shared
@@ -465,66 +467,140 @@ def _sum_top_k_kernel(y_ptr, out_ptr, T, H, TOP_K: tl.constexpr, BLOCK_T: tl.con
     tl.store(out_ptr + tokens[:, None] * H + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _weight_grad_tile(tile, expert_ends_ptr, NUM_EXPERTS, num_n_blocks, tiles_per_expert,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Output tile ``tile`` of dW: its expert, first row m0 and column n0, the expert's first and end input rows, and
+    its chunks of BLOCK_K rows (at least one, so that an expert without rows still stores its zeros). Past the last
+    expert: no rows."""
+    expert = tile // tiles_per_expert
+    within = tile % tiles_per_expert
+    valid = expert < NUM_EXPERTS
+    row_start = tl.load(expert_ends_ptr + expert - 1, mask=valid & (expert > 0), other=0)
+    row_end = tl.load(expert_ends_ptr + expert, mask=valid, other=0)
+    chunks = tl.maximum((row_end - row_start + BLOCK_K - 1) // BLOCK_K, 1)
+    return expert, (within // num_n_blocks) * BLOCK_M, (within % num_n_blocks) * BLOCK_N, row_start, row_end, chunks
+
+
+@triton.jit
+def _chunks_of_program(pid, programs, expert_ends_ptr, NUM_EXPERTS, tiles_per_expert,
+                       E_POW2: tl.constexpr, BLOCK_K: tl.constexpr):
+    """How many chunks of BLOCK_K rows program ``pid`` of ``programs`` runs over its tiles pid, pid + programs, ...:
+    per expert, its tiles there times the expert's chunks (``_weight_grad_tile``)."""
+    experts = tl.arange(0, E_POW2)
+    valid = experts < NUM_EXPERTS
+    ends = tl.load(expert_ends_ptr + experts, mask=valid, other=0)
+    starts = tl.load(expert_ends_ptr + experts - 1, mask=valid & (experts > 0), other=0)
+    chunks = tl.where(valid, tl.maximum((ends - starts + BLOCK_K - 1) // BLOCK_K, 1), 0)
+    first = experts * tiles_per_expert - pid  # the expert's tiles, counted from this program's first
+    last = first + tiles_per_expert
+    tiles = (tl.where(last > 0, (last + programs - 1) // programs, 0)
+             - tl.where(first > 0, (first + programs - 1) // programs, 0))
+    return tl.sum(tiles * chunks, 0)
+
+
+@triton.jit
+def _weight_grad_chunk(acc, r0, row_end, m0, n0, a_ptr, a_desc, b_ptr, b_desc, sorted_pairs_ptr, M, N, TOP_K,
+                       stride_ar, stride_am, stride_br, stride_bn,
+                       A_GATHERED: tl.constexpr, B_GATHERED: tl.constexpr, A_TMA: tl.constexpr, B_TMA: tl.constexpr,
+                       INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """acc += a[rows]ᵀ b[rows] over the BLOCK_K rows from r0 that come before row_end, a's columns from m0 and b's
+    from n0."""
+    rows = r0 + tl.arange(0, BLOCK_K)
+    row_mask = rows < row_end
+    cols_m = m0 + tl.arange(0, BLOCK_M)
+    cols_n = n0 + tl.arange(0, BLOCK_N)
+    if A_GATHERED or B_GATHERED:
+        tokens = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0).to(tl.int64) // TOP_K
+    a_rows = tokens if A_GATHERED else rows.to(tl.int64)
+    b_rows = tokens if B_GATHERED else rows.to(tl.int64)
+    if A_TMA:
+        a = a_desc.load([r0, m0]).T
+    else:
+        a = tl.load(a_ptr + cols_m[:, None] * stride_am + (a_rows * stride_ar)[None, :],
+                    mask=(cols_m < M)[:, None] & row_mask[None, :], other=0.0)
+    if B_TMA:
+        b = b_desc.load([r0, n0])
+    else:
+        b = tl.load(b_ptr + cols_n[None, :] * stride_bn + (b_rows * stride_br)[:, None],
+                    mask=row_mask[:, None] & (cols_n < N)[None, :], other=0.0)
+    return tl.dot(a, b, acc=acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _store_weight_grad(dw_ptr, acc, expert, m0, n0, M, N, stride_de, stride_dm, stride_dn,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    cols_m = m0 + tl.arange(0, BLOCK_M)
+    cols_n = n0 + tl.arange(0, BLOCK_N)
+    dw_ptrs = dw_ptr + expert.to(tl.int64) * stride_de + cols_m[:, None] * stride_dm + cols_n[None, :] * stride_dn
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=(cols_m < M)[:, None] & (cols_n < N)[None, :])
+
+
 @triton.autotune(configs=_WEIGHT_GRAD_CONFIGS, key=["M", "N", "ROWS_BUCKET", "A_GATHERED", "A_TMA", "B_TMA"])
 @triton.jit(do_not_specialize=["NUM_ROWS"])  # a descriptor's extent only: one compile for every row count
 def _grouped_weight_grad_kernel(
     a_ptr, b_ptr, sorted_pairs_ptr, expert_ends_ptr, dw_ptr,
-    M, N, TOP_K, ROWS_BUCKET, NUM_ROWS,
+    M, N, TOP_K, ROWS_BUCKET, NUM_ROWS, NUM_EXPERTS,
     stride_ar, stride_am, stride_br, stride_bn, stride_de, stride_dm, stride_dn,
     A_GATHERED: tl.constexpr, B_GATHERED: tl.constexpr, A_TMA: tl.constexpr, B_TMA: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     """dW[e] = sum over the expert's rows of a[row]^T b[row], accumulated in fp32.
 
     An operand is gathered by token (``pair // top_k``) or read in grouped order, through a descriptor where
     A_TMA/B_TMA (only opposite a gathered operand, whose masked rows zero the rows a tile reads past the expert's
     end). Experts without rows get zeros, since dW is a full tensor.
+
+    A program per output tile or, with PERSISTENT, a program per SM running the chunks of its tiles (every
+    ``num_programs``-th) as one loop: an expert has only ~512 rows at 8k tokens, 8 chunks of 64, so a tile's
+    pipeline fill and store weigh as much as its products unless the next tile's loads start under them.
     """
     pid = tl.program_id(0)
-    num_m_blocks = tl.cdiv(M, BLOCK_M)
     num_n_blocks = tl.cdiv(N, BLOCK_N)
-    tiles = num_m_blocks * num_n_blocks
-    expert = pid // tiles
-    tile = pid % tiles
-    pid_m = tile // num_n_blocks
-    pid_n = tile % num_n_blocks
-    row_start = tl.load(expert_ends_ptr + expert - 1, mask=expert > 0, other=0)
-    row_end = tl.load(expert_ends_ptr + expert)
-    m0 = pid_m * BLOCK_M
-    n0 = pid_n * BLOCK_N
-    cols_m = m0 + tl.arange(0, BLOCK_M)
-    cols_n = n0 + tl.arange(0, BLOCK_N)
-    m_mask = cols_m < M
-    n_mask = cols_n < N
-    a_cols_ptr = a_ptr + cols_m[:, None] * stride_am
-    b_cols_ptr = b_ptr + cols_n[None, :] * stride_bn
+    tiles_per_expert = tl.cdiv(M, BLOCK_M) * num_n_blocks
     if A_TMA:
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[NUM_ROWS, M], strides=[stride_ar, 1],
                                            block_shape=[BLOCK_K, BLOCK_M])
+    else:
+        a_desc = a_ptr
     if B_TMA:
         b_desc = tl.make_tensor_descriptor(b_ptr, shape=[NUM_ROWS, N], strides=[stride_br, 1],
                                            block_shape=[BLOCK_K, BLOCK_N])
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(row_start, row_end, BLOCK_K):
-        rows = r0 + tl.arange(0, BLOCK_K)
-        row_mask = rows < row_end
-        if A_GATHERED or B_GATHERED:
-            tokens = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0).to(tl.int64) // TOP_K
-        a_rows = tokens if A_GATHERED else rows.to(tl.int64)
-        b_rows = tokens if B_GATHERED else rows.to(tl.int64)
-        if A_TMA:
-            a = a_desc.load([r0, m0]).T
-        else:
-            a = tl.load(a_cols_ptr + (a_rows * stride_ar)[None, :], mask=m_mask[:, None] & row_mask[None, :],
-                        other=0.0)
-        if B_TMA:
-            b = b_desc.load([r0, n0])
-        else:
-            b = tl.load(b_cols_ptr + (b_rows * stride_br)[:, None], mask=row_mask[:, None] & n_mask[None, :],
-                        other=0.0)
-        acc = tl.dot(a, b, acc=acc, input_precision=INPUT_PRECISION)
-    dw_ptrs = dw_ptr + expert.to(tl.int64) * stride_de + cols_m[:, None] * stride_dm + cols_n[None, :] * stride_dn
-    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    else:
+        b_desc = b_ptr
+    if PERSISTENT:
+        programs = tl.num_programs(0)
+        steps = _chunks_of_program(pid, programs, expert_ends_ptr, NUM_EXPERTS, tiles_per_expert, E_POW2, BLOCK_K)
+        tile = pid
+        expert, m0, n0, row_start, row_end, chunks = _weight_grad_tile(
+            tile, expert_ends_ptr, NUM_EXPERTS, num_n_blocks, tiles_per_expert, BLOCK_M, BLOCK_N, BLOCK_K)
+        chunk = 0
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for _ in range(0, steps):
+            acc = _weight_grad_chunk(acc, row_start + chunk * BLOCK_K, row_end, m0, n0, a_ptr, a_desc, b_ptr, b_desc,
+                                     sorted_pairs_ptr, M, N, TOP_K, stride_ar, stride_am, stride_br, stride_bn,
+                                     A_GATHERED, B_GATHERED, A_TMA, B_TMA, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+            if chunk == chunks - 1:  # the tile's last chunk: store it and start the next tile's sum
+                _store_weight_grad(dw_ptr, acc, expert, m0, n0, M, N, stride_de, stride_dm, stride_dn,
+                                   BLOCK_M, BLOCK_N)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            chunk += 1
+            if chunk == chunks:
+                tile += programs
+                expert, m0, n0, row_start, row_end, chunks = _weight_grad_tile(
+                    tile, expert_ends_ptr, NUM_EXPERTS, num_n_blocks, tiles_per_expert, BLOCK_M, BLOCK_N, BLOCK_K)
+                chunk = 0
+    else:
+        expert, m0, n0, row_start, row_end, _ = _weight_grad_tile(
+            pid, expert_ends_ptr, NUM_EXPERTS, num_n_blocks, tiles_per_expert, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(row_start, row_end, BLOCK_K):
+            acc = _weight_grad_chunk(acc, r0, row_end, m0, n0, a_ptr, a_desc, b_ptr, b_desc, sorted_pairs_ptr, M, N,
+                                     TOP_K, stride_ar, stride_am, stride_br, stride_bn, A_GATHERED, B_GATHERED, A_TMA,
+                                     B_TMA, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        _store_weight_grad(dw_ptr, acc, expert, m0, n0, M, N, stride_de, stride_dm, stride_dn, BLOCK_M, BLOCK_N)
 
 
 def _twin(kernel: triton.runtime.Autotuner, configs: list[triton.Config]) -> triton.runtime.Autotuner:
@@ -689,15 +765,17 @@ def grouped_weight_grad(
     num_rows = routing.sorted_pairs.numel()
 
     def grid(meta):
-        return (num_experts * triton.cdiv(m_dim, meta["BLOCK_M"]) * triton.cdiv(n_dim, meta["BLOCK_N"]),)
+        tiles = num_experts * triton.cdiv(m_dim, meta["BLOCK_M"]) * triton.cdiv(n_dim, meta["BLOCK_N"])
+        return (min(tiles, _programs_per_launch(a.device)) if meta["PERSISTENT"] else tiles,)
 
     kernel = _tuned_for(_grouped_weight_grad_kernel, a.dtype)
     args = (a, b, routing.sorted_pairs, routing.expert_ends, dw, m_dim, n_dim, routing.top_k, _rows_bucket(num_rows),
-            num_rows, a.stride(0), a.stride(1), b.stride(0), b.stride(1), dw.stride(0), dw.stride(1), dw.stride(2))
+            num_rows, num_experts, a.stride(0), a.stride(1), b.stride(0), b.stride(1), dw.stride(0), dw.stride(1),
+            dw.stride(2))
     constexprs = dict(A_GATHERED=a_gathered, B_GATHERED=b_gathered,
                       A_TMA=b_gathered and not a_gathered and _grouped_rows_tma(a),
                       B_TMA=a_gathered and not b_gathered and _grouped_rows_tma(b),
-                      INPUT_PRECISION=_input_precision(a.dtype))
+                      INPUT_PRECISION=_input_precision(a.dtype), E_POW2=triton.next_power_of_2(num_experts))
     if config is None:
         launch(kernel, grid, args, constexprs)
     else:

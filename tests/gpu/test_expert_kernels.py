@@ -28,6 +28,7 @@ from gate import (
 )
 from torch.func import functional_call
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+from triton.runtime.errors import OutOfResources
 
 from monkey_patch.fast_moe import register_scattermoe
 from monkey_patch.frozen_experts import quantize_rowwise
@@ -118,6 +119,27 @@ def test_every_config_of_the_descriptor_fed_matmul_is_as_close_as_grouped_mm(mon
         ours = experts_outputs(problem, "scattermoe", BF16, QWEN3_30B_A3B)
         assert_as_close_as_grouped_mm(f"experts 30B-A3B 4096 skewed, descriptor-fed matmul {config}", ours,
                                       grouped_mm, reference)
+
+
+def test_every_config_of_the_weight_gradient_kernel_is_as_close_as_grouped_mm(monkeypatch):
+    """As for the matmul above: each config of the Triton weight-gradient kernel in turn computes both weight
+    gradients, the persistent ones included; one needing more shared memory than a block may have is skipped, as the
+    autotuner skips it."""
+    kernel = kernels._grouped_weight_grad_kernel
+    monkeypatch.setenv(WEIGHT_GRAD_ENV, "triton")
+    monkeypatch.setattr(launch, "enabled", False)
+    problem, reference, grouped_mm = bf16_baseline(QWEN3_30B_A3B, 4096, "skewed")
+    configs, ran = kernel.configs, []
+    for config in configs:
+        monkeypatch.setattr(kernel, "configs", [config])
+        try:
+            ours = experts_outputs(problem, "scattermoe", BF16, QWEN3_30B_A3B)
+        except OutOfResources:
+            continue
+        assert_as_close_as_grouped_mm(f"experts 30B-A3B 4096 skewed, weight-gradient kernel {config}", ours,
+                                      grouped_mm, reference)
+        ran.append(config)
+    assert any(config.kwargs["PERSISTENT"] for config in ran) and len(ran) >= len(configs) - 2, ran
 
 
 @pytest.mark.parametrize("weight_grad", ["grouped_mm_gate_up", "triton"])
