@@ -22,7 +22,7 @@ def registered():
 
 @pytest.mark.parametrize(("scope", "implementations"), [
     ("experts", ["eager", "grouped_mm", "scattermoe", moe_block.SCATTERMOE_WGRAD_TRITON,
-                 moe_block.SCATTERMOE_WGRAD_GROUPED_MM, "scattermoe_no_tma", "scattermoe_no_ws"]),
+                 moe_block.SCATTERMOE_WGRAD_GROUPED_MM, "scattermoe_no_tma", "scattermoe_ws"]),
     ("block", ["eager", "grouped_mm", "scattermoe"]),
 ])
 def test_every_cpu_implementation_agrees_with_the_fp32_reference(scope, implementations):

@@ -58,6 +58,20 @@ CASES = [
 def test_outputs_and_gradients_match_eager_experts(tokens, hidden, inter, num_experts, top_k, routing, weight_grad,
                                                     monkeypatch):
     monkeypatch.setenv(WEIGHT_GRAD_ENV, weight_grad)
+    assert_matches_eager_experts(tokens, hidden, inter, num_experts, top_k, routing)
+
+
+@pytest.mark.parametrize("tokens,hidden,inter,num_experts,top_k,routing", CASES)
+def test_warp_specialized_persistent_matmul_matches_eager_experts(tokens, hidden, inter, num_experts, top_k, routing,
+                                                                  monkeypatch):
+    """With TURBO_TUNE_MOE_WARP_SPECIALIZE=1 the down projection and the input gradient run the persistent,
+    warp-specialized form (the interpreter's one config of that autotuner), blocks without rows included."""
+    monkeypatch.setenv(kernels.WARP_SPECIALIZE_ENV, "1")
+    assert_matches_eager_experts(tokens, hidden, inter, num_experts, top_k, routing)
+
+
+def assert_matches_eager_experts(tokens: int, hidden: int, inter: int, num_experts: int, top_k: int,
+                                 routing: str) -> None:
     torch.manual_seed(tokens * 7 + top_k)
     experts = make_eager_experts(hidden, inter, num_experts, top_k)
     weights, index = make_routing(tokens, num_experts, top_k, routing)
@@ -98,11 +112,11 @@ def test_row_block_schedule_gives_each_block_its_expert_and_rows_and_leaves_spar
     assert kernels.row_block_schedule(expert_ends, num_rows).tolist() == expected
 
 
-@pytest.mark.parametrize("setting", [None, "0"])
+@pytest.mark.parametrize("setting", [None, "1"])
 def test_only_launches_whose_loads_are_all_descriptors_are_offered_warp_specialization(setting, monkeypatch):
-    """Triton 3.6 fails to build a warp-specialized loop with a pointer load in it: the down projection and the input
-    gradient (grouped rows by weights) may take it, unless TURBO_TUNE_MOE_WARP_SPECIALIZE=0; the gathered gradient of
-    h may not, nor may LoRA's extra term."""
+    """Triton 3.6 fails to build a warp-specialized loop with a pointer load in it: with
+    TURBO_TUNE_MOE_WARP_SPECIALIZE=1 (off by default until a GPU has run them), the down projection and the input
+    gradient (grouped rows by weights) may take it; the gathered gradient of h may not, nor may LoRA's extra term."""
     if setting is not None:
         monkeypatch.setenv(kernels.WARP_SPECIALIZE_ENV, setting)
     launched = []
@@ -124,7 +138,7 @@ def test_only_launches_whose_loads_are_all_descriptors_are_offered_warp_speciali
         out.sum().backward()
         matmuls = [kernel for kernel in launched if kernel.fn is kernels._scatter_matmul_kernel.fn]
         assert [kernel is kernels._WARP_SPECIALIZED_MATMUL for kernel in matmuls] == [
-            specialized and setting is None for specialized in may]
+            specialized and setting == "1" for specialized in may]
 
 
 def test_weight_grad_kernel_writes_zeros_for_experts_without_rows():

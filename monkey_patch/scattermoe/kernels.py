@@ -14,7 +14,7 @@ reach past its expert's last row or column into the next expert's: those values 
 operand's masked rows or columns) or land in masked output, as long as they are finite. ``_weight_tma`` and
 ``_grouped_rows_tma`` decide per tensor; the pointer path serves everything else (fp32, misaligned views) and
 ``TURBO_TUNE_MOE_TMA=0``. Where all of a loop's loads are descriptor loads (the down projection and the input
-gradient), warp-specialized configs join the autotuner's choice.
+gradient), warp-specialized configs may join the autotuner's choice (``TURBO_TUNE_MOE_WARP_SPECIALIZE=1``).
 """
 
 import functools
@@ -705,8 +705,9 @@ def scatter_matmul(
 ) -> torch.Tensor:
     """a @ W[e] for w as (E, K, N) view -> (T*k, N); a is (T, K) gathered by token or (T*k, K) grouped, and the
     output is in pair order (scattered) or grouped order. ``a2`` (T*k, K2) grouped with ``w2`` as (E, K2, N)
-    view adds a2 @ W2[e]. Where every load is a descriptor load, the autotuner also times warp-specialized configs
-    (unless ``TURBO_TUNE_MOE_WARP_SPECIALIZE=0``)."""
+    view adds a2 @ W2[e]. Where every load is a descriptor load and ``TURBO_TUNE_MOE_WARP_SPECIALIZE=1``, the
+    autotuner also times warp-specialized configs: opt-in until a GPU has run them (a kernel that deadlocks would hang
+    a run at its first step)."""
     num_experts, k_dim, n_dim = w.shape
     num_rows = routing.sorted_pairs.numel()
     y = torch.empty(num_rows, n_dim, device=a.device, dtype=a.dtype)
@@ -721,7 +722,7 @@ def scatter_matmul(
     w_tma, w_k_contig = _weight_tma(w)
     a_tma = not a_gathered and _grouped_rows_tma(a)
     all_tma = a_tma and w_tma and k2 == 0  # what a warp-specialized loop needs
-    warp_specialized = all_tma and os.environ.get(WARP_SPECIALIZE_ENV, "1") != "0"
+    warp_specialized = all_tma and os.environ.get(WARP_SPECIALIZE_ENV, "0") == "1"
     kernel = _WARP_SPECIALIZED_MATMUL if warp_specialized else _tuned_for(_scatter_matmul_kernel, a.dtype)
     launch(kernel, grid, (
         a, w, a2, w2, routing.sorted_pairs, routing.schedule, y,
