@@ -529,12 +529,14 @@ def _weight_grad_chunk(acc, r0, row_end, m0, n0, a_ptr, a_desc, b_ptr, b_desc, s
 
 
 @triton.jit
-def _store_weight_grad(dw_ptr, acc, expert, m0, n0, M, N, stride_de, stride_dm, stride_dn,
+def _store_weight_grad(dw_ptr, acc, expert, m0, n0, M, N, NUM_EXPERTS, stride_de, stride_dm, stride_dn,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The tile's sum into dW[expert]; never past the last expert, whatever a loop's count."""
     cols_m = m0 + tl.arange(0, BLOCK_M)
     cols_n = n0 + tl.arange(0, BLOCK_N)
     dw_ptrs = dw_ptr + expert.to(tl.int64) * stride_de + cols_m[:, None] * stride_dm + cols_n[None, :] * stride_dn
-    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=(cols_m < M)[:, None] & (cols_n < N)[None, :])
+    mask = (cols_m < M)[:, None] & (cols_n < N)[None, :] & (expert < NUM_EXPERTS)
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(configs=_WEIGHT_GRAD_CONFIGS, key=["M", "N", "ROWS_BUCKET", "A_GATHERED", "A_TMA", "B_TMA"])
@@ -583,8 +585,8 @@ def _grouped_weight_grad_kernel(
                                      sorted_pairs_ptr, M, N, TOP_K, stride_ar, stride_am, stride_br, stride_bn,
                                      A_GATHERED, B_GATHERED, A_TMA, B_TMA, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             if chunk == chunks - 1:  # the tile's last chunk: store it and start the next tile's sum
-                _store_weight_grad(dw_ptr, acc, expert, m0, n0, M, N, stride_de, stride_dm, stride_dn,
-                                   BLOCK_M, BLOCK_N)
+                _store_weight_grad(dw_ptr, acc, expert, m0, n0, M, N, NUM_EXPERTS, stride_de, stride_dm,
+                                   stride_dn, BLOCK_M, BLOCK_N)
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             chunk += 1
             if chunk == chunks:
@@ -600,7 +602,8 @@ def _grouped_weight_grad_kernel(
             acc = _weight_grad_chunk(acc, r0, row_end, m0, n0, a_ptr, a_desc, b_ptr, b_desc, sorted_pairs_ptr, M, N,
                                      TOP_K, stride_ar, stride_am, stride_br, stride_bn, A_GATHERED, B_GATHERED, A_TMA,
                                      B_TMA, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        _store_weight_grad(dw_ptr, acc, expert, m0, n0, M, N, stride_de, stride_dm, stride_dn, BLOCK_M, BLOCK_N)
+        _store_weight_grad(dw_ptr, acc, expert, m0, n0, M, N, NUM_EXPERTS, stride_de, stride_dm, stride_dn,
+                           BLOCK_M, BLOCK_N)
 
 
 def _twin(kernel: triton.runtime.Autotuner, configs: list[triton.Config]) -> triton.runtime.Autotuner:
