@@ -86,14 +86,16 @@ class ModelFlops:
         return self.flops_per_token * tokens + self.attention_flops_per_token_pair * sum_squared_lengths
 
 
-def sequence_lengths(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Lengths of the real sequences in a batch, padded (attention_mask) or packed (position_ids restart at 0)."""
+def token_counts(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(tokens, sum of squared sequence lengths) of a batch's real sequences, float64 on the batch's device, with no
+    host sync, so that counting a micro-batch never stalls the queueing of its kernels. Padded rows count by their
+    attention_mask; in packed rows (position_ids restarting at 0) a sequence of length L is L tokens whose 2p + 1
+    sum to L²."""
     if "attention_mask" in inputs and inputs["attention_mask"] is not None:
-        return inputs["attention_mask"].sum(dim=-1).flatten()
-    position_ids = inputs["position_ids"].flatten()
-    starts = torch.nonzero(position_ids == 0).flatten()
-    ends = torch.cat([starts[1:], starts.new_tensor([position_ids.numel()])])
-    return ends - starts
+        lengths = inputs["attention_mask"].sum(dim=-1).flatten().to(torch.float64)
+        return torch.stack([lengths.sum(), lengths.square().sum()])
+    positions = inputs["position_ids"].flatten().to(torch.float64)
+    return torch.stack([torch.ones_like(positions).sum(), (2 * positions + 1).sum()])
 
 
 class GarbageCollectionTimer:
@@ -129,14 +131,12 @@ class EfficiencyCallback(TrainerCallback):
     def _reset_window(self, now: float) -> None:
         self.window_start = now
         self.window_steps = 0
-        self.window_tokens = 0
-        self.window_sum_squared_lengths = 0
+        self.window_counts: torch.Tensor | None = None  # token_counts summed over the window, on the device
         self.window_gc_start = self.gc_timer.seconds
 
     def observe_batch(self, inputs: dict[str, torch.Tensor]) -> None:
-        lengths = sequence_lengths(inputs).to(torch.float64)
-        self.window_tokens += int(lengths.sum().item())
-        self.window_sum_squared_lengths += float(lengths.square().sum().item())
+        counts = token_counts(inputs)
+        self.window_counts = counts if self.window_counts is None else self.window_counts + counts
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         if torch.cuda.is_available():
@@ -156,7 +156,7 @@ class EfficiencyCallback(TrainerCallback):
             torch.cuda.synchronize()
         now = time.perf_counter()
         elapsed = max(now - self.window_start, 1e-9)
-        local = torch.tensor([self.window_tokens, self.window_sum_squared_lengths], dtype=torch.float64)
+        local = torch.zeros(2, dtype=torch.float64) if self.window_counts is None else self.window_counts
         world_size = 1
         if dist.is_available() and dist.is_initialized():
             world_size = dist.get_world_size()

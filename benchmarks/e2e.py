@@ -65,7 +65,7 @@ from common import (  # noqa: E402
 )
 from transformers import TrainerCallback  # noqa: E402
 
-from callback import EfficiencyCallback, ModelFlops, device_peak_tflops, sequence_lengths  # noqa: E402
+from callback import EfficiencyCallback, ModelFlops, device_peak_tflops, token_counts  # noqa: E402
 from turbo_tune.arguments import comma_list  # noqa: E402
 
 VARIANTS = {
@@ -308,9 +308,9 @@ class StepRecorder(EfficiencyCallback):
             torch.cuda.synchronize()
 
     def observe_batch(self, inputs: dict) -> None:
-        lengths = sequence_lengths(inputs).double()
-        self.steps[-1]["tokens"] += int(lengths.sum())
-        self.steps[-1]["sum_sq"] += float(lengths.square().sum())
+        tokens, sum_sq = token_counts(inputs).tolist()
+        self.steps[-1]["tokens"] += int(tokens)
+        self.steps[-1]["sum_sq"] += sum_sq
 
     def on_step_begin(self, args, state, control, **kwargs) -> None:
         self._sync()

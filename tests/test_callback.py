@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import Qwen3MoeConfig, TrainerState
 
-from callback import EfficiencyCallback, ModelFlops, sequence_lengths
+from callback import EfficiencyCallback, ModelFlops, token_counts
 
 QWEN3_30B_A3B = Qwen3MoeConfig(
     vocab_size=151936, hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144, num_hidden_layers=48,
@@ -29,11 +29,26 @@ def test_attention_flops_grow_with_squared_sequence_length():
     assert one_long - many_short == pytest.approx(flops.attention_flops_per_token_pair * (4096**2 - 16 * 256**2))
 
 
-def test_sequence_lengths_ignore_padding_and_split_packed_rows():
+def test_token_counts_ignore_padding_and_split_packed_rows():
     padded = {"attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])}
-    assert sequence_lengths(padded).tolist() == [3, 2]
+    assert token_counts(padded).tolist() == [5, 3**2 + 2**2]
     packed = {"position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])}
-    assert sequence_lengths(packed).tolist() == [3, 2, 4]
+    assert token_counts(packed).tolist() == [9, 3**2 + 2**2 + 4**2]
+
+
+def test_counting_a_micro_batch_reads_nothing_back_to_the_host(monkeypatch):
+    """Reading a count back would make the host wait for the GPU before every forward."""
+    callback = EfficiencyCallback(ModelFlops(flops_per_token=1e9, attention_flops_per_token_pair=0.0))
+
+    def read_back(*args, **kwargs):
+        raise AssertionError("a device value was read back to the host")
+
+    for name in ("item", "tolist", "__int__", "__float__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, read_back)
+    callback.observe_batch({"position_ids": torch.tensor([[0, 1, 2, 0, 1]])})
+    callback.observe_batch({"attention_mask": torch.ones(2, 3, dtype=torch.long)})
+    monkeypatch.undo()
+    assert callback.window_counts.tolist() == [11, 3**2 + 2**2 + 2 * 3**2]
 
 
 def test_window_metrics_count_tokens_steps_and_remaining_time():
@@ -49,7 +64,7 @@ def test_window_metrics_count_tokens_steps_and_remaining_time():
     assert metrics["mfu"] == pytest.approx(metrics["tflops_per_device"] / 100.0)
     assert metrics["eta_s"] == pytest.approx(6 * metrics["step_time_s"])
     assert metrics["peak_rss_gib"] > 0
-    assert callback.window_tokens == 0 and callback.window_steps == 0
+    assert callback.window_counts is None and callback.window_steps == 0
 
 
 def test_time_in_python_garbage_collection_is_reported_per_step_while_training():
