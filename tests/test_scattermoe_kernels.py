@@ -70,6 +70,16 @@ def test_warp_specialized_persistent_matmul_matches_eager_experts(tokens, hidden
     assert_matches_eager_experts(tokens, hidden, inter, num_experts, top_k, routing)
 
 
+@pytest.mark.parametrize("tokens,hidden,inter,num_experts,top_k,routing", CASES)
+def test_persistent_gate_up_kernel_matches_eager_experts(tokens, hidden, inter, num_experts, top_k, routing,
+                                                         monkeypatch):
+    """Its persistent configs (a GPU's autotuner may pick one) loop over the row blocks in use, three programs here."""
+    for kernel in (kernels._gather_gate_up_swiglu_kernel, kernels._FP32_TWINS[kernels._gather_gate_up_swiglu_kernel]):
+        persistent = triton.Config(kernel.configs[0].kwargs | {"PERSISTENT": True}, num_warps=4, num_stages=1)
+        monkeypatch.setattr(kernel, "configs", [persistent])
+    assert_matches_eager_experts(tokens, hidden, inter, num_experts, top_k, routing)
+
+
 def assert_matches_eager_experts(tokens: int, hidden: int, inter: int, num_experts: int, top_k: int,
                                  routing: str) -> None:
     torch.manual_seed(tokens * 7 + top_k)
@@ -99,7 +109,7 @@ def test_routing_groups_pairs_by_expert_and_counts_empty_experts():
 
 
 @pytest.mark.parametrize("rows_per_expert", [[0, 1, 64, 0, 130, 63, 0], [0, 0, 0], [200]])
-def test_row_block_schedule_gives_each_block_its_expert_and_rows_and_leaves_spare_blocks_empty(rows_per_expert):
+def test_row_block_schedule_gives_each_block_its_expert_and_rows_and_counts_the_blocks_in_use(rows_per_expert):
     counts = torch.tensor(rows_per_expert, device=DEVICE)
     expert_ends = counts.cumsum(0).to(torch.int32)
     num_rows = int(counts.sum())
@@ -109,7 +119,9 @@ def test_row_block_schedule_gives_each_block_its_expert_and_rows_and_leaves_spar
         expected += [[expert, row, end] for row in range(start, end, kernels.ROW_BLOCK)]
     spare = triton.cdiv(num_rows, kernels.ROW_BLOCK) + len(rows_per_expert) - len(expected)
     expected += [[len(rows_per_expert), num_rows, num_rows]] * spare
-    assert kernels.row_block_schedule(expert_ends, num_rows).tolist() == expected
+    schedule, used_blocks = kernels.row_block_schedule(expert_ends, num_rows)
+    assert schedule.tolist() == expected
+    assert used_blocks.tolist() == [len(expected) - spare]
 
 
 @pytest.mark.parametrize("setting", [None, "1"])

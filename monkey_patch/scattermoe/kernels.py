@@ -53,7 +53,10 @@ def _configs(shapes: list[tuple[int, ...]], tiles: tuple[str, ...] = TILES, **fl
 # Hopper-sized tiles first, then tiles that still fill the GPU when an expert gets few rows. The BLOCK_K 32 deep
 # pipelines are candidates after the weight-gradient kernel's sweep (below); the autotuner keeps them only if faster.
 _GATE_UP_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 5), (128, 32, 8, 6), (64, 64, 4, 4),
-                             (128, 64, 4, 4)], ROW_TILES)
+                             (128, 64, 4, 4)], ROW_TILES, PERSISTENT=False)
+# Persistent (see the kernel), with the tiles the autotuner chose at the model shapes.
+_GATE_UP_CONFIGS += [] if INTERPRET else _configs([(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 6)], ROW_TILES,
+                                                  PERSISTENT=True)
 _MATMUL_CONFIGS = _configs(
     [
         (128, 64, 8, 4), (256, 64, 8, 3), (256, 32, 8, 5), (128, 32, 8, 5), (128, 64, 4, 4), (64, 64, 4, 3),
@@ -191,10 +194,11 @@ def _load_weight(w_desc, w_ptrs, expert, K, N_TOTAL, k0, n0, k_mask, col_mask,
 
 
 @triton.jit
-def _row_block_schedule_kernel(expert_ends_ptr, schedule_ptr, NUM_EXPERTS, NUM_ROWS, NUM_BLOCKS,
+def _row_block_schedule_kernel(expert_ends_ptr, schedule_ptr, used_blocks_ptr, NUM_EXPERTS, NUM_ROWS, NUM_BLOCKS,
                                E_POW2: tl.constexpr, ROWS: tl.constexpr, BLOCK_B: tl.constexpr):
     """For BLOCK_B row blocks of ROWS grouped rows: (expert, first row, end row of the expert), experts in order,
-    each starting a new block. Blocks past the last hold (NUM_EXPERTS, NUM_ROWS, NUM_ROWS): no rows."""
+    each starting a new block. Blocks past the last hold (NUM_EXPERTS, NUM_ROWS, NUM_ROWS): no rows. The first
+    program also stores how many blocks hold rows."""
     experts = tl.arange(0, E_POW2)
     valid = experts < NUM_EXPERTS
     ends = tl.load(expert_ends_ptr + experts, mask=valid, other=0)
@@ -213,6 +217,7 @@ def _row_block_schedule_kernel(expert_ends_ptr, schedule_ptr, NUM_EXPERTS, NUM_R
     tl.store(entries, tl.where(in_use, expert, NUM_EXPERTS), mask=stored)
     tl.store(entries + 1, tl.where(in_use, row_start, NUM_ROWS), mask=stored)
     tl.store(entries + 2, tl.where(in_use, row_end, NUM_ROWS), mask=stored)
+    tl.store(used_blocks_ptr, tl.max(block_ends, 0), mask=tl.program_id(0) == 0)
 
 
 @triton.jit
@@ -269,30 +274,16 @@ def _accumulate_gate_up(acc_gate, acc_up, a_ptrs, w_ptrs, w_desc, expert, n0, up
     return acc_gate, acc_up
 
 
-@triton.autotune(configs=_GATE_UP_CONFIGS, key=["K", "N", "ROWS_BUCKET", "HAS_A2", "W_TMA"])
 @triton.jit
-def _gather_gate_up_swiglu_kernel(
-    x_ptr, w_ptr, a2_ptr, w2_ptr, sorted_pairs_ptr, schedule_ptr, scale_ptr, gate_up_ptr, h_ptr,
-    NUM_EXPERTS, K, K2, N, TOP_K, ROWS_BUCKET,
-    stride_xm, stride_xk, stride_we, stride_wk, stride_wn,
+def _gate_up_tile(
+    pid_m, pid_n, x_ptr, w_ptr, w_desc, a2_ptr, w2_ptr, sorted_pairs_ptr, schedule_ptr, scale_ptr, gate_up_ptr, h_ptr,
+    K, K2, N, TOP_K, stride_xm, stride_xk, stride_we, stride_wk, stride_wn,
     stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
     HAS_A2: tl.constexpr, W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """gate|up = x[token] @ W[e] for the gate and up halves at once; SwiGLU and routing weight in the epilogue.
-
-    Writes the pre-activations (for backward) and h = scale[pair] * silu(gate) * up, both in grouped row order.
-    Scaling h instead of the down projection's output leaves the down projection and its weight gradient
-    plain grouped matmuls. With HAS_A2, grouped rows a2 @ W2[e] join the same accumulators before the
-    activation: LoRA's low-rank path (u @ B^T) without a pre-activation-sized buffer.
-    """
-    pid = tl.program_id(0)
-    num_n_blocks = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // num_n_blocks
-    pid_n = pid % num_n_blocks
+    """One (row block, column block) tile of ``_gather_gate_up_swiglu_kernel``."""
     expert, row_start, row_end = _row_block(schedule_ptr, pid_m)
-    if expert >= NUM_EXPERTS:
-        return
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     pairs = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0).to(tl.int64)
@@ -303,10 +294,6 @@ def _gather_gate_up_swiglu_kernel(
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tokens[:, None] * stride_xm + ks[None, :] * stride_xk
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
-    if W_TMA:
-        w_desc = _weight_descriptor(w_ptr, NUM_EXPERTS, K, 2 * N, stride_wk, stride_wn, W_K_CONTIG, BLOCK_K, BLOCK_N)
-    else:
-        w_desc = w_ptr
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_gate, acc_up = _accumulate_gate_up(acc_gate, acc_up, x_ptrs, w_ptrs, w_desc, expert, n0, N, row_mask,
@@ -326,6 +313,51 @@ def _gather_gate_up_swiglu_kernel(
     tl.store(gate_up_ptrs + N, acc_up.to(gate_up_ptr.dtype.element_ty), mask=out_mask)
     h_ptrs = h_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.autotune(configs=_GATE_UP_CONFIGS, key=["K", "N", "ROWS_BUCKET", "HAS_A2", "W_TMA"])
+@triton.jit
+def _gather_gate_up_swiglu_kernel(
+    x_ptr, w_ptr, a2_ptr, w2_ptr, sorted_pairs_ptr, schedule_ptr, used_blocks_ptr, scale_ptr, gate_up_ptr, h_ptr,
+    NUM_EXPERTS, K, K2, N, TOP_K, ROWS_BUCKET,
+    stride_xm, stride_xk, stride_we, stride_wk, stride_wn,
+    stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
+    HAS_A2: tl.constexpr, W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+):
+    """gate|up = x[token] @ W[e] for the gate and up halves at once; SwiGLU and routing weight in the epilogue.
+
+    Writes the pre-activations (for backward) and h = scale[pair] * silu(gate) * up, both in grouped row order.
+    Scaling h instead of the down projection's output leaves the down projection and its weight gradient
+    plain grouped matmuls. With HAS_A2, grouped rows a2 @ W2[e] join the same accumulators before the
+    activation: LoRA's low-rank path (u @ B^T) without a pre-activation-sized buffer.
+
+    One tile per program or, with PERSISTENT, a program per SM looping over the tiles of the row blocks in use,
+    a loop Triton flattens with the K loop (its trip count is the same for every tile) so that the next tile's loads
+    start under this one's epilogue.
+    """
+    pid = tl.program_id(0)
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    if W_TMA:
+        w_desc = _weight_descriptor(w_ptr, NUM_EXPERTS, K, 2 * N, stride_wk, stride_wn, W_K_CONTIG, BLOCK_K, BLOCK_N)
+    else:
+        w_desc = w_ptr
+    if PERSISTENT:
+        tiles = tl.load(used_blocks_ptr) * num_n_blocks
+        for tile in tl.range(pid, tiles, tl.num_programs(0), flatten=True):
+            _gate_up_tile(tile // num_n_blocks, tile % num_n_blocks, x_ptr, w_ptr, w_desc, a2_ptr, w2_ptr,
+                          sorted_pairs_ptr, schedule_ptr, scale_ptr, gate_up_ptr, h_ptr, K, K2, N, TOP_K, stride_xm,
+                          stride_xk, stride_we, stride_wk, stride_wn, stride_a2m, stride_a2k, stride_w2e, stride_w2k,
+                          stride_w2n, HAS_A2, W_TMA, W_K_CONTIG, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        pid_m = pid // num_n_blocks
+        if tl.load(schedule_ptr + pid_m * 3) >= NUM_EXPERTS:  # past the last row block
+            return
+        _gate_up_tile(pid_m, pid % num_n_blocks, x_ptr, w_ptr, w_desc, a2_ptr, w2_ptr, sorted_pairs_ptr,
+                      schedule_ptr, scale_ptr, gate_up_ptr, h_ptr, K, K2, N, TOP_K, stride_xm, stride_xk, stride_we,
+                      stride_wk, stride_wn, stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n, HAS_A2, W_TMA,
+                      W_K_CONTIG, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -634,25 +666,28 @@ class Routing(NamedTuple):
     sorted_pairs: torch.Tensor  # (T*k,) pair ids (token * top_k + slot) in expert order
     expert_ends: torch.Tensor  # (E,) int32, each expert's end row in that order
     schedule: torch.Tensor  # (row blocks, 3) int32, from row_block_schedule
+    used_blocks: torch.Tensor  # (1,) int32: how many of those blocks hold rows (they come first)
     top_k: int
 
     @classmethod
     def of(cls, sorted_pairs: torch.Tensor, expert_ends: torch.Tensor, top_k: int) -> "Routing":
-        return cls(sorted_pairs, expert_ends, row_block_schedule(expert_ends, sorted_pairs.numel()), top_k)
+        return cls(sorted_pairs, expert_ends, *row_block_schedule(expert_ends, sorted_pairs.numel()), top_k)
 
 
-def row_block_schedule(expert_ends: torch.Tensor, num_rows: int) -> torch.Tensor:
+def row_block_schedule(expert_ends: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per block of ROW_BLOCK grouped rows, (expert, first row, end row of the expert), computed once per routing
     on the device (no host sync) for every grouped kernel: (row blocks, 3) int32, as many blocks as any routing
-    of ``num_rows`` rows can need (each expert leaves at most one block partial); the unused ones hold no rows."""
+    of ``num_rows`` rows can need (each expert leaves at most one block partial), the unused ones last and without
+    rows; and (1,) int32, how many are used."""
     num_experts = expert_ends.numel()
     num_blocks = triton.cdiv(num_rows, ROW_BLOCK) + num_experts
     schedule = torch.empty(num_blocks, 3, device=expert_ends.device, dtype=torch.int32)
+    used_blocks = torch.empty(1, device=expert_ends.device, dtype=torch.int32)
     blocks_per_program = 64
     launch(_row_block_schedule_kernel, lambda meta: (triton.cdiv(num_blocks, blocks_per_program),),
-           (expert_ends, schedule, num_experts, num_rows, num_blocks),
+           (expert_ends, schedule, used_blocks, num_experts, num_rows, num_blocks),
            dict(E_POW2=triton.next_power_of_2(num_experts), ROWS=ROW_BLOCK, BLOCK_B=blocks_per_program, num_warps=4))
-    return schedule
+    return schedule, used_blocks
 
 
 def _second_operand(
@@ -684,12 +719,13 @@ def gather_gate_up_swiglu(
     h = torch.empty(num_rows, inter, device=x.device, dtype=x.dtype)
 
     def grid(meta):
-        return (routing.schedule.shape[0] * triton.cdiv(inter, meta["BLOCK_N"]),)
+        tiles = routing.schedule.shape[0] * triton.cdiv(inter, meta["BLOCK_N"])
+        return (min(tiles, _programs_per_launch(x.device)) if meta["PERSISTENT"] else tiles,)
 
     a2, w2, k2, a2_strides = _second_operand(a2, w2, x)
     w_tma, w_k_contig = _weight_tma(w_gate_up, column_offsets=(inter,))
     launch(_tuned_for(_gather_gate_up_swiglu_kernel, x.dtype), grid, (
-        x, w_gate_up, a2, w2, routing.sorted_pairs, routing.schedule, row_scale, gate_up, h,
+        x, w_gate_up, a2, w2, routing.sorted_pairs, routing.schedule, routing.used_blocks, row_scale, gate_up, h,
         num_experts, hidden, k2, inter, routing.top_k, _rows_bucket(num_rows),
         x.stride(0), x.stride(1), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), *a2_strides,
     ), dict(HAS_A2=k2 > 0, W_TMA=w_tma, W_K_CONTIG=w_k_contig, INPUT_PRECISION=_input_precision(x.dtype),
