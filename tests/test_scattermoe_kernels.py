@@ -70,11 +70,14 @@ def test_warp_specialized_persistent_matmul_matches_eager_experts(tokens, hidden
     assert_matches_eager_experts(tokens, hidden, inter, num_experts, top_k, routing)
 
 
+@pytest.mark.parametrize("name", ["_gather_gate_up_swiglu_kernel", "_scatter_matmul_kernel"])
 @pytest.mark.parametrize("tokens,hidden,inter,num_experts,top_k,routing", CASES)
-def test_persistent_gate_up_kernel_matches_eager_experts(tokens, hidden, inter, num_experts, top_k, routing,
-                                                         monkeypatch):
-    """Its persistent configs (a GPU's autotuner may pick one) loop over the row blocks in use, three programs here."""
-    for kernel in (kernels._gather_gate_up_swiglu_kernel, kernels._FP32_TWINS[kernels._gather_gate_up_swiglu_kernel]):
+def test_persistent_configs_match_eager_experts(tokens, hidden, inter, num_experts, top_k, routing, name,
+                                                monkeypatch):
+    """The persistent configs (a GPU's autotuner may pick one) loop over the row blocks in use, three programs here:
+    the gate/up kernel's, and the scatter matmul's for every launch of it, gathered rows or grouped."""
+    autotuned = getattr(kernels, name)
+    for kernel in (autotuned, kernels._FP32_TWINS[autotuned]):
         persistent = triton.Config(kernel.configs[0].kwargs | {"PERSISTENT": True}, num_warps=4, num_stages=1)
         monkeypatch.setattr(kernel, "configs", [persistent])
     assert_matches_eager_experts(tokens, hidden, inter, num_experts, top_k, routing)

@@ -64,6 +64,9 @@ _MATMUL_CONFIGS = _configs(
     ],
     ROW_TILES, WARP_SPECIALIZE=False, PERSISTENT=False,
 )
+# Persistent (see the kernel), with the tiles the autotuner chose at the model shapes.
+_MATMUL_CONFIGS += [] if INTERPRET else _configs([(256, 64, 8, 3), (256, 32, 8, 5), (128, 64, 8, 4)], ROW_TILES,
+                                                 WARP_SPECIALIZE=False, PERSISTENT=True)
 # Warp-specialized (a producer warp group issuing the TMA loads, two consumer groups on the tensor cores). Triton 3.6
 # builds these on Hopper only for one warp group per program (num_warps 4), and only for a loop whose every load is
 # a descriptor load: ``scatter_matmul`` offers them beside the others to such launches alone
@@ -362,16 +365,15 @@ def _gather_gate_up_swiglu_kernel(
 
 @triton.jit
 def _scatter_matmul_tile(
-    pid_m, pid_n, a_ptr, a_desc, w_ptr, w_desc, a2_ptr, w2_ptr, sorted_pairs_ptr, schedule_ptr, y_ptr,
+    expert, row_start, row_end, pid_n, k_end, a_ptr, a_desc, w_ptr, w_desc, a2_ptr, w2_ptr, sorted_pairs_ptr, y_ptr,
     K, K2, N, TOP_K, stride_am, stride_ak, stride_we, stride_wk, stride_wn,
     stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
     A_GATHERED: tl.constexpr, Y_SCATTERED: tl.constexpr, HAS_A2: tl.constexpr, A_TMA: tl.constexpr,
     W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    """One (row block, column block) tile of ``_scatter_matmul_kernel``; a block with no rows runs no iteration
-    and stores nothing."""
-    expert, row_start, row_end = _row_block(schedule_ptr, pid_m)
+    """One (row block, column block) tile of ``_scatter_matmul_kernel``, its K loop up to ``k_end`` (K, or 0 for a
+    block without rows, which then stores nothing)."""
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     pairs = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0).to(tl.int64)
@@ -384,8 +386,8 @@ def _scatter_matmul_tile(
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
     acc = _accumulate(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a_ptrs, a_desc, row_start, w_ptrs, w_desc,
-                      expert, n0, row_mask, col_mask, K, tl.where(row_start < row_end, K, 0), N, stride_ak, stride_wk,
-                      A_TMA, W_TMA, W_K_CONTIG, BLOCK_K, INPUT_PRECISION, WARP_SPECIALIZE)
+                      expert, n0, row_mask, col_mask, K, k_end, N, stride_ak, stride_wk, A_TMA, W_TMA, W_K_CONTIG,
+                      BLOCK_K, INPUT_PRECISION, WARP_SPECIALIZE)
     if HAS_A2:
         a2_ptrs = a2_ptr + rows[:, None].to(tl.int64) * stride_a2m + ks[None, :] * stride_a2k
         w2_ptrs = w2_ptr + expert.to(tl.int64) * stride_w2e + ks[:, None] * stride_w2k + cols[None, :] * stride_w2n
@@ -396,10 +398,10 @@ def _scatter_matmul_tile(
 
 
 @triton.autotune(configs=_MATMUL_CONFIGS, key=["K", "N", "ROWS_BUCKET", "A_GATHERED", "HAS_A2", "A_TMA", "W_TMA"])
-@triton.jit(do_not_specialize=["NUM_ROWS", "NUM_BLOCKS"])  # extents only: one compile for every row count
+@triton.jit(do_not_specialize=["NUM_ROWS"])  # a descriptor's extent only: one compile for every row count
 def _scatter_matmul_kernel(
-    a_ptr, w_ptr, a2_ptr, w2_ptr, sorted_pairs_ptr, schedule_ptr, y_ptr,
-    NUM_EXPERTS, K, K2, N, TOP_K, ROWS_BUCKET, NUM_ROWS, NUM_BLOCKS,
+    a_ptr, w_ptr, a2_ptr, w2_ptr, sorted_pairs_ptr, schedule_ptr, used_blocks_ptr, y_ptr,
+    NUM_EXPERTS, K, K2, N, TOP_K, ROWS_BUCKET, NUM_ROWS,
     stride_am, stride_ak, stride_we, stride_wk, stride_wn,
     stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
     A_GATHERED: tl.constexpr, Y_SCATTERED: tl.constexpr, HAS_A2: tl.constexpr, A_TMA: tl.constexpr,
@@ -412,9 +414,11 @@ def _scatter_matmul_kernel(
     y += a2 @ W2[e] over grouped rows of a2 in the same accumulator (LoRA's low-rank term, added without a second
     output buffer).
 
-    One tile per program, or with PERSISTENT every grid-stride tile of NUM_BLOCKS row blocks. WARP_SPECIALIZE
-    builds the persistent loop, or else the K loop, warp-specialized; Triton 3.6 refuses that in a kernel that may
-    return early, so such a program past the last row block runs no iteration instead."""
+    One tile per program or, with PERSISTENT, a program per SM over the tiles of the row blocks in use: a loop that
+    Triton flattens with the K loop (the same trip count for every tile), or with WARP_SPECIALIZE builds
+    warp-specialized, so that the next tile's loads start under this one's store. Otherwise WARP_SPECIALIZE builds
+    the K loop warp-specialized; Triton 3.6 refuses that in a kernel that may return early, so such a program past
+    the last row block runs no iteration instead."""
     pid = tl.program_id(0)
     num_n_blocks = tl.cdiv(N, BLOCK_N)
     if A_TMA:
@@ -427,22 +431,25 @@ def _scatter_matmul_kernel(
     else:
         w_desc = w_ptr
     if PERSISTENT:
-        for tile in tl.range(pid, NUM_BLOCKS * num_n_blocks, tl.num_programs(0), warp_specialize=WARP_SPECIALIZE):
+        tiles = tl.load(used_blocks_ptr) * num_n_blocks
+        for tile in tl.range(pid, tiles, tl.num_programs(0), flatten=not WARP_SPECIALIZE,
+                             warp_specialize=WARP_SPECIALIZE):
+            expert, row_start, row_end = _row_block(schedule_ptr, tile // num_n_blocks)
             _scatter_matmul_tile(
-                tile // num_n_blocks, tile % num_n_blocks, a_ptr, a_desc, w_ptr, w_desc, a2_ptr, w2_ptr,
-                sorted_pairs_ptr, schedule_ptr, y_ptr, K, K2, N, TOP_K, stride_am, stride_ak, stride_we, stride_wk,
-                stride_wn, stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n, A_GATHERED, Y_SCATTERED,
-                HAS_A2, A_TMA, W_TMA, W_K_CONTIG, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, False)
+                expert, row_start, row_end, tile % num_n_blocks, K, a_ptr, a_desc, w_ptr, w_desc, a2_ptr, w2_ptr,
+                sorted_pairs_ptr, y_ptr, K, K2, N, TOP_K, stride_am, stride_ak, stride_we, stride_wk, stride_wn,
+                stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n, A_GATHERED, Y_SCATTERED, HAS_A2, A_TMA,
+                W_TMA, W_K_CONTIG, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, False)
     else:
-        pid_m = pid // num_n_blocks
+        expert, row_start, row_end = _row_block(schedule_ptr, pid // num_n_blocks)
         if not WARP_SPECIALIZE:
-            if tl.load(schedule_ptr + pid_m * 3) >= NUM_EXPERTS:  # past the last row block
+            if expert >= NUM_EXPERTS:  # past the last row block
                 return
         _scatter_matmul_tile(
-            pid_m, pid % num_n_blocks, a_ptr, a_desc, w_ptr, w_desc, a2_ptr, w2_ptr, sorted_pairs_ptr, schedule_ptr,
-            y_ptr, K, K2, N, TOP_K, stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_a2m, stride_a2k,
-            stride_w2e, stride_w2k, stride_w2n, A_GATHERED, Y_SCATTERED, HAS_A2, A_TMA, W_TMA, W_K_CONTIG,
-            INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, WARP_SPECIALIZE)
+            expert, row_start, row_end, pid % num_n_blocks, tl.where(row_start < row_end, K, 0), a_ptr, a_desc,
+            w_ptr, w_desc, a2_ptr, w2_ptr, sorted_pairs_ptr, y_ptr, K, K2, N, TOP_K, stride_am, stride_ak, stride_we,
+            stride_wk, stride_wn, stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n, A_GATHERED,
+            Y_SCATTERED, HAS_A2, A_TMA, W_TMA, W_K_CONTIG, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, WARP_SPECIALIZE)
 
 
 @triton.jit(do_not_specialize=["num_rows"])  # varies with packed rows: no second compile when it hits a multiple of 16
@@ -764,8 +771,8 @@ def scatter_matmul(
     warp_specialized = all_tma and os.environ.get(WARP_SPECIALIZE_ENV, "0") == "1"
     kernel = _WARP_SPECIALIZED_MATMUL if warp_specialized else _tuned_for(_scatter_matmul_kernel, a.dtype)
     launch(kernel, grid, (
-        a, w, a2, w2, routing.sorted_pairs, routing.schedule, y,
-        num_experts, k_dim, k2, n_dim, routing.top_k, _rows_bucket(num_rows), a.shape[0], num_blocks,
+        a, w, a2, w2, routing.sorted_pairs, routing.schedule, routing.used_blocks, y,
+        num_experts, k_dim, k2, n_dim, routing.top_k, _rows_bucket(num_rows), a.shape[0],
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), *a2_strides,
     ), dict(A_GATHERED=a_gathered, Y_SCATTERED=y_scattered, HAS_A2=k2 > 0, A_TMA=a_tma, W_TMA=w_tma,
             W_K_CONTIG=w_k_contig, INPUT_PRECISION=_input_precision(a.dtype), BLOCK_M=ROW_BLOCK))
