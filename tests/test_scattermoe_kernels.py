@@ -127,6 +127,20 @@ def test_row_block_schedule_gives_each_block_its_expert_and_rows_and_counts_the_
     assert used_blocks.tolist() == [len(expected) - spare]
 
 
+def test_the_row_block_schedule_is_computed_once_for_a_forward_and_its_backward(monkeypatch):
+    launched = []
+    launch = kernels.launch
+    monkeypatch.setattr(kernels, "launch", lambda kernel, grid, args, constexprs: (
+        launched.append(kernel), launch(kernel, grid, args, constexprs))[1])
+    torch.manual_seed(0)
+    experts = make_eager_experts(64, 32, 4, 2)
+    weights, index = make_routing(40, 4, 2, "uniform")
+    x = torch.randn(40, 64, device=DEVICE, requires_grad=True)
+    scattermoe_experts(x, experts.gate_up_proj, experts.down_proj, weights, index).sum().backward()
+    assert launched.count(kernels._row_block_schedule_kernel) == 1
+    assert x.grad is not None and experts.down_proj.grad is not None
+
+
 @pytest.mark.parametrize("setting", [None, "1"])
 def test_only_launches_whose_loads_are_all_descriptors_are_offered_warp_specialization(setting, monkeypatch):
     """Triton 3.6 fails to build a warp-specialized loop with a pointer load in it: with

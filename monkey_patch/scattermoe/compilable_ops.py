@@ -1,7 +1,8 @@
 """The expert block as ``torch.library`` custom ops, so ``torch.compile(fullgraph=True)`` traces it unbroken.
 
 Forward and backward are opaque ops with fake (meta) implementations over ops.experts_forward/experts_backward;
-routing metadata is plain torch and traces normally. LoRA factors are optional inputs; custom ops cannot
+routing metadata is plain torch and traces normally, except the row-block schedule, which the forward op computes
+and hands to the backward op as two more outputs. LoRA factors are optional inputs; custom ops cannot
 return None, so an absent result (no adapter, frozen weights) travels as an empty tensor. Frozen weights may come
 in FP8 with per-row scales (``--fp8_frozen_experts``): both ops dequantize them on entry, so backward keeps the FP8
 tensors, not a full-precision copy. Under gradient checkpointing a layer's recompute and its backward run back to
@@ -85,13 +86,14 @@ def _forward_op(
     scale_down: float,
     w_gate_up_scale: torch.Tensor | None,
     w_down_scale: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    routing = kernels.Routing.of(sorted_pairs, expert_ends, routing_weights.shape[1])
     out, gate_up, su, sv = experts_forward(
         x, *DEQUANTIZED.get((w_gate_up, w_down), (w_gate_up_scale, w_down_scale), x.dtype, for_backward=False),
-        routing_weights, sorted_pairs, expert_ends,
+        routing_weights, routing,
         _low_rank(a_gate_up, b_gate_up, scale_gate_up), _low_rank(a_down, b_down, scale_down),
     )
-    return out, gate_up, _or_empty(su, x), _or_empty(sv, x)
+    return out, gate_up, _or_empty(su, x), _or_empty(sv, x), routing.schedule, routing.used_blocks
 
 
 @_forward_op.register_fake
@@ -108,6 +110,8 @@ def _forward_fake(x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_en
         x.new_empty(num_rows, two_inter),
         low_rank(a_gate_up),
         low_rank(a_down),
+        expert_ends.new_empty(kernels.row_blocks(num_rows, expert_ends.shape[0]), 3),
+        expert_ends.new_empty(1),
     )
 
 
@@ -120,6 +124,8 @@ def _backward_op(
     routing_weights: torch.Tensor,
     sorted_pairs: torch.Tensor,
     expert_ends: torch.Tensor,
+    schedule: torch.Tensor,
+    used_blocks: torch.Tensor,
     gate_up: torch.Tensor,
     needs_weight_grads: bool,
     a_gate_up: torch.Tensor | None,
@@ -134,17 +140,18 @@ def _backward_op(
     w_down_scale: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
+    routing = kernels.Routing(sorted_pairs, expert_ends, schedule, used_blocks, routing_weights.shape[1])
     grads = experts_backward(
         grad_out, x, *DEQUANTIZED.get((w_gate_up, w_down), (w_gate_up_scale, w_down_scale), x.dtype, for_backward=True),
-        routing_weights, sorted_pairs, expert_ends, gate_up, needs_weight_grads,
+        routing_weights, routing, gate_up, needs_weight_grads,
         _low_rank(a_gate_up, b_gate_up, scale_gate_up), _low_rank(a_down, b_down, scale_down), su, sv,
     )
     return tuple(_or_empty(grad, x) for grad in grads)
 
 
 @_backward_op.register_fake
-def _backward_fake(grad_out, x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends, gate_up,
-                   needs_weight_grads, a_gate_up, b_gate_up, scale_gate_up, a_down, b_down, scale_down, su, sv,
+def _backward_fake(grad_out, x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends, schedule, used_blocks,
+                   gate_up, needs_weight_grads, a_gate_up, b_gate_up, scale_gate_up, a_down, b_down, scale_down, su, sv,
                    w_gate_up_scale, w_down_scale):
     def like(tensor, dtype_of, present=True):
         return dtype_of.new_empty(tensor.shape) if tensor is not None and present else x.new_empty(0)
@@ -159,22 +166,23 @@ def _backward_fake(grad_out, x, w_gate_up, w_down, routing_weights, sorted_pairs
 def _setup_context(ctx, inputs, output):
     (x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends,
      a_gate_up, b_gate_up, scale_gate_up, a_down, b_down, scale_down, w_gate_up_scale, w_down_scale) = inputs
-    _, gate_up, su, sv = output
-    ctx.mark_non_differentiable(gate_up, su, sv)
+    _, gate_up, su, sv, schedule, used_blocks = output
+    ctx.mark_non_differentiable(gate_up, su, sv, schedule, used_blocks)
     ctx.scales = (scale_gate_up, scale_down)
     ctx.has_lora = (a_gate_up is not None, a_down is not None)
-    ctx.save_for_backward(x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends, gate_up,
-                          a_gate_up, b_gate_up, a_down, b_down, su, sv, w_gate_up_scale, w_down_scale)
+    ctx.save_for_backward(x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends, schedule, used_blocks,
+                          gate_up, a_gate_up, b_gate_up, a_down, b_down, su, sv, w_gate_up_scale, w_down_scale)
 
 
-def _backward(ctx, grad_out, _grad_gate_up, _grad_su, _grad_sv):
-    (x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends, gate_up,
+def _backward(ctx, grad_out, _grad_gate_up, _grad_su, _grad_sv, _grad_schedule, _grad_used_blocks):
+    (x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends, schedule, used_blocks, gate_up,
      a_gate_up, b_gate_up, a_down, b_down, su, sv, w_gate_up_scale, w_down_scale) = ctx.saved_tensors
     scale_gate_up, scale_down = ctx.scales
     has_gate_up, has_down = ctx.has_lora
     needs_weight_grads = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     grads = torch.ops.turbo_tune.scattermoe_experts_backward(
-        grad_out, x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends, gate_up, needs_weight_grads,
+        grad_out, x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends, schedule, used_blocks, gate_up,
+        needs_weight_grads,
         a_gate_up, b_gate_up, scale_gate_up, a_down, b_down, scale_down,
         su if has_gate_up else None, sv if has_down else None, w_gate_up_scale, w_down_scale,
     )

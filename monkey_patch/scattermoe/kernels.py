@@ -681,13 +681,17 @@ class Routing(NamedTuple):
         return cls(sorted_pairs, expert_ends, *row_block_schedule(expert_ends, sorted_pairs.numel()), top_k)
 
 
+def row_blocks(num_rows: int, num_experts: int) -> int:
+    """Row blocks of ROW_BLOCK any routing of ``num_rows`` rows can need: each expert leaves at most one partial."""
+    return triton.cdiv(num_rows, ROW_BLOCK) + num_experts
+
+
 def row_block_schedule(expert_ends: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per block of ROW_BLOCK grouped rows, (expert, first row, end row of the expert), computed once per routing
-    on the device (no host sync) for every grouped kernel: (row blocks, 3) int32, as many blocks as any routing
-    of ``num_rows`` rows can need (each expert leaves at most one block partial), the unused ones last and without
-    rows; and (1,) int32, how many are used."""
+    on the device (no host sync) for every grouped kernel: (``row_blocks``, 3) int32, the unused blocks last and
+    without rows; and (1,) int32, how many are used."""
     num_experts = expert_ends.numel()
-    num_blocks = triton.cdiv(num_rows, ROW_BLOCK) + num_experts
+    num_blocks = row_blocks(num_rows, num_experts)
     schedule = torch.empty(num_blocks, 3, device=expert_ends.device, dtype=torch.int32)
     used_blocks = torch.empty(1, device=expert_ends.device, dtype=torch.int32)
     blocks_per_program = 64

@@ -52,8 +52,7 @@ def experts_forward(
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
     routing_weights: torch.Tensor,
-    sorted_pairs: torch.Tensor,
-    expert_ends: torch.Tensor,
+    routing: kernels.Routing,
     gate_up_lora: LowRank | None = None,
     down_lora: LowRank | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -61,8 +60,7 @@ def experts_forward(
     inputs of B, su = s·x·A_guᵀ and sv = s·h·A_downᵀ (T*k, r), all grouped by expert (su, sv None without that
     adapter). The routing-weighted activations h (T*k, I) are not kept: backward recomputes them from the
     pre-activations in the pass it reads those anyway."""
-    top_k = routing_weights.shape[1]
-    routing = kernels.Routing.of(sorted_pairs, expert_ends, top_k)
+    top_k = routing.top_k
     su = sv = None
     if gate_up_lora is not None:
         su = kernels.scatter_matmul(
@@ -199,8 +197,7 @@ def experts_backward(
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
     routing_weights: torch.Tensor,
-    sorted_pairs: torch.Tensor,
-    expert_ends: torch.Tensor,
+    routing: kernels.Routing,
     gate_up: torch.Tensor,
     needs_weight_grads: bool,
     gate_up_lora: LowRank | None = None,
@@ -215,7 +212,6 @@ def experts_backward(
     """
     num_tokens, top_k = routing_weights.shape
     grad_out = grad_out.to(x.dtype).contiguous()  # autocast can hand back an fp32 gradient for a bf16 output
-    routing = kernels.Routing.of(sorted_pairs, expert_ends, top_k)
     grad_a_gu = grad_b_gu = grad_a_down = grad_b_down = grad_w_gate_up = grad_w_down = None
 
     dsv = a_down = None
@@ -224,7 +220,7 @@ def experts_backward(
         dsv, grad_b_down = _low_rank_grads(grad_out, True, down_lora, sv, routing)
     grad_h = kernels.scatter_matmul(grad_out, w_down, routing, a_gathered=True, y_scattered=False, a2=dsv, w2=a_down)
     grad_gate_up, grad_scale, h = kernels.swiglu_backward(
-        grad_h, gate_up, sorted_pairs, routing_weights.reshape(-1), want_h=needs_weight_grads or dsv is not None
+        grad_h, gate_up, routing.sorted_pairs, routing_weights.reshape(-1), want_h=needs_weight_grads or dsv is not None
     )
     del grad_h
     if down_lora is not None:
