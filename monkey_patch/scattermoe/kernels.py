@@ -41,7 +41,7 @@ ROW_TILES = ("BLOCK_N", "BLOCK_K")
 
 def _configs(shapes: list[tuple[int, ...]], tiles: tuple[str, ...] = TILES, **flags: bool) -> list[triton.Config]:
     """Autotune space: (*tiles, num_warps, num_stages), one small config in the interpreter (more would be timed).
-    ``flags``: constexprs of the same value in every config (WARP_SPECIALIZE, PERSISTENT of the scatter matmul)."""
+    ``flags``: constexprs of the same value in every config (PERSISTENT, WARP_SPECIALIZE)."""
     if INTERPRET:
         shapes = [(64,) * len(tiles) + (4, 1)]
     return [
@@ -118,8 +118,6 @@ def _programs_per_launch(device: torch.device) -> int:
 def _rows_bucket(num_rows: int) -> int:
     """Autotune key for the row count: a power of two, so varying batch sizes do not retune every step."""
     return triton.next_power_of_2(max(num_rows, 1))
-
-
 
 
 def _tma_allocator(size: int, alignment: int, stream: int | None) -> torch.Tensor:
