@@ -450,12 +450,20 @@ def _scatter_matmul_kernel(
             Y_SCATTERED, HAS_A2, A_TMA, W_TMA, W_K_CONTIG, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, WARP_SPECIALIZE)
 
 
+# Rows per program and warps: one row of 4 warps was the fixed choice until 2026-12-01; the autotuner now times more.
+_SWIGLU_BACKWARD_CONFIGS = [
+    triton.Config({"BLOCK_R": r}, num_warps=w)
+    for r, w in ([(64, 4)] if INTERPRET else [(1, 4), (2, 4), (2, 8), (4, 8)])
+]
+
+
+@triton.autotune(configs=_SWIGLU_BACKWARD_CONFIGS, key=["N", "ROWS_BUCKET", "STORE_H"])
 @triton.jit(do_not_specialize=["num_rows"])  # varies with packed rows: no second compile when it hits a multiple of 16
 def _swiglu_backward_kernel(
     grad_h_ptr, gate_up_ptr, sorted_pairs_ptr, scale_ptr, grad_gate_up_ptr, grad_scale_ptr, h_ptr,
-    num_rows, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, STORE_H: tl.constexpr,
+    num_rows, N, ROWS_BUCKET, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, STORE_H: tl.constexpr,
 ):
-    """BLOCK_R grouped rows (one on a GPU; more in the interpreter, where programs are costly): from
+    """BLOCK_R grouped rows (a few on a GPU; more in the interpreter, where programs are costly): from
     g = grad_out[token] @ W_down[e] (unweighted), the routing-weight gradient rowsum(g * silu(gate) * up) and
     the pre-activation gradients of scale * g; with STORE_H also the forward's h = scale * silu(gate) * up, which
     costs one write here instead of an activation kept from forward to backward.
@@ -791,11 +799,10 @@ def swiglu_backward(
     grad_gate_up = torch.empty_like(gate_up)
     grad_scale = torch.empty(num_rows, device=grad_h.device, dtype=torch.float32)
     h = torch.empty_like(grad_h) if want_h else None
-    rows_per_program = 64 if INTERPRET else 1
-    launch(_swiglu_backward_kernel, lambda meta: (triton.cdiv(num_rows, rows_per_program),), (
+    launch(_swiglu_backward_kernel, lambda meta: (triton.cdiv(num_rows, meta["BLOCK_R"]),), (
         grad_h, gate_up, sorted_pairs, row_scale, grad_gate_up, grad_scale, grad_h if h is None else h, num_rows,
-        inter,
-    ), dict(BLOCK_R=rows_per_program, BLOCK_N=triton.next_power_of_2(inter), STORE_H=want_h, num_warps=4))
+        inter, _rows_bucket(num_rows),
+    ), dict(BLOCK_N=triton.next_power_of_2(inter), STORE_H=want_h))
     return grad_gate_up, grad_scale, h
 
 

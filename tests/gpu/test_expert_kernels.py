@@ -106,7 +106,7 @@ def test_strided_misaligned_and_transposed_inputs_give_the_contiguous_results():
 
 
 @pytest.mark.parametrize("name", ["_gather_gate_up_swiglu_kernel", "_scatter_matmul_kernel", "_WARP_SPECIALIZED_MATMUL",
-                                  "_grouped_weight_grad_kernel"])
+                                  "_grouped_weight_grad_kernel", "_swiglu_backward_kernel"])
 def test_every_config_of_each_autotuned_kernel_is_as_close_as_grouped_mm(name, monkeypatch):
     """The autotuner keeps whichever config is fastest on the GPU and shape at hand, so each must be right, the
     persistent and warp-specialized ones included: each config in turn runs every launch of its kernel (the
