@@ -127,35 +127,40 @@ def test_row_block_schedule_gives_each_block_its_expert_and_rows_and_counts_the_
     assert used_blocks.tolist() == [len(expected) - spare]
 
 
-def test_the_row_block_schedule_is_computed_once_for_a_forward_and_its_backward(monkeypatch):
-    launched = []
+@pytest.fixture
+def launched(monkeypatch) -> list:
+    """The kernels launched while the test runs, in order."""
+    kernels_launched = []
     launch = kernels.launch
     monkeypatch.setattr(kernels, "launch", lambda kernel, grid, args, constexprs: (
-        launched.append(kernel), launch(kernel, grid, args, constexprs))[1])
+        kernels_launched.append(kernel), launch(kernel, grid, args, constexprs))[1])
+    return kernels_launched
+
+
+def small_block() -> tuple[Qwen3MoeExperts, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eager experts (H 64, I 32, 4 experts, top-2), routing weights and ids, and an input of 40 tokens."""
     torch.manual_seed(0)
     experts = make_eager_experts(64, 32, 4, 2)
     weights, index = make_routing(40, 4, 2, "uniform")
-    x = torch.randn(40, 64, device=DEVICE, requires_grad=True)
+    return experts, weights, index, torch.randn(40, 64, device=DEVICE, requires_grad=True)
+
+
+def test_the_row_block_schedule_is_computed_once_for_a_forward_and_its_backward(launched):
+    experts, weights, index, x = small_block()
     scattermoe_experts(x, experts.gate_up_proj, experts.down_proj, weights, index).sum().backward()
     assert launched.count(kernels._row_block_schedule_kernel) == 1
     assert x.grad is not None and experts.down_proj.grad is not None
 
 
 @pytest.mark.parametrize("setting", [None, "1"])
-def test_only_launches_whose_loads_are_all_descriptors_are_offered_warp_specialization(setting, monkeypatch):
+def test_only_launches_whose_loads_are_all_descriptors_are_offered_warp_specialization(setting, launched,
+                                                                                       monkeypatch):
     """Triton 3.6 fails to build a warp-specialized loop with a pointer load in it: with
     TURBO_TUNE_MOE_WARP_SPECIALIZE=1 (off by default until a GPU has run them), the down projection and the input
     gradient (grouped rows by weights) may take it; the gathered gradient of h may not, nor may LoRA's extra term."""
     if setting is not None:
         monkeypatch.setenv(kernels.WARP_SPECIALIZE_ENV, setting)
-    launched = []
-    launch = kernels.launch
-    monkeypatch.setattr(kernels, "launch", lambda kernel, grid, args, constexprs: (
-        launched.append(kernel), launch(kernel, grid, args, constexprs))[1])
-    torch.manual_seed(0)
-    experts = make_eager_experts(64, 32, 4, 2)
-    weights, index = make_routing(40, 4, 2, "uniform")
-    x = torch.randn(40, 64, device=DEVICE, requires_grad=True)
+    experts, weights, index, x = small_block()
     lora = LowRank(torch.randn(4, 8, 32, device=DEVICE), torch.randn(4, 64, 8, device=DEVICE), 2.0)
     expected = {  # per scatter-matmul launch, in order: whether it may be warp-specialized
         None: [True, False, True],  # down projection, gradient of h (gathered), gradient of x
