@@ -2,6 +2,7 @@
 through run_case, so a broken benchmark shows here and not after a GPU machine has started."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import moe_block  # noqa: E402
 import torch  # noqa: E402
+
+from monkey_patch.scattermoe import kernels  # noqa: E402
 
 TINY = moe_block.Case("tiny", hidden=64, inter=32, experts=8, top_k=2, tokens=40, routing="skewed", with_eager=True)
 
@@ -22,7 +25,7 @@ def registered():
 
 @pytest.mark.parametrize(("scope", "implementations"), [
     ("experts", ["eager", "grouped_mm", "scattermoe", moe_block.SCATTERMOE_WGRAD_TRITON,
-                 moe_block.SCATTERMOE_WGRAD_GROUPED_MM, "scattermoe_no_tma", "scattermoe_ws"]),
+                 moe_block.SCATTERMOE_WGRAD_GROUPED_MM, "scattermoe_no_tma", "scattermoe_persistent_ws"]),
     ("block", ["eager", "grouped_mm", "scattermoe"]),
 ])
 def test_every_cpu_implementation_agrees_with_the_fp32_reference(scope, implementations):
@@ -78,3 +81,16 @@ def test_profile_bytes_count_each_memory_bound_pass_and_the_row_copies_of_the_gr
     assert moe_block.memory_bytes(TINY, "scattermoe")["indexSelect"] == copy
     assert moe_block.memory_bytes(TINY, moe_block.SCATTERMOE_WGRAD_GROUPED_MM)["indexSelect"] == 2 * copy
     assert moe_block.memory_bytes(TINY, "grouped_mm") == {}
+
+
+@pytest.mark.parametrize(("impl", "opted_in"), [
+    ("scattermoe", set()), ("scattermoe_persistent", {"persistent"}), ("scattermoe_ws", {"ws"}),
+    ("scattermoe_persistent_ws", {"persistent", "ws"}), ("scattermoe_wgrad_triton_persistent_ws", {"persistent", "ws"}),
+])
+def test_opt_in_implementations_set_exactly_their_variables(impl, opted_in, monkeypatch):
+    for env in (kernels.PERSISTENT_ENV, kernels.WARP_SPECIALIZE_ENV):
+        monkeypatch.setenv(env, "1")
+    problem = moe_block.Problem(TINY, "experts", torch.device("cpu"), torch.float32)
+    moe_block.use_implementation(problem.block, impl)
+    assert {name for name, env in (("persistent", kernels.PERSISTENT_ENV), ("ws", kernels.WARP_SPECIALIZE_ENV))
+            if os.environ[env] == "1"} == opted_in

@@ -61,25 +61,17 @@ def test_outputs_and_gradients_match_eager_experts(tokens, hidden, inter, num_ex
     assert_matches_eager_experts(tokens, hidden, inter, num_experts, top_k, routing)
 
 
+@pytest.mark.parametrize("opted_in", [[kernels.PERSISTENT_ENV], [kernels.WARP_SPECIALIZE_ENV],
+                                      [kernels.PERSISTENT_ENV, kernels.WARP_SPECIALIZE_ENV]],
+                         ids=["persistent", "warp-specialized", "persistent-warp-specialized"])
 @pytest.mark.parametrize("tokens,hidden,inter,num_experts,top_k,routing", CASES)
-def test_warp_specialized_persistent_matmul_matches_eager_experts(tokens, hidden, inter, num_experts, top_k, routing,
-                                                                  monkeypatch):
-    """With TURBO_TUNE_MOE_WARP_SPECIALIZE=1 the down projection and the input gradient run the persistent,
-    warp-specialized form (the interpreter's one config of that autotuner), blocks without rows included."""
-    monkeypatch.setenv(kernels.WARP_SPECIALIZE_ENV, "1")
-    assert_matches_eager_experts(tokens, hidden, inter, num_experts, top_k, routing)
-
-
-@pytest.mark.parametrize("name", ["_gather_gate_up_swiglu_kernel", "_scatter_matmul_kernel"])
-@pytest.mark.parametrize("tokens,hidden,inter,num_experts,top_k,routing", CASES)
-def test_persistent_configs_match_eager_experts(tokens, hidden, inter, num_experts, top_k, routing, name,
-                                                monkeypatch):
-    """The persistent configs (a GPU's autotuner may pick one) loop over the row blocks in use, three programs here:
-    the gate/up kernel's, and the scatter matmul's for every launch of it, gathered rows or grouped."""
-    autotuned = getattr(kernels, name)
-    for kernel in (autotuned, kernels._FP32_TWINS[autotuned]):
-        persistent = triton.Config(kernel.configs[0].kwargs | {"PERSISTENT": True}, num_warps=4, num_stages=1)
-        monkeypatch.setattr(kernel, "configs", [persistent])
+def test_opt_in_configs_match_eager_experts(tokens, hidden, inter, num_experts, top_k, routing, opted_in,
+                                            monkeypatch):
+    """Each kind of opt-in config (the interpreter's one config of the autotuner that offers it): persistent gate/up,
+    scatter matmul and weight-gradient kernels, looping over the row blocks in use on three programs; the
+    warp-specialized down projection and input gradient, blocks without rows included."""
+    for env in opted_in:
+        monkeypatch.setenv(env, "1")
     assert_matches_eager_experts(tokens, hidden, inter, num_experts, top_k, routing)
 
 
@@ -171,7 +163,7 @@ def test_only_launches_whose_loads_are_all_descriptors_are_offered_warp_speciali
         out = scattermoe_experts(x, experts.gate_up_proj, experts.down_proj, weights, index, down_lora=down_lora)
         out.sum().backward()
         matmuls = [kernel for kernel in launched if kernel.fn is kernels._scatter_matmul_kernel.fn]
-        assert [kernel is kernels._WARP_SPECIALIZED_MATMUL for kernel in matmuls] == [
+        assert [any(config.kwargs["WARP_SPECIALIZE"] for config in kernel.configs) for kernel in matmuls] == [
             specialized and setting == "1" for specialized in may]
 
 

@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     kernels.launch = compile_only(args.configs, compiled)
     kernels._tma_wanted = lambda dtype, device: dtype != torch.float32  # as on an H200: TMA for bf16 only
     os.environ[ops.WEIGHT_GRAD_ENV] = "triton"  # the Triton weight-gradient kernel, not torch's grouped GEMM
-    os.environ[kernels.WARP_SPECIALIZE_ENV] = "1"  # the warp-specialized configs too (their autotuner has the rest)
+    os.environ[kernels.WARP_SPECIALIZE_ENV] = "1"  # the opt-in configs too (their autotuners have the rest)
+    os.environ[kernels.PERSISTENT_ENV] = "1"
     for dtype, lora in ((torch.bfloat16, False), (torch.bfloat16, True), (torch.float32, False)):
         drive(dtype, lora)
     kernels.dequantize_rows(torch.randn(8, 64).to(torch.float8_e4m3fn), torch.rand(8, 1), torch.bfloat16)

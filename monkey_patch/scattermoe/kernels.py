@@ -29,6 +29,7 @@ from .launch import INTERPRET, launch
 
 TMA_ENV = "TURBO_TUNE_MOE_TMA"
 WARP_SPECIALIZE_ENV = "TURBO_TUNE_MOE_WARP_SPECIALIZE"
+PERSISTENT_ENV = "TURBO_TUNE_MOE_PERSISTENT"
 
 
 TILES = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
@@ -54,9 +55,6 @@ def _configs(shapes: list[tuple[int, ...]], tiles: tuple[str, ...] = TILES, **fl
 # pipelines are candidates after the weight-gradient kernel's sweep (below); the autotuner keeps them only if faster.
 _GATE_UP_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 5), (128, 32, 8, 6), (64, 64, 4, 4),
                              (128, 64, 4, 4)], ROW_TILES, PERSISTENT=False)
-# Persistent (see the kernel), with the tiles the autotuner chose at the model shapes.
-_GATE_UP_CONFIGS += [] if INTERPRET else _configs([(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 6)], ROW_TILES,
-                                                  PERSISTENT=True)
 _MATMUL_CONFIGS = _configs(
     [
         (128, 64, 8, 4), (256, 64, 8, 3), (256, 32, 8, 5), (128, 32, 8, 5), (128, 64, 4, 4), (64, 64, 4, 3),
@@ -64,21 +62,8 @@ _MATMUL_CONFIGS = _configs(
     ],
     ROW_TILES, WARP_SPECIALIZE=False, PERSISTENT=False,
 )
-# Persistent (see the kernel), with the tiles the autotuner chose at the model shapes.
-_MATMUL_CONFIGS += [] if INTERPRET else _configs([(256, 64, 8, 3), (256, 32, 8, 5), (128, 64, 8, 4)], ROW_TILES,
-                                                 WARP_SPECIALIZE=False, PERSISTENT=True)
-# Warp-specialized (a producer warp group issuing the TMA loads, two consumer groups on the tensor cores). Triton 3.6
-# builds these on Hopper only for one warp group per program (num_warps 4), and only for a loop whose every load is
-# a descriptor load: ``scatter_matmul`` offers them beside the others to such launches alone
-# (``_WARP_SPECIALIZED_MATMUL``). Persistent ones (a program per SM, looping over tiles, its loop warp-specialized)
-# let the producer load the next tile while the consumers store the last: the down projection's K is only 768.
-# In the interpreter that kernel's one config is persistent and warp-specialized.
-_WARP_SPECIALIZED_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 4, 4), (256, 64, 4, 3), (128, 128, 4, 2)], ROW_TILES,
-                                     WARP_SPECIALIZE=True, PERSISTENT=False)
-_PERSISTENT_CONFIGS = _configs([(128, 64, 4, 3), (256, 64, 4, 3)], ROW_TILES, WARP_SPECIALIZE=True, PERSISTENT=True)
 # Short K steps, deep pipelines: a 72-config sweep on an H200 (benchmarks/wgrad_sweep.py, docs/history.md) found
 # (256, 128, 32, 8, 5) and (128, 256, 32, 8, 5) 1.16-1.21x faster than the best of the older list at both model shapes.
-# Persistent ones beside them (see the kernel), with the tiles the autotuner chose at the model shapes.
 _WEIGHT_GRAD_CONFIGS = _configs(
     [
         (256, 128, 32, 8, 5), (128, 256, 32, 8, 5), (256, 128, 32, 8, 6), (128, 256, 32, 8, 6), (256, 128, 64, 8, 5),
@@ -87,7 +72,28 @@ _WEIGHT_GRAD_CONFIGS = _configs(
         (32, 128, 64, 4, 4), (128, 32, 64, 4, 4),  # LoRA factor gradients: one side is the rank
     ],
     PERSISTENT=False,
-) + ([] if INTERPRET else _configs([(128, 256, 64, 8, 5), (128, 256, 32, 8, 5), (256, 128, 32, 8, 6)], PERSISTENT=True))
+)
+
+# Configs the autotuner also times only when asked to (``_autotuner``), until the GPU gate has run them:
+# - PERSISTENT (TURBO_TUNE_MOE_PERSISTENT=1): a program per SM looping over tiles, so that the next tile's loads start
+#   under the last one's epilogue; the tiles are those the autotuner chose at the model shapes.
+# - WARP_SPECIALIZE (TURBO_TUNE_MOE_WARP_SPECIALIZE=1): a producer warp group issuing the TMA loads, two consumer
+#   groups on the tensor cores. Triton 3.6 builds these on Hopper only for one warp group per program (num_warps 4)
+#   and only for a loop whose every load is a descriptor load, so ``scatter_matmul`` offers them to such launches
+#   alone. A warp-specialized kernel that deadlocked would hang a run at its first step.
+_PERSISTENT_CONFIGS = {
+    "_gather_gate_up_swiglu_kernel": _configs([(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 6)], ROW_TILES,
+                                              PERSISTENT=True),
+    "_scatter_matmul_kernel": _configs([(256, 64, 8, 3), (256, 32, 8, 5), (128, 64, 8, 4)], ROW_TILES,
+                                       WARP_SPECIALIZE=False, PERSISTENT=True),
+    "_grouped_weight_grad_kernel": _configs([(128, 256, 64, 8, 5), (128, 256, 32, 8, 5), (256, 128, 32, 8, 6)],
+                                            PERSISTENT=True),
+}
+_WARP_SPECIALIZED_CONFIGS = {
+    False: _configs([(128, 64, 4, 3), (128, 64, 4, 4), (256, 64, 4, 3), (128, 128, 4, 2)], ROW_TILES,
+                    WARP_SPECIALIZE=True, PERSISTENT=False),
+    True: _configs([(128, 64, 4, 3), (256, 64, 4, 3)], ROW_TILES, WARP_SPECIALIZE=True, PERSISTENT=True),
+}
 
 
 # fp32 products are exact ("ieee"): no tensor cores, so the tiles above would spill registers and overflow shared
@@ -99,9 +105,42 @@ _FP32_SHAPES = {TILES: [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2), (64, 32, 32, 4, 
                 ROW_TILES: [(64, 32, 8, 2), (32, 32, 4, 2), (32, 32, 8, 1)]}
 
 
-def _tuned_for(kernel: triton.runtime.Autotuner, dtype: torch.dtype) -> triton.runtime.Autotuner:
-    """``kernel``, or for fp32 its twin that autotunes over ``_FP32_SHAPES`` (same code, same autotune key)."""
-    return _FP32_TWINS[kernel] if dtype == torch.float32 else kernel
+def _opted_in(env: str) -> bool:
+    return os.environ.get(env, "0") == "1"
+
+
+def _autotuner(kernel: triton.runtime.Autotuner, dtype: torch.dtype,
+               descriptor_loads_only: bool = False) -> triton.runtime.Autotuner:
+    """What times and launches ``kernel`` here: ``kernel`` or, with opted-in configs, a twin that also has them; for
+    fp32 on a GPU its twin over ``_FP32_SHAPES`` (same code, same autotune key) and nothing opted in. (In the
+    interpreter fp32 is all there is, and every kernel has the same one small config.)"""
+    if dtype == torch.float32 and not INTERPRET:
+        return _FP32_TWINS[kernel]
+    name = kernel.fn.__name__
+    persistent = _opted_in(PERSISTENT_ENV) and name in _PERSISTENT_CONFIGS
+    warp_specialized = descriptor_loads_only and _opted_in(WARP_SPECIALIZE_ENV)
+    return _with_opt_ins(kernel, persistent, warp_specialized)
+
+
+def _with_opt_ins(kernel: triton.runtime.Autotuner, persistent: bool,
+                  warp_specialized: bool) -> triton.runtime.Autotuner:
+    """``kernel`` with the opted-in configs added, one autotuner (with its own choices) per combination, kept in
+    ``OPT_IN_TWINS``. In the interpreter, which does not time configs, the most specific kind asked for replaces
+    the kernel's one config, so that the CPU tests run that code path."""
+    extra = []
+    if persistent:
+        extra += _PERSISTENT_CONFIGS[kernel.fn.__name__]
+    if warp_specialized:
+        extra += _WARP_SPECIALIZED_CONFIGS[False] + (_WARP_SPECIALIZED_CONFIGS[True] if persistent else [])
+    if not extra:
+        return kernel
+    key = (kernel.fn.__name__, persistent, warp_specialized)
+    if key not in OPT_IN_TWINS:
+        OPT_IN_TWINS[key] = _twin(kernel, extra[-1:] if INTERPRET else kernel.configs + extra)
+    return OPT_IN_TWINS[key]
+
+
+OPT_IN_TWINS: dict[tuple[str, bool, bool], triton.runtime.Autotuner] = {}
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -669,8 +708,6 @@ _FP32_TWINS = {
     kernel: _fp32_twin(kernel)
     for kernel in (_gather_gate_up_swiglu_kernel, _scatter_matmul_kernel, _grouped_weight_grad_kernel)
 }
-_WARP_SPECIALIZED_MATMUL = _twin(_scatter_matmul_kernel, _PERSISTENT_CONFIGS if INTERPRET else
-                                 _MATMUL_CONFIGS + _WARP_SPECIALIZED_CONFIGS + _PERSISTENT_CONFIGS)
 
 
 class Routing(NamedTuple):
@@ -741,7 +778,7 @@ def gather_gate_up_swiglu(
 
     a2, w2, k2, a2_strides = _second_operand(a2, w2, x)
     w_tma, w_k_contig = _weight_tma(w_gate_up, column_offsets=(inter,))
-    launch(_tuned_for(_gather_gate_up_swiglu_kernel, x.dtype), grid, (
+    launch(_autotuner(_gather_gate_up_swiglu_kernel, x.dtype), grid, (
         x, w_gate_up, a2, w2, routing.sorted_pairs, routing.schedule, routing.used_blocks, row_scale, gate_up, h,
         num_experts, hidden, k2, inter, routing.top_k, _rows_bucket(num_rows),
         x.stride(0), x.stride(1), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), *a2_strides,
@@ -777,9 +814,7 @@ def scatter_matmul(
     a2, w2, k2, a2_strides = _second_operand(a2, w2, a)
     w_tma, w_k_contig = _weight_tma(w)
     a_tma = not a_gathered and _grouped_rows_tma(a)
-    all_tma = a_tma and w_tma and k2 == 0  # what a warp-specialized loop needs
-    warp_specialized = all_tma and os.environ.get(WARP_SPECIALIZE_ENV, "0") == "1"
-    kernel = _WARP_SPECIALIZED_MATMUL if warp_specialized else _tuned_for(_scatter_matmul_kernel, a.dtype)
+    kernel = _autotuner(_scatter_matmul_kernel, a.dtype, descriptor_loads_only=a_tma and w_tma and k2 == 0)
     launch(kernel, grid, (
         a, w, a2, w2, routing.sorted_pairs, routing.schedule, routing.used_blocks, y,
         num_experts, k_dim, k2, n_dim, routing.top_k, _rows_bucket(num_rows), a.shape[0],
@@ -824,7 +859,7 @@ def grouped_weight_grad(
         tiles = num_experts * triton.cdiv(m_dim, meta["BLOCK_M"]) * triton.cdiv(n_dim, meta["BLOCK_N"])
         return (min(tiles, _programs_per_launch(a.device)) if meta["PERSISTENT"] else tiles,)
 
-    kernel = _tuned_for(_grouped_weight_grad_kernel, a.dtype)
+    kernel = _autotuner(_grouped_weight_grad_kernel, a.dtype)
     args = (a, b, routing.sorted_pairs, routing.expert_ends, dw, m_dim, n_dim, routing.top_k, _rows_bucket(num_rows),
             num_rows, num_experts, a.stride(0), a.stride(1), b.stride(0), b.stride(1), dw.stride(0), dw.stride(1),
             dw.stride(2))
