@@ -7,7 +7,10 @@ beside the autotuned one, so a better config can be added to the list with its m
 ops.expert_weight_grad's grouped-GEMM backend (rows copied into expert order, then torch's grouped GEMM; by default
 dW_gate_up's, TURBO_TUNE_MOE_WEIGHT_GRAD=grouped_mm for both), copy included.
 
-    python benchmarks/wgrad_sweep.py [--cases 30b-32k,235b-16k] [--top 5]
+    python benchmarks/wgrad_sweep.py [--cases 30b-32k,235b-16k] [--top 5] [--persistent]
+
+With ``--persistent`` every config is also timed in the kernel's persistent form (a program per SM over its tiles'
+row chunks, the opt-in TURBO_TUNE_MOE_PERSISTENT configs), a sixth field of the config.
 """
 
 import argparse
@@ -57,9 +60,10 @@ def weight_grad_problems(tokens: int, hidden: int, inter: int, experts: int, top
     }
 
 
-def launch(problem: tuple, block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> torch.Tensor:
+def launch(problem: tuple, block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int,
+           persistent: bool = False) -> torch.Tensor:
     """`kernels.grouped_weight_grad` with one fixed config instead of the autotuner's choice."""
-    config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "PERSISTENT": False},
+    config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "PERSISTENT": persistent},
                            num_warps=num_warps, num_stages=num_stages)
     return kernels.grouped_weight_grad(*problem, config=config)
 
@@ -97,12 +101,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="30b-32k,235b-16k", help=f"comma-separated among {', '.join(CASES)}")
     parser.add_argument("--top", type=int, default=5, help="fastest configs shown per case")
+    parser.add_argument("--persistent", action="store_true", help="also time each config's persistent form")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/wgrad_sweep.py times GPU kernels; this machine has no CUDA GPU.", file=sys.stderr)
         return 2
-    configs = [(*tile, *launch_) for tile, launch_ in itertools.product(TILES, LAUNCH)]
-    lines = [f"{torch.cuda.get_device_name()}, {len(configs)} configs (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)", "",
+    forms = (False, True) if args.persistent else (False,)
+    configs = [(*tile, *launch_, persistent) for tile, launch_, persistent in itertools.product(TILES, LAUNCH, forms)]
+    lines = [f"{torch.cuda.get_device_name()}, {len(configs)} configs (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, "
+             "persistent)", "",
              "| case | gradient | config | ms | TFLOP/s | vs autotuned |", "|---|---|---|---|---|---|"]
     for case in args.cases.split(","):
         tokens, hidden, inter = CASES[case]

@@ -307,8 +307,9 @@ def test_weight_grad_sweep_launches_the_kernel_as_the_launcher_does(wgrad_sweep)
     problems = wgrad_sweep.weight_grad_problems(40, 64, 48, 6, 2, "cpu", torch.float32)
     for a, b, routing, a_gathered, b_gathered, dw in problems.values():
         expected = kernels.grouped_weight_grad(a, b, routing, a_gathered, b_gathered, torch.empty_like(dw))
-        actual = wgrad_sweep.launch((a, b, routing, a_gathered, b_gathered, dw), 64, 64, 64, 4, 1)
-        assert relative_error(actual, expected) <= 1e-5
+        for persistent in (False, True):
+            actual = wgrad_sweep.launch((a, b, routing, a_gathered, b_gathered, dw), 64, 64, 64, 4, 1, persistent)
+            assert relative_error(actual, expected) <= 1e-5
 
 
 def test_weight_grad_sweep_times_the_grouped_mm_backend_beside_the_tiles(wgrad_sweep, monkeypatch):
