@@ -207,16 +207,42 @@ def _weight_tma(w: torch.Tensor, column_offsets: tuple[int, ...] = ()) -> tuple[
 
 
 @triton.jit
-def _weight_descriptor(w_ptr, NUM_EXPERTS, K, N_TOTAL, stride_wk, stride_wn,
+def _weight_descriptor(w_ptr, NUM_EXPERTS, K, N_TOTAL, stride_wk, stride_wn, W_TMA: tl.constexpr,
                        W_K_CONTIG: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """All experts' (K, N_TOTAL) weights as one descriptor, rows of whichever dimension is not contiguous."""
-    if W_K_CONTIG:  # one return: the compiler types every return of a function, even under a constexpr branch
+    """All experts' (K, N_TOTAL) weights as one descriptor, rows of whichever dimension is not contiguous; without
+    W_TMA the pointer itself."""
+    if not W_TMA:  # one return: the compiler types every return of a function, even under a constexpr branch
+        desc = w_ptr
+    elif W_K_CONTIG:
         desc = tl.make_tensor_descriptor(w_ptr, shape=[NUM_EXPERTS * N_TOTAL, K], strides=[stride_wn, 1],
                                          block_shape=[BLOCK_N, BLOCK_K])
     else:
         desc = tl.make_tensor_descriptor(w_ptr, shape=[NUM_EXPERTS * K, N_TOTAL], strides=[stride_wk, 1],
                                          block_shape=[BLOCK_K, BLOCK_N])
     return desc
+
+
+@triton.jit
+def _rows_descriptor(ptr, NUM_ROWS, COLS, stride_rows, TMA: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                     BLOCK_COLS: tl.constexpr):
+    """A (NUM_ROWS, COLS) activation in grouped order, unit stride along its rows, as a descriptor of
+    (BLOCK_ROWS, BLOCK_COLS) tiles; without TMA the pointer itself."""
+    if TMA:  # one return, as in _weight_descriptor
+        desc = tl.make_tensor_descriptor(ptr, shape=[NUM_ROWS, COLS], strides=[stride_rows, 1],
+                                         block_shape=[BLOCK_ROWS, BLOCK_COLS])
+    else:
+        desc = ptr
+    return desc
+
+
+@triton.jit
+def _expert_rows(expert_ends_ptr, NUM_EXPERTS, E_POW2: tl.constexpr):
+    """Every expert's (index, whether it is one, first row, end row) in grouped order, E_POW2 lanes."""
+    experts = tl.arange(0, E_POW2)
+    valid = experts < NUM_EXPERTS
+    ends = tl.load(expert_ends_ptr + experts, mask=valid, other=0)
+    starts = tl.load(expert_ends_ptr + experts - 1, mask=valid & (experts > 0), other=0)
+    return experts, valid, starts, ends
 
 
 @triton.jit
@@ -239,10 +265,7 @@ def _row_block_schedule_kernel(expert_ends_ptr, schedule_ptr, used_blocks_ptr, N
     """For BLOCK_B row blocks of ROWS grouped rows: (expert, first row, end row of the expert), experts in order,
     each starting a new block. Blocks past the last hold (NUM_EXPERTS, NUM_ROWS, NUM_ROWS): no rows. The first
     program also stores how many blocks hold rows."""
-    experts = tl.arange(0, E_POW2)
-    valid = experts < NUM_EXPERTS
-    ends = tl.load(expert_ends_ptr + experts, mask=valid, other=0)
-    starts = tl.load(expert_ends_ptr + experts - 1, mask=valid & (experts > 0), other=0)
+    experts, _, starts, ends = _expert_rows(expert_ends_ptr, NUM_EXPERTS, E_POW2)
     blocks = (ends - starts + ROWS - 1) // ROWS
     block_ends = tl.cumsum(blocks, 0)
     ids = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -316,14 +339,14 @@ def _accumulate_gate_up(acc_gate, acc_up, a_ptrs, w_ptrs, w_desc, expert, n0, up
 
 @triton.jit
 def _gate_up_tile(
-    pid_m, pid_n, x_ptr, w_ptr, w_desc, a2_ptr, w2_ptr, sorted_pairs_ptr, schedule_ptr, scale_ptr, gate_up_ptr, h_ptr,
+    expert, row_start, row_end, pid_n, x_ptr, w_ptr, w_desc, a2_ptr, w2_ptr, sorted_pairs_ptr, scale_ptr, gate_up_ptr,
+    h_ptr,
     K, K2, N, TOP_K, stride_xm, stride_xk, stride_we, stride_wk, stride_wn,
     stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
     HAS_A2: tl.constexpr, W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One (row block, column block) tile of ``_gather_gate_up_swiglu_kernel``."""
-    expert, row_start, row_end = _row_block(schedule_ptr, pid_m)
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     pairs = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0).to(tl.int64)
@@ -379,25 +402,24 @@ def _gather_gate_up_swiglu_kernel(
     """
     pid = tl.program_id(0)
     num_n_blocks = tl.cdiv(N, BLOCK_N)
-    if W_TMA:
-        w_desc = _weight_descriptor(w_ptr, NUM_EXPERTS, K, 2 * N, stride_wk, stride_wn, W_K_CONTIG, BLOCK_K, BLOCK_N)
-    else:
-        w_desc = w_ptr
+    w_desc = _weight_descriptor(w_ptr, NUM_EXPERTS, K, 2 * N, stride_wk, stride_wn, W_TMA, W_K_CONTIG, BLOCK_K,
+                                BLOCK_N)
     if PERSISTENT:
         tiles = tl.load(used_blocks_ptr) * num_n_blocks
         for tile in tl.range(pid, tiles, tl.num_programs(0), flatten=True):
-            _gate_up_tile(tile // num_n_blocks, tile % num_n_blocks, x_ptr, w_ptr, w_desc, a2_ptr, w2_ptr,
-                          sorted_pairs_ptr, schedule_ptr, scale_ptr, gate_up_ptr, h_ptr, K, K2, N, TOP_K, stride_xm,
-                          stride_xk, stride_we, stride_wk, stride_wn, stride_a2m, stride_a2k, stride_w2e, stride_w2k,
-                          stride_w2n, HAS_A2, W_TMA, W_K_CONTIG, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+            expert, row_start, row_end = _row_block(schedule_ptr, tile // num_n_blocks)
+            _gate_up_tile(expert, row_start, row_end, tile % num_n_blocks, x_ptr, w_ptr, w_desc, a2_ptr, w2_ptr,
+                          sorted_pairs_ptr, scale_ptr, gate_up_ptr, h_ptr, K, K2, N, TOP_K, stride_xm, stride_xk,
+                          stride_we, stride_wk, stride_wn, stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
+                          HAS_A2, W_TMA, W_K_CONTIG, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
-        pid_m = pid // num_n_blocks
-        if tl.load(schedule_ptr + pid_m * 3) >= NUM_EXPERTS:  # past the last row block
+        expert, row_start, row_end = _row_block(schedule_ptr, pid // num_n_blocks)
+        if expert >= NUM_EXPERTS:  # past the last row block
             return
-        _gate_up_tile(pid_m, pid % num_n_blocks, x_ptr, w_ptr, w_desc, a2_ptr, w2_ptr, sorted_pairs_ptr,
-                      schedule_ptr, scale_ptr, gate_up_ptr, h_ptr, K, K2, N, TOP_K, stride_xm, stride_xk, stride_we,
-                      stride_wk, stride_wn, stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n, HAS_A2, W_TMA,
-                      W_K_CONTIG, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        _gate_up_tile(expert, row_start, row_end, pid % num_n_blocks, x_ptr, w_ptr, w_desc, a2_ptr, w2_ptr,
+                      sorted_pairs_ptr, scale_ptr, gate_up_ptr, h_ptr, K, K2, N, TOP_K, stride_xm, stride_xk,
+                      stride_we, stride_wk, stride_wn, stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
+                      HAS_A2, W_TMA, W_K_CONTIG, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -458,15 +480,8 @@ def _scatter_matmul_kernel(
     the last row block runs no iteration instead."""
     pid = tl.program_id(0)
     num_n_blocks = tl.cdiv(N, BLOCK_N)
-    if A_TMA:
-        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[NUM_ROWS, K], strides=[stride_am, 1],
-                                           block_shape=[BLOCK_M, BLOCK_K])
-    else:
-        a_desc = a_ptr
-    if W_TMA:
-        w_desc = _weight_descriptor(w_ptr, NUM_EXPERTS, K, N, stride_wk, stride_wn, W_K_CONTIG, BLOCK_K, BLOCK_N)
-    else:
-        w_desc = w_ptr
+    a_desc = _rows_descriptor(a_ptr, NUM_ROWS, K, stride_am, A_TMA, BLOCK_M, BLOCK_K)
+    w_desc = _weight_descriptor(w_ptr, NUM_EXPERTS, K, N, stride_wk, stride_wn, W_TMA, W_K_CONTIG, BLOCK_K, BLOCK_N)
     if PERSISTENT:
         tiles = tl.load(used_blocks_ptr) * num_n_blocks
         for tile in tl.range(pid, tiles, tl.num_programs(0), flatten=not WARP_SPECIALIZE,
@@ -552,17 +567,23 @@ def _sum_top_k_kernel(y_ptr, out_ptr, T, H, TOP_K: tl.constexpr, BLOCK_T: tl.con
 
 
 @triton.jit
+def _row_chunks(rows, BLOCK_K: tl.constexpr):
+    """An expert's chunks of BLOCK_K rows in the weight-gradient kernel: at least one, so that an expert without rows
+    still stores its zeros. Both the persistent loop's length and its walk through the tiles count them so."""
+    return tl.maximum((rows + BLOCK_K - 1) // BLOCK_K, 1)
+
+
+@triton.jit
 def _weight_grad_tile(tile, expert_ends_ptr, NUM_EXPERTS, num_n_blocks, tiles_per_expert,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Output tile ``tile`` of dW: its expert, first row m0 and column n0, the expert's first and end input rows, and
-    its chunks of BLOCK_K rows (at least one, so that an expert without rows still stores its zeros). Past the last
-    expert: no rows."""
+    its chunks of BLOCK_K rows (``_row_chunks``). Past the last expert: no rows."""
     expert = tile // tiles_per_expert
     within = tile % tiles_per_expert
     valid = expert < NUM_EXPERTS
     row_start = tl.load(expert_ends_ptr + expert - 1, mask=valid & (expert > 0), other=0)
     row_end = tl.load(expert_ends_ptr + expert, mask=valid, other=0)
-    chunks = tl.maximum((row_end - row_start + BLOCK_K - 1) // BLOCK_K, 1)
+    chunks = _row_chunks(row_end - row_start, BLOCK_K)
     return expert, (within // num_n_blocks) * BLOCK_M, (within % num_n_blocks) * BLOCK_N, row_start, row_end, chunks
 
 
@@ -571,11 +592,8 @@ def _chunks_of_program(pid, programs, expert_ends_ptr, NUM_EXPERTS, tiles_per_ex
                        E_POW2: tl.constexpr, BLOCK_K: tl.constexpr):
     """How many chunks of BLOCK_K rows program ``pid`` of ``programs`` runs over its tiles pid, pid + programs, ...:
     per expert, its tiles there times the expert's chunks (``_weight_grad_tile``)."""
-    experts = tl.arange(0, E_POW2)
-    valid = experts < NUM_EXPERTS
-    ends = tl.load(expert_ends_ptr + experts, mask=valid, other=0)
-    starts = tl.load(expert_ends_ptr + experts - 1, mask=valid & (experts > 0), other=0)
-    chunks = tl.where(valid, tl.maximum((ends - starts + BLOCK_K - 1) // BLOCK_K, 1), 0)
+    experts, valid, starts, ends = _expert_rows(expert_ends_ptr, NUM_EXPERTS, E_POW2)
+    chunks = tl.where(valid, _row_chunks(ends - starts, BLOCK_K), 0)
     first = experts * tiles_per_expert - pid  # the expert's tiles, counted from this program's first
     last = first + tiles_per_expert
     tiles = (tl.where(last > 0, (last + programs - 1) // programs, 0)
@@ -646,16 +664,8 @@ def _grouped_weight_grad_kernel(
     pid = tl.program_id(0)
     num_n_blocks = tl.cdiv(N, BLOCK_N)
     tiles_per_expert = tl.cdiv(M, BLOCK_M) * num_n_blocks
-    if A_TMA:
-        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[NUM_ROWS, M], strides=[stride_ar, 1],
-                                           block_shape=[BLOCK_K, BLOCK_M])
-    else:
-        a_desc = a_ptr
-    if B_TMA:
-        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[NUM_ROWS, N], strides=[stride_br, 1],
-                                           block_shape=[BLOCK_K, BLOCK_N])
-    else:
-        b_desc = b_ptr
+    a_desc = _rows_descriptor(a_ptr, NUM_ROWS, M, stride_ar, A_TMA, BLOCK_K, BLOCK_M)
+    b_desc = _rows_descriptor(b_ptr, NUM_ROWS, N, stride_br, B_TMA, BLOCK_K, BLOCK_N)
     if PERSISTENT:
         programs = tl.num_programs(0)
         steps = _chunks_of_program(pid, programs, expert_ends_ptr, NUM_EXPERTS, tiles_per_expert, E_POW2, BLOCK_K)
