@@ -4,8 +4,7 @@ baseline that counts: what `--torch_compile` makes of the transformers default),
 dW_down on ScatterMoE's Triton kernel), `scattermoe_wgrad_triton` (both on the Triton kernel, the lowest peak) and
 `scattermoe_wgrad_grouped_mm` (both on the grouped GEMM, a row copy beside both gradients), in one run. The
 `*_no_tma` names are the same without TMA loads (`TURBO_TUNE_MOE_TMA=0`: every tile through pointer loads), and
-`*_persistent`, `*_ws` and `*_persistent_ws` with the opt-in configs offered too (`TURBO_TUNE_MOE_PERSISTENT=1`,
-`TURBO_TUNE_MOE_WARP_SPECIALIZE=1`).
+`*_no_persistent` without the persistent configs (`TURBO_TUNE_MOE_PERSISTENT=0`: a program per tile).
 
 Two scopes: `experts` (the experts module alone, routing computed outside the timed region) and `block` (the whole
 `Qwen3MoeSparseMoeBlock`, router included). Forward and forward+backward in bf16 (median of CUDA-event timings after
@@ -47,13 +46,12 @@ logger = logging.getLogger("moe_block")
 SCATTERMOE_WGRAD_TRITON = "scattermoe_wgrad_triton"
 SCATTERMOE_WGRAD_GROUPED_MM = "scattermoe_wgrad_grouped_mm"
 # scattermoe under each TURBO_TUNE_MOE_WEIGHT_GRAD backend (plain ``scattermoe``: the default, grouped_mm_gate_up),
-# with TMA loads, as ``*_no_tma`` without, and with opt-in configs (OPT_INS)
+# and with each of the kernels' default knobs turned off (TURNED_OFF)
 WEIGHT_GRAD_OF = {"scattermoe": "grouped_mm_gate_up", SCATTERMOE_WGRAD_TRITON: "triton",
                   SCATTERMOE_WGRAD_GROUPED_MM: "grouped_mm"}
 WEIGHT_GRAD_OF |= {f"{name}{suffix}": backend for name, backend in WEIGHT_GRAD_OF.items()
-                   for suffix in ("_no_tma", "_persistent", "_ws", "_persistent_ws")}
-OPT_INS = {"_persistent_ws": (kernels.PERSISTENT_ENV, kernels.WARP_SPECIALIZE_ENV),  # before "_ws": its suffix too
-           "_persistent": (kernels.PERSISTENT_ENV,), "_ws": (kernels.WARP_SPECIALIZE_ENV,)}
+                   for suffix in ("_no_tma", "_no_persistent")}
+TURNED_OFF = {"_no_tma": kernels.TMA_ENV, "_no_persistent": kernels.PERSISTENT_ENV}
 GROUPED_MM_COMPILED = "grouped_mm_compiled"
 BASELINES = ("grouped_mm", GROUPED_MM_COMPILED)
 SCOPES = ("experts", "block")
@@ -96,14 +94,12 @@ def register_liger_fused_moe() -> None:
 
 
 def use_implementation(block: Qwen3MoeSparseMoeBlock, impl: str) -> None:
-    """Select ``impl``: the ``scattermoe_wgrad_*``, ``*_no_tma`` and opt-in names are scattermoe under another
-    weight-gradient backend, without TMA or with opt-in configs (``WEIGHT_GRAD_OF``); ``grouped_mm_compiled``
-    is ``grouped_mm`` (run_case compiles it)."""
+    """Select ``impl``: the ``scattermoe_wgrad_*``, ``*_no_tma`` and ``*_no_persistent`` names are scattermoe
+    under another weight-gradient backend, without TMA loads or persistent configs (``WEIGHT_GRAD_OF``);
+    ``grouped_mm_compiled`` is ``grouped_mm`` (run_case compiles it)."""
     os.environ[WEIGHT_GRAD_ENV] = WEIGHT_GRAD_OF.get(impl, "grouped_mm")
-    os.environ[kernels.TMA_ENV] = "0" if impl.endswith("_no_tma") else "1"
-    opted_in = next((envs for suffix, envs in OPT_INS.items() if impl.endswith(suffix)), ())
-    for env in (kernels.PERSISTENT_ENV, kernels.WARP_SPECIALIZE_ENV):
-        os.environ[env] = "1" if env in opted_in else "0"
+    for suffix, env in TURNED_OFF.items():
+        os.environ[env] = "0" if impl.endswith(suffix) else "1"
     block.experts.config._experts_implementation = "scattermoe" if impl in WEIGHT_GRAD_OF else {
         GROUPED_MM_COMPILED: "grouped_mm"}.get(impl, impl)
 
@@ -356,8 +352,7 @@ def autotuned_configs() -> str:
     lines = ["### autotuned configs", ""]
     tuners = {name: getattr(kernels, name) for name in dir(kernels)}
     tuners |= {f"{tuner.fn.__name__} (fp32)": tuner for tuner in kernels._FP32_TWINS.values()}
-    tuners |= {f"{name} (opt-in: persistent {persistent}, warp-specialized {ws})": tuner
-               for (name, persistent, ws), tuner in kernels.OPT_IN_TWINS.items()}
+    tuners |= {f"{name} (persistent configs offered)": tuner for name, tuner in kernels.PERSISTENT_TWINS.items()}
     for name, tuner in tuners.items():
         if isinstance(tuner, triton.runtime.Autotuner):
             lines += [f"- {name} {key[:4]}: {config}" for key, config in tuner.cache.items()]

@@ -10,7 +10,7 @@ dW_gate_up's, TURBO_TUNE_MOE_WEIGHT_GRAD=grouped_mm for both), copy included.
     python benchmarks/wgrad_sweep.py [--cases 30b-32k,235b-16k] [--top 5] [--persistent]
 
 With ``--persistent`` every config is also timed in the kernel's persistent form (a program per SM over its tiles'
-row chunks, the opt-in TURBO_TUNE_MOE_PERSISTENT configs), a sixth field of the config.
+row chunks, as in the kernel's persistent configs), a sixth field of the config.
 """
 
 import argparse

@@ -25,7 +25,7 @@ def registered():
 
 @pytest.mark.parametrize(("scope", "implementations"), [
     ("experts", ["eager", "grouped_mm", "scattermoe", moe_block.SCATTERMOE_WGRAD_TRITON,
-                 moe_block.SCATTERMOE_WGRAD_GROUPED_MM, "scattermoe_no_tma", "scattermoe_persistent_ws"]),
+                 moe_block.SCATTERMOE_WGRAD_GROUPED_MM, "scattermoe_no_tma", "scattermoe_no_persistent"]),
     ("block", ["eager", "grouped_mm", "scattermoe"]),
 ])
 def test_every_cpu_implementation_agrees_with_the_fp32_reference(scope, implementations):
@@ -83,14 +83,14 @@ def test_profile_bytes_count_each_memory_bound_pass_and_the_row_copies_of_the_gr
     assert moe_block.memory_bytes(TINY, "grouped_mm") == {}
 
 
-@pytest.mark.parametrize(("impl", "opted_in"), [
-    ("scattermoe", set()), ("scattermoe_persistent", {"persistent"}), ("scattermoe_ws", {"ws"}),
-    ("scattermoe_persistent_ws", {"persistent", "ws"}), ("scattermoe_wgrad_triton_persistent_ws", {"persistent", "ws"}),
+@pytest.mark.parametrize(("impl", "turned_off"), [
+    ("scattermoe", set()), ("scattermoe_no_tma", {kernels.TMA_ENV}),
+    ("scattermoe_no_persistent", {kernels.PERSISTENT_ENV}),
+    (f"{moe_block.SCATTERMOE_WGRAD_TRITON}_no_persistent", {kernels.PERSISTENT_ENV}), ("grouped_mm", set()),
 ])
-def test_opt_in_implementations_set_exactly_their_variables(impl, opted_in, monkeypatch):
-    for env in (kernels.PERSISTENT_ENV, kernels.WARP_SPECIALIZE_ENV):
-        monkeypatch.setenv(env, "1")
+def test_each_implementation_turns_off_exactly_its_knobs(impl, turned_off, monkeypatch):
+    for env in moe_block.TURNED_OFF.values():
+        monkeypatch.setenv(env, "0")
     problem = moe_block.Problem(TINY, "experts", torch.device("cpu"), torch.float32)
     moe_block.use_implementation(problem.block, impl)
-    assert {name for name, env in (("persistent", kernels.PERSISTENT_ENV), ("ws", kernels.WARP_SPECIALIZE_ENV))
-            if os.environ[env] == "1"} == opted_in
+    assert {env for env in moe_block.TURNED_OFF.values() if os.environ[env] == "0"} == turned_off

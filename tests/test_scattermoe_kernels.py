@@ -61,17 +61,12 @@ def test_outputs_and_gradients_match_eager_experts(tokens, hidden, inter, num_ex
     assert_matches_eager_experts(tokens, hidden, inter, num_experts, top_k, routing)
 
 
-@pytest.mark.parametrize("opted_in", [[kernels.PERSISTENT_ENV], [kernels.WARP_SPECIALIZE_ENV],
-                                      [kernels.PERSISTENT_ENV, kernels.WARP_SPECIALIZE_ENV]],
-                         ids=["persistent", "warp-specialized", "persistent-warp-specialized"])
 @pytest.mark.parametrize("tokens,hidden,inter,num_experts,top_k,routing", CASES)
-def test_opt_in_configs_match_eager_experts(tokens, hidden, inter, num_experts, top_k, routing, opted_in,
-                                            monkeypatch):
-    """Each kind of opt-in config (the interpreter's one config of the autotuner that offers it): persistent gate/up,
-    scatter matmul and weight-gradient kernels, looping over the row blocks in use on three programs; the
-    warp-specialized down projection and input gradient, blocks without rows included."""
-    for env in opted_in:
-        monkeypatch.setenv(env, "1")
+def test_one_tile_per_program_configs_match_eager_experts(tokens, hidden, inter, num_experts, top_k, routing,
+                                                          monkeypatch):
+    """With TURBO_TUNE_MOE_PERSISTENT=0 the kernels run a program per tile, spare row blocks returning at once (the
+    test above runs the persistent configs, the interpreter's default: three programs looping over the tiles)."""
+    monkeypatch.setenv(kernels.PERSISTENT_ENV, "0")
     assert_matches_eager_experts(tokens, hidden, inter, num_experts, top_k, routing)
 
 
@@ -144,27 +139,31 @@ def test_the_row_block_schedule_is_computed_once_for_a_forward_and_its_backward(
     assert x.grad is not None and experts.down_proj.grad is not None
 
 
-@pytest.mark.parametrize("setting", [None, "1"])
-def test_only_launches_whose_loads_are_all_descriptors_are_offered_warp_specialization(setting, launched,
-                                                                                       monkeypatch):
-    """Triton 3.6 fails to build a warp-specialized loop with a pointer load in it: with
-    TURBO_TUNE_MOE_WARP_SPECIALIZE=1 (off by default until a GPU has run them), the down projection and the input
-    gradient (grouped rows by weights) may take it; the gathered gradient of h may not, nor may LoRA's extra term."""
+@pytest.mark.parametrize("setting", [None, "1", "0"])
+def test_every_matmul_kernel_is_offered_persistent_configs_unless_turned_off(setting, launched, monkeypatch):
     if setting is not None:
-        monkeypatch.setenv(kernels.WARP_SPECIALIZE_ENV, setting)
+        monkeypatch.setenv(kernels.PERSISTENT_ENV, setting)
+    monkeypatch.setenv(WEIGHT_GRAD_ENV, "triton")
+    experts, weights, index, x = small_block()
+    scattermoe_experts(x, experts.gate_up_proj, experts.down_proj, weights, index).sum().backward()
+    matmuls = [kernel for kernel in launched if kernel.fn.__name__ in kernels._PERSISTENT_CONFIGS]
+    assert {kernel.fn.__name__ for kernel in matmuls} == set(kernels._PERSISTENT_CONFIGS)
+    for kernel in matmuls:
+        assert any(config.kwargs["PERSISTENT"] for config in kernel.configs) == (setting != "0"), kernel.fn.__name__
+
+
+def test_launches_with_the_lora_term_are_not_offered_persistent_configs(monkeypatch):
+    launches = []
+    launch = kernels.launch
+    monkeypatch.setattr(kernels, "launch", lambda kernel, grid, args, constexprs: (
+        launches.append((kernel, constexprs.get("HAS_A2"))), launch(kernel, grid, args, constexprs))[1])
     experts, weights, index, x = small_block()
     lora = LowRank(torch.randn(4, 8, 32, device=DEVICE), torch.randn(4, 64, 8, device=DEVICE), 2.0)
-    expected = {  # per scatter-matmul launch, in order: whether it may be warp-specialized
-        None: [True, False, True],  # down projection, gradient of h (gathered), gradient of x
-        lora: [True, False, False, False, True],  # h·A_downᵀ, down + LoRA term, two gathered gradients, of x
-    }
-    for down_lora, may in expected.items():
-        launched.clear()
-        out = scattermoe_experts(x, experts.gate_up_proj, experts.down_proj, weights, index, down_lora=down_lora)
-        out.sum().backward()
-        matmuls = [kernel for kernel in launched if kernel.fn is kernels._scatter_matmul_kernel.fn]
-        assert [any(config.kwargs["WARP_SPECIALIZE"] for config in kernel.configs) for kernel in matmuls] == [
-            specialized and setting == "1" for specialized in may]
+    scattermoe_experts(x, experts.gate_up_proj, experts.down_proj, weights, index, down_lora=lora).sum().backward()
+    offered = {(kernel.fn.__name__, has_a2): any(config.kwargs["PERSISTENT"] for config in kernel.configs)
+               for kernel, has_a2 in launches if kernel.fn.__name__ in kernels._PERSISTENT_CONFIGS}
+    assert offered[("_scatter_matmul_kernel", True)] is False
+    assert offered[("_scatter_matmul_kernel", False)] is True
 
 
 def test_weight_grad_kernel_writes_zeros_for_experts_without_rows():

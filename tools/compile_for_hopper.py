@@ -10,9 +10,8 @@ of each kind in each list only). Nothing runs, so outputs are garbage; only the 
     TRITON_INTERPRET=0 python tools/compile_for_hopper.py [--configs first|all]
 
 Prints one line per compilation and exits non-zero on the first that fails, when a kernel asked for TMA loads
-has no TMA copy in its PTX (or one not asked for has one), when rows gathered by token are loaded without an
-asynchronous copy (not software-pipelined) in a config with more than one stage, or when a config asked for warp
-specialization was built without it (Triton then quietly compiles the loop as usual). Arguments are specialized as
+has no TMA copy in its PTX (or one not asked for has one), or when rows gathered by token are loaded without an
+asynchronous copy (not software-pipelined) in a config with more than one stage. Arguments are specialized as
 Triton's launcher specializes them (alignment, divisibility by 16, strides of 1): without that, no pointer load
 is wide enough to pipeline and the compiled code is not what the GPU runs.
 """
@@ -60,7 +59,7 @@ def source(fn: triton.JITFunction, args: tuple, constexprs: dict) -> ASTSource:
 
 def autotune_configs(kernel: triton.runtime.Autotuner, which: str) -> list:
     """The configs the autotuner would time; for ``first``, the first one of each kind (the values of its flags
-    such as WARP_SPECIALIZE and PERSISTENT)."""
+    such as PERSISTENT)."""
     if which == "all":
         return kernel.configs
 
@@ -93,9 +92,6 @@ def compile_only(which: str, compiled: list[str]):
             gathered = any(v for k, v in flags.items() if k.endswith("GATHERED"))
             if gathered and options.get("num_stages", 1) > 1 and not pipelined:
                 raise AssertionError(f"{fn.__name__} {flags} {config.kwargs}: rows gathered by pointer, not pipelined")
-            specialized = "ttg.warp_specialize" in binary.asm["ttgir"]
-            if specialized != bool(meta.get("WARP_SPECIALIZE")):
-                raise AssertionError(f"{fn.__name__} {flags} {config.kwargs}: warp-specialized: {specialized}")
             too_big = binary.metadata.shared > SHARED_MEMORY_LIMIT
             line = (f"{fn.__name__} {flags} {config.kwargs if config else ''} {options}: "
                     f"{binary.metadata.shared} B shared{' (over the limit)' if too_big else ''}, "
@@ -137,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     kernels.launch = compile_only(args.configs, compiled)
     kernels._tma_wanted = lambda dtype, device: dtype != torch.float32  # as on an H200: TMA for bf16 only
     os.environ[ops.WEIGHT_GRAD_ENV] = "triton"  # the Triton weight-gradient kernel, not torch's grouped GEMM
-    os.environ[kernels.WARP_SPECIALIZE_ENV] = "1"  # the opt-in configs too (their autotuners have the rest)
-    os.environ[kernels.PERSISTENT_ENV] = "1"
+    os.environ[kernels.PERSISTENT_ENV] = "1"  # the persistent configs too (their autotuners have the rest)
     for dtype, lora in ((torch.bfloat16, False), (torch.bfloat16, True), (torch.float32, False)):
         drive(dtype, lora)
     kernels.dequantize_rows(torch.randn(8, 64).to(torch.float8_e4m3fn), torch.rand(8, 1), torch.bfloat16)

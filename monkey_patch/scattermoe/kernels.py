@@ -13,8 +13,8 @@ token stay on pointer loads, which TMA cannot gather on Hopper. A descriptor spa
 reach past its expert's last row or column into the next expert's: those values only meet zeros (the other
 operand's masked rows or columns) or land in masked output, as long as they are finite. ``_weight_tma`` and
 ``_grouped_rows_tma`` decide per tensor; the pointer path serves everything else (fp32, misaligned views) and
-``TURBO_TUNE_MOE_TMA=0``. Where all of a loop's loads are descriptor loads (the down projection and the input
-gradient), warp-specialized configs may join the autotuner's choice (``TURBO_TUNE_MOE_WARP_SPECIALIZE=1``).
+``TURBO_TUNE_MOE_TMA=0``. The matmul kernels also have persistent configs (a program per SM looping over the
+tiles), which the autotuner times beside the others unless ``TURBO_TUNE_MOE_PERSISTENT=0``.
 """
 
 import functools
@@ -28,7 +28,6 @@ import triton.language as tl
 from .launch import INTERPRET, launch
 
 TMA_ENV = "TURBO_TUNE_MOE_TMA"
-WARP_SPECIALIZE_ENV = "TURBO_TUNE_MOE_WARP_SPECIALIZE"
 PERSISTENT_ENV = "TURBO_TUNE_MOE_PERSISTENT"
 
 
@@ -42,7 +41,7 @@ ROW_TILES = ("BLOCK_N", "BLOCK_K")
 
 def _configs(shapes: list[tuple[int, ...]], tiles: tuple[str, ...] = TILES, **flags: bool) -> list[triton.Config]:
     """Autotune space: (*tiles, num_warps, num_stages), one small config in the interpreter (more would be timed).
-    ``flags``: constexprs of the same value in every config (PERSISTENT, WARP_SPECIALIZE)."""
+    ``flags``: constexprs of the same value in every config (PERSISTENT)."""
     if INTERPRET:
         shapes = [(64,) * len(tiles) + (4, 1)]
     return [
@@ -60,7 +59,7 @@ _MATMUL_CONFIGS = _configs(
         (128, 64, 8, 4), (256, 64, 8, 3), (256, 32, 8, 5), (128, 32, 8, 5), (128, 64, 4, 4), (64, 64, 4, 3),
         (32, 64, 4, 4),  # LoRA's rank-sized outputs (N = r)
     ],
-    ROW_TILES, WARP_SPECIALIZE=False, PERSISTENT=False,
+    ROW_TILES, PERSISTENT=False,
 )
 # Short K steps, deep pipelines: a 72-config sweep on an H200 (benchmarks/wgrad_sweep.py, docs/history.md) found
 # (256, 128, 32, 8, 5) and (128, 256, 32, 8, 5) 1.16-1.21x faster than the best of the older list at both model shapes.
@@ -74,25 +73,17 @@ _WEIGHT_GRAD_CONFIGS = _configs(
     PERSISTENT=False,
 )
 
-# Configs the autotuner also times only when asked to (``_autotuner``), until the GPU gate has run them:
-# - PERSISTENT (TURBO_TUNE_MOE_PERSISTENT=1): a program per SM looping over tiles, so that the next tile's loads start
-#   under the last one's epilogue; the tiles are those the autotuner chose at the model shapes.
-# - WARP_SPECIALIZE (TURBO_TUNE_MOE_WARP_SPECIALIZE=1): a producer warp group issuing the TMA loads, two consumer
-#   groups on the tensor cores. Triton 3.6 builds these on Hopper only for one warp group per program (num_warps 4)
-#   and only for a loop whose every load is a descriptor load, so ``scatter_matmul`` offers them to such launches
-#   alone. A warp-specialized kernel that deadlocked would hang a run at its first step.
+# Persistent configs: a program per SM looping over tiles, so that the next tile's loads start under the last one's
+# epilogue; the tiles are those the autotuner chose at the model shapes. The autotuner times them beside the others
+# (``_autotuner``) unless TURBO_TUNE_MOE_PERSISTENT=0. (Warp-specialized configs were tried on Triton 3.6 and gave
+# wrong results on an H200: docs/history.md.)
 _PERSISTENT_CONFIGS = {
     "_gather_gate_up_swiglu_kernel": _configs([(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 6)], ROW_TILES,
                                               PERSISTENT=True),
     "_scatter_matmul_kernel": _configs([(256, 64, 8, 3), (256, 32, 8, 5), (128, 64, 8, 4)], ROW_TILES,
-                                       WARP_SPECIALIZE=False, PERSISTENT=True),
+                                       PERSISTENT=True),
     "_grouped_weight_grad_kernel": _configs([(128, 256, 64, 8, 5), (128, 256, 32, 8, 5), (256, 128, 32, 8, 6)],
                                             PERSISTENT=True),
-}
-_WARP_SPECIALIZED_CONFIGS = {
-    False: _configs([(128, 64, 4, 3), (128, 64, 4, 4), (256, 64, 4, 3), (128, 128, 4, 2)], ROW_TILES,
-                    WARP_SPECIALIZE=True, PERSISTENT=False),
-    True: _configs([(128, 64, 4, 3), (256, 64, 4, 3)], ROW_TILES, WARP_SPECIALIZE=True, PERSISTENT=True),
 }
 
 
@@ -105,42 +96,25 @@ _FP32_SHAPES = {TILES: [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2), (64, 32, 32, 4, 
                 ROW_TILES: [(64, 32, 8, 2), (32, 32, 4, 2), (32, 32, 8, 1)]}
 
 
-def _opted_in(env: str) -> bool:
-    return os.environ.get(env, "0") == "1"
-
-
 def _autotuner(kernel: triton.runtime.Autotuner, dtype: torch.dtype,
-               descriptor_loads_only: bool = False) -> triton.runtime.Autotuner:
-    """What times and launches ``kernel`` here: ``kernel`` or, with opted-in configs, a twin that also has them; for
-    fp32 on a GPU its twin over ``_FP32_SHAPES`` (same code, same autotune key) and nothing opted in. (In the
-    interpreter fp32 is all there is, and every kernel has the same one small config.)"""
+               low_rank: bool = False) -> triton.runtime.Autotuner:
+    """What times and launches ``kernel`` here: for fp32 on a GPU its twin over ``_FP32_SHAPES`` (same code, same
+    autotune key); otherwise its twin that also has the persistent configs, or ``kernel`` itself with
+    TURBO_TUNE_MOE_PERSISTENT=0 and for launches with LoRA's ``low_rank`` term (two K loops, which Triton does not
+    flatten, and not yet run by the GPU gate). In the interpreter, which does not time configs, a twin runs only its
+    persistent config, so that the CPU tests run both kinds (one with the variable set to 0)."""
     if dtype == torch.float32 and not INTERPRET:
         return _FP32_TWINS[kernel]
     name = kernel.fn.__name__
-    persistent = _opted_in(PERSISTENT_ENV) and name in _PERSISTENT_CONFIGS
-    warp_specialized = descriptor_loads_only and _opted_in(WARP_SPECIALIZE_ENV)
-    return _with_opt_ins(kernel, persistent, warp_specialized)
-
-
-def _with_opt_ins(kernel: triton.runtime.Autotuner, persistent: bool,
-                  warp_specialized: bool) -> triton.runtime.Autotuner:
-    """``kernel`` with the opted-in configs added, one autotuner (with its own choices) per combination, kept in
-    ``OPT_IN_TWINS``. In the interpreter, which does not time configs, the most specific kind asked for replaces
-    the kernel's one config, so that the CPU tests run that code path."""
-    extra = []
-    if persistent:
-        extra += _PERSISTENT_CONFIGS[kernel.fn.__name__]
-    if warp_specialized:
-        extra += _WARP_SPECIALIZED_CONFIGS[False] + (_WARP_SPECIALIZED_CONFIGS[True] if persistent else [])
-    if not extra:
+    if low_rank or os.environ.get(PERSISTENT_ENV, "1") == "0" or name not in _PERSISTENT_CONFIGS:
         return kernel
-    key = (kernel.fn.__name__, persistent, warp_specialized)
-    if key not in OPT_IN_TWINS:
-        OPT_IN_TWINS[key] = _twin(kernel, extra[-1:] if INTERPRET else kernel.configs + extra)
-    return OPT_IN_TWINS[key]
+    if name not in PERSISTENT_TWINS:
+        persistent = _PERSISTENT_CONFIGS[name]
+        PERSISTENT_TWINS[name] = _twin(kernel, persistent[-1:] if INTERPRET else kernel.configs + persistent)
+    return PERSISTENT_TWINS[name]
 
 
-OPT_IN_TWINS: dict[tuple[str, bool, bool], triton.runtime.Autotuner] = {}
+PERSISTENT_TWINS: dict[str, triton.runtime.Autotuner] = {}
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -291,29 +265,22 @@ def _row_block(schedule_ptr, pid_m):
 
 
 @triton.jit
-def _accumulate(acc, a_ptrs, a_desc, row_start, w_ptrs, w_desc, expert, n0, row_mask, col_mask, K, k_end, N_TOTAL,
+def _accumulate(acc, a_ptrs, a_desc, row_start, w_ptrs, w_desc, expert, n0, row_mask, col_mask, K, N_TOTAL,
                 stride_ak, stride_wk, A_TMA: tl.constexpr, W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr,
-                BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
-    """acc += a @ W[expert] over K (up to ``k_end``: K, or 0 for no work) in BLOCK_K steps: a's (BLOCK_M, BLOCK_K)
-    tiles from pointers ``a_ptrs`` or, for grouped rows, descriptor ``a_desc`` at ``row_start``; W's
-    (BLOCK_K, BLOCK_N) tiles at column ``n0``."""
+                BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc += a @ W[expert] over K in BLOCK_K steps: a's (BLOCK_M, BLOCK_K) tiles from pointers ``a_ptrs`` or, for
+    grouped rows, descriptor ``a_desc`` at ``row_start``; W's (BLOCK_K, BLOCK_N) tiles at column ``n0``."""
     ks = tl.arange(0, BLOCK_K)
-    if A_TMA and W_TMA:  # descriptor loads and dots only: a loop Triton's Hopper warp specialization takes
-        for k0 in tl.range(0, k_end, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = ks < K - k0
+        if A_TMA:
             a = a_desc.load([row_start, k0])
-            w = _load_weight(w_desc, w_ptrs, expert, K, N_TOTAL, k0, n0, ks, col_mask, True, W_K_CONTIG)
-            acc = tl.dot(a, w, acc=acc, input_precision=INPUT_PRECISION)
-    else:
-        for k0 in range(0, k_end, BLOCK_K):
-            k_mask = ks < K - k0
-            if A_TMA:
-                a = a_desc.load([row_start, k0])
-            else:
-                a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            w = _load_weight(w_desc, w_ptrs, expert, K, N_TOTAL, k0, n0, k_mask, col_mask, W_TMA, W_K_CONTIG)
-            acc = tl.dot(a, w, acc=acc, input_precision=INPUT_PRECISION)
-            a_ptrs += BLOCK_K * stride_ak
-            w_ptrs += BLOCK_K * stride_wk
+        else:
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = _load_weight(w_desc, w_ptrs, expert, K, N_TOTAL, k0, n0, k_mask, col_mask, W_TMA, W_K_CONTIG)
+        acc = tl.dot(a, w, acc=acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
     return acc
 
 
@@ -424,15 +391,14 @@ def _gather_gate_up_swiglu_kernel(
 
 @triton.jit
 def _scatter_matmul_tile(
-    expert, row_start, row_end, pid_n, k_end, a_ptr, a_desc, w_ptr, w_desc, a2_ptr, w2_ptr, sorted_pairs_ptr, y_ptr,
+    expert, row_start, row_end, pid_n, a_ptr, a_desc, w_ptr, w_desc, a2_ptr, w2_ptr, sorted_pairs_ptr, y_ptr,
     K, K2, N, TOP_K, stride_am, stride_ak, stride_we, stride_wk, stride_wn,
     stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
     A_GATHERED: tl.constexpr, Y_SCATTERED: tl.constexpr, HAS_A2: tl.constexpr, A_TMA: tl.constexpr,
     W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One (row block, column block) tile of ``_scatter_matmul_kernel``, its K loop up to ``k_end`` (K, or 0 for a
-    block without rows, which then stores nothing)."""
+    """One (row block, column block) tile of ``_scatter_matmul_kernel``."""
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     pairs = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0).to(tl.int64)
@@ -445,13 +411,13 @@ def _scatter_matmul_tile(
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
     acc = _accumulate(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a_ptrs, a_desc, row_start, w_ptrs, w_desc,
-                      expert, n0, row_mask, col_mask, K, k_end, N, stride_ak, stride_wk, A_TMA, W_TMA, W_K_CONTIG,
-                      BLOCK_K, INPUT_PRECISION, WARP_SPECIALIZE)
+                      expert, n0, row_mask, col_mask, K, N, stride_ak, stride_wk, A_TMA, W_TMA, W_K_CONTIG, BLOCK_K,
+                      INPUT_PRECISION)
     if HAS_A2:
         a2_ptrs = a2_ptr + rows[:, None].to(tl.int64) * stride_a2m + ks[None, :] * stride_a2k
         w2_ptrs = w2_ptr + expert.to(tl.int64) * stride_w2e + ks[:, None] * stride_w2k + cols[None, :] * stride_w2n
-        acc = _accumulate(acc, a2_ptrs, a2_ptr, row_start, w2_ptrs, w2_ptr, expert, n0, row_mask, col_mask, K2, K2,
-                          N, stride_a2k, stride_w2k, False, False, False, BLOCK_K, INPUT_PRECISION, False)
+        acc = _accumulate(acc, a2_ptrs, a2_ptr, row_start, w2_ptrs, w2_ptr, expert, n0, row_mask, col_mask, K2, N,
+                          stride_a2k, stride_w2k, False, False, False, BLOCK_K, INPUT_PRECISION)
     y_ptrs = y_ptr + y_rows[:, None] * N + cols[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
@@ -465,8 +431,7 @@ def _scatter_matmul_kernel(
     stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
     A_GATHERED: tl.constexpr, Y_SCATTERED: tl.constexpr, HAS_A2: tl.constexpr, A_TMA: tl.constexpr,
     W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    PERSISTENT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     """y = a @ W[e] per expert row block. ``a`` rows are gathered by token or read in grouped order (A_TMA: through
     a descriptor); ``y`` rows are scattered to pair order or written in grouped order. With HAS_A2,
@@ -474,34 +439,30 @@ def _scatter_matmul_kernel(
     output buffer).
 
     One tile per program or, with PERSISTENT, a program per SM over the tiles of the row blocks in use: a loop that
-    Triton flattens with the K loop (the same trip count for every tile), or with WARP_SPECIALIZE builds
-    warp-specialized, so that the next tile's loads start under this one's store. Otherwise WARP_SPECIALIZE builds
-    the K loop warp-specialized; Triton 3.6 refuses that in a kernel that may return early, so such a program past
-    the last row block runs no iteration instead."""
+    Triton flattens with the K loop (the same trip count for every tile), so that the next tile's loads start under
+    this one's store."""
     pid = tl.program_id(0)
     num_n_blocks = tl.cdiv(N, BLOCK_N)
     a_desc = _rows_descriptor(a_ptr, NUM_ROWS, K, stride_am, A_TMA, BLOCK_M, BLOCK_K)
     w_desc = _weight_descriptor(w_ptr, NUM_EXPERTS, K, N, stride_wk, stride_wn, W_TMA, W_K_CONTIG, BLOCK_K, BLOCK_N)
     if PERSISTENT:
         tiles = tl.load(used_blocks_ptr) * num_n_blocks
-        for tile in tl.range(pid, tiles, tl.num_programs(0), flatten=not WARP_SPECIALIZE,
-                             warp_specialize=WARP_SPECIALIZE):
+        for tile in tl.range(pid, tiles, tl.num_programs(0), flatten=True):
             expert, row_start, row_end = _row_block(schedule_ptr, tile // num_n_blocks)
             _scatter_matmul_tile(
-                expert, row_start, row_end, tile % num_n_blocks, K, a_ptr, a_desc, w_ptr, w_desc, a2_ptr, w2_ptr,
+                expert, row_start, row_end, tile % num_n_blocks, a_ptr, a_desc, w_ptr, w_desc, a2_ptr, w2_ptr,
                 sorted_pairs_ptr, y_ptr, K, K2, N, TOP_K, stride_am, stride_ak, stride_we, stride_wk, stride_wn,
                 stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n, A_GATHERED, Y_SCATTERED, HAS_A2, A_TMA,
-                W_TMA, W_K_CONTIG, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, False)
+                W_TMA, W_K_CONTIG, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         expert, row_start, row_end = _row_block(schedule_ptr, pid // num_n_blocks)
-        if not WARP_SPECIALIZE:
-            if expert >= NUM_EXPERTS:  # past the last row block
-                return
+        if expert >= NUM_EXPERTS:  # past the last row block
+            return
         _scatter_matmul_tile(
-            expert, row_start, row_end, pid % num_n_blocks, tl.where(row_start < row_end, K, 0), a_ptr, a_desc,
-            w_ptr, w_desc, a2_ptr, w2_ptr, sorted_pairs_ptr, y_ptr, K, K2, N, TOP_K, stride_am, stride_ak, stride_we,
-            stride_wk, stride_wn, stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n, A_GATHERED,
-            Y_SCATTERED, HAS_A2, A_TMA, W_TMA, W_K_CONTIG, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, WARP_SPECIALIZE)
+            expert, row_start, row_end, pid % num_n_blocks, a_ptr, a_desc, w_ptr, w_desc, a2_ptr, w2_ptr,
+            sorted_pairs_ptr, y_ptr, K, K2, N, TOP_K, stride_am, stride_ak, stride_we, stride_wk, stride_wn,
+            stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n, A_GATHERED, Y_SCATTERED, HAS_A2, A_TMA,
+            W_TMA, W_K_CONTIG, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 # Rows per program and warps: one row of 4 warps was the fixed choice until 2026-12-01; the autotuner now times more.
@@ -706,8 +667,8 @@ def _twin(kernel: triton.runtime.Autotuner, configs: list[triton.Config]) -> tri
 
 
 def _fp32_twin(kernel: triton.runtime.Autotuner) -> triton.runtime.Autotuner:
-    """``kernel`` autotuned over ``_FP32_SHAPES`` of its tiles (none warp-specialized: fp32 loads never go through
-    descriptors on a GPU)."""
+    """``kernel`` autotuned over ``_FP32_SHAPES`` of its tiles, one tile per program (fp32 runs check numerics;
+    they are not what a GPU is timed on)."""
     first = kernel.configs[0].kwargs
     tiles = TILES if "BLOCK_M" in first else ROW_TILES
     flags = {name: value for name, value in first.items() if name not in tiles}
@@ -788,7 +749,7 @@ def gather_gate_up_swiglu(
 
     a2, w2, k2, a2_strides = _second_operand(a2, w2, x)
     w_tma, w_k_contig = _weight_tma(w_gate_up, column_offsets=(inter,))
-    launch(_autotuner(_gather_gate_up_swiglu_kernel, x.dtype), grid, (
+    launch(_autotuner(_gather_gate_up_swiglu_kernel, x.dtype, low_rank=k2 > 0), grid, (
         x, w_gate_up, a2, w2, routing.sorted_pairs, routing.schedule, routing.used_blocks, row_scale, gate_up, h,
         num_experts, hidden, k2, inter, routing.top_k, _rows_bucket(num_rows),
         x.stride(0), x.stride(1), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), *a2_strides,
@@ -808,9 +769,7 @@ def scatter_matmul(
 ) -> torch.Tensor:
     """a @ W[e] for w as (E, K, N) view -> (T*k, N); a is (T, K) gathered by token or (T*k, K) grouped, and the
     output is in pair order (scattered) or grouped order. ``a2`` (T*k, K2) grouped with ``w2`` as (E, K2, N)
-    view adds a2 @ W2[e]. Where every load is a descriptor load and ``TURBO_TUNE_MOE_WARP_SPECIALIZE=1``, the
-    autotuner also times warp-specialized configs: opt-in until a GPU has run them (a kernel that deadlocks would hang
-    a run at its first step)."""
+    view adds a2 @ W2[e]."""
     num_experts, k_dim, n_dim = w.shape
     num_rows = routing.sorted_pairs.numel()
     y = torch.empty(num_rows, n_dim, device=a.device, dtype=a.dtype)
@@ -824,8 +783,7 @@ def scatter_matmul(
     a2, w2, k2, a2_strides = _second_operand(a2, w2, a)
     w_tma, w_k_contig = _weight_tma(w)
     a_tma = not a_gathered and _grouped_rows_tma(a)
-    kernel = _autotuner(_scatter_matmul_kernel, a.dtype, descriptor_loads_only=a_tma and w_tma and k2 == 0)
-    launch(kernel, grid, (
+    launch(_autotuner(_scatter_matmul_kernel, a.dtype, low_rank=k2 > 0), grid, (
         a, w, a2, w2, routing.sorted_pairs, routing.schedule, routing.used_blocks, y,
         num_experts, k_dim, k2, n_dim, routing.top_k, _rows_bucket(num_rows), a.shape[0],
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), *a2_strides,

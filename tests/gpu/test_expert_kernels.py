@@ -105,22 +105,17 @@ def test_strided_misaligned_and_transposed_inputs_give_the_contiguous_results():
     assert_as_close_as_grouped_mm("experts strided/misaligned/transposed 30B-A3B 4096", ours, grouped_mm, reference)
 
 
-@pytest.mark.parametrize(("name", "warp_specialized"), [
-    ("_gather_gate_up_swiglu_kernel", False), ("_scatter_matmul_kernel", False), ("_scatter_matmul_kernel", True),
-    ("_grouped_weight_grad_kernel", False), ("_swiglu_backward_kernel", False),
-])
-def test_every_config_of_each_autotuned_kernel_is_as_close_as_grouped_mm(name, warp_specialized, monkeypatch):
+@pytest.mark.parametrize("name", ["_gather_gate_up_swiglu_kernel", "_scatter_matmul_kernel",
+                                  "_grouped_weight_grad_kernel", "_swiglu_backward_kernel"])
+def test_every_config_of_each_autotuned_kernel_is_as_close_as_grouped_mm(name, monkeypatch):
     """The autotuner keeps whichever config is fastest on the GPU and shape at hand, so each must be right, the
-    opt-in persistent and warp-specialized ones included: each config in turn runs every launch its autotuner
-    serves (the warp-specialized one's: the down projection and the input gradient; the weight-gradient kernel's:
-    both weight gradients). A config needing more shared memory than a block may have is skipped, as the autotuner
-    skips it."""
+    persistent ones included: each config in turn runs every launch its autotuner serves (the weight-gradient
+    kernel's: both weight gradients). A config needing more shared memory than a block may have is skipped, as the
+    autotuner skips it."""
     monkeypatch.setenv(kernels.PERSISTENT_ENV, "1")
-    monkeypatch.setenv(kernels.WARP_SPECIALIZE_ENV, "1" if warp_specialized else "0")
     monkeypatch.setenv(WEIGHT_GRAD_ENV, "triton")
     monkeypatch.setattr(launch, "enabled", False)  # Triton's own path, which reads the configs on every launch
-    tuner = kernels._autotuner(getattr(kernels, name), BF16, descriptor_loads_only=warp_specialized)
-    assert warp_specialized == any(config.kwargs.get("WARP_SPECIALIZE") for config in tuner.configs)
+    tuner = kernels._autotuner(getattr(kernels, name), BF16)
     problem, reference, grouped_mm = bf16_baseline(QWEN3_30B_A3B, 4096, "skewed")
     configs, ran = tuner.configs, []
     for config in configs:

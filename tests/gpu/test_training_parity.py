@@ -30,7 +30,7 @@ RUNS = {
     # the full-parameter default since issue 20: fp32 master weights, bf16 compute under autocast
     "amp_scattermoe": ["--use_fast_moe_block"],
     "amp_all": ["--use_fast_moe_block", "--use_liger_kernel", "--use_packing"],
-    "amp_fp8_experts": ["--fp8_experts"],
+    "amp_fp8_experts": ["--use_fp8", "--fp8_experts"],
     "amp_fp8": ["--use_fp8"],
 }
 FP32_LOSS_TOLERANCE = 1e-3  # relative, at every step
