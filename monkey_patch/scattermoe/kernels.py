@@ -128,6 +128,11 @@ def _programs_per_launch(device: torch.device) -> int:
     return 3 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _grid(tiles: int, meta: dict, device: torch.device) -> tuple[int]:
+    """A program per tile or, for a persistent config, per multiprocessor (never more than the tiles)."""
+    return (min(tiles, _programs_per_launch(device)) if meta["PERSISTENT"] else tiles,)
+
+
 def _rows_bucket(num_rows: int) -> int:
     """Autotune key for the row count: a power of two, so varying batch sizes do not retune every step."""
     return triton.next_power_of_2(max(num_rows, 1))
@@ -744,8 +749,7 @@ def gather_gate_up_swiglu(
     h = torch.empty(num_rows, inter, device=x.device, dtype=x.dtype)
 
     def grid(meta):
-        tiles = routing.schedule.shape[0] * triton.cdiv(inter, meta["BLOCK_N"])
-        return (min(tiles, _programs_per_launch(x.device)) if meta["PERSISTENT"] else tiles,)
+        return _grid(routing.schedule.shape[0] * triton.cdiv(inter, meta["BLOCK_N"]), meta, x.device)
 
     a2, w2, k2, a2_strides = _second_operand(a2, w2, x)
     w_tma, w_k_contig = _weight_tma(w_gate_up, column_offsets=(inter,))
@@ -774,11 +778,8 @@ def scatter_matmul(
     num_rows = routing.sorted_pairs.numel()
     y = torch.empty(num_rows, n_dim, device=a.device, dtype=a.dtype)
 
-    num_blocks = routing.schedule.shape[0]
-
     def grid(meta):
-        tiles = num_blocks * triton.cdiv(n_dim, meta["BLOCK_N"])
-        return (min(tiles, _programs_per_launch(a.device)) if meta["PERSISTENT"] else tiles,)
+        return _grid(routing.schedule.shape[0] * triton.cdiv(n_dim, meta["BLOCK_N"]), meta, a.device)
 
     a2, w2, k2, a2_strides = _second_operand(a2, w2, a)
     w_tma, w_k_contig = _weight_tma(w)
@@ -824,8 +825,8 @@ def grouped_weight_grad(
     num_rows = routing.sorted_pairs.numel()
 
     def grid(meta):
-        tiles = num_experts * triton.cdiv(m_dim, meta["BLOCK_M"]) * triton.cdiv(n_dim, meta["BLOCK_N"])
-        return (min(tiles, _programs_per_launch(a.device)) if meta["PERSISTENT"] else tiles,)
+        return _grid(num_experts * triton.cdiv(m_dim, meta["BLOCK_M"]) * triton.cdiv(n_dim, meta["BLOCK_N"]), meta,
+                     a.device)
 
     kernel = _autotuner(_grouped_weight_grad_kernel, a.dtype)
     args = (a, b, routing.sorted_pairs, routing.expert_ends, dw, m_dim, n_dim, routing.top_k, _rows_bucket(num_rows),
