@@ -108,9 +108,9 @@ def main() -> int:
         return 2
     forms = (False, True) if args.persistent else (False,)
     configs = [(*tile, *launch_, persistent) for tile, launch_, persistent in itertools.product(TILES, LAUNCH, forms)]
-    lines = [f"{torch.cuda.get_device_name()}, {len(configs)} configs (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, "
-             "persistent)", "",
-             "| case | gradient | config | ms | TFLOP/s | vs autotuned |", "|---|---|---|---|---|---|"]
+    print(f"{torch.cuda.get_device_name()}, {len(configs)} configs (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, "
+          "persistent)\n\n| case | gradient | config | ms | TFLOP/s | vs autotuned |\n|---|---|---|---|---|---|",
+          flush=True)
     for case in args.cases.split(","):
         tokens, hidden, inter = CASES[case]
         problems = weight_grad_problems(tokens, hidden, inter, 128, 8, "cuda", torch.bfloat16)
@@ -118,15 +118,14 @@ def main() -> int:
             flops = 2.0 * tokens * 8 * hidden * inter * (2 if name == "dW_gate_up" else 1)
             autotuned, on_grouped_mm, *tiles = sweep(problem, configs, flops)
             timed = sorted((r for r in tiles if "ms" in r), key=lambda r: r["ms"])
-            for row in [autotuned, on_grouped_mm, *timed[: args.top]]:
+            for row in [autotuned, on_grouped_mm, *timed[: args.top]]:  # printed now: a run cut short keeps them
                 if "ms" not in row:
-                    lines.append(f"| {case} | {name} | {row['config']} | {row['error']} | | |")
+                    print(f"| {case} | {name} | {row['config']} | {row['error']} | | |")
                     continue
-                lines.append(f"| {case} | {name} | {row['config']} | {row['ms']:.3f} | {row['tflops']:.0f} | "
-                             f"{autotuned['ms'] / row['ms']:.2f}× |")
+                print(f"| {case} | {name} | {row['config']} | {row['ms']:.3f} | {row['tflops']:.0f} | "
+                      f"{autotuned['ms'] / row['ms']:.2f}× |")
             failed = len(tiles) - len(timed)
-            print(f"{case} {name}: {len(timed)} configs ran, {failed} did not", flush=True)
-    print("\n".join(lines))
+            print(f"| {case} | {name} | {len(timed)} configs ran, {failed} did not | | | |", flush=True)
     return 0
 
 
