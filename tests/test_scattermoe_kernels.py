@@ -283,6 +283,20 @@ def test_frozen_expert_weights_skip_weight_grads_and_still_give_input_and_routin
         assert relative_error(got, want) <= TOLERANCE
 
 
+def test_backward_fills_no_zero_gradients_for_the_outputs_the_forward_keeps_for_it():
+    """The forward op's other outputs (pre-activations, schedule) are not differentiable; autograd used to hand the
+    backward a zero-filled tensor for each, one of the pre-activations' (T*k, 2I) size."""
+    torch.manual_seed(2)
+    experts = make_eager_experts(32, 24, 8, 2)
+    weights, index = make_routing(64, 8, 2, "uniform")
+    x = torch.randn(64, 32, device=DEVICE, requires_grad=True)
+    out = scattermoe_experts(x, experts.gate_up_proj, experts.down_proj, weights.requires_grad_(), index)
+    with torch.profiler.profile() as profile:
+        out.backward(torch.randn_like(out))
+    assert not [event.name for event in profile.events() if event.name in ("aten::zeros", "aten::zero_", "aten::fill_")]
+    assert x.grad is not None and experts.gate_up_proj.grad is not None and weights.grad is not None
+
+
 @pytest.mark.parametrize("tokens, hidden, top_k", [(1, 40, 1), (37, 72, 8), (5, 33, 3)])
 def test_top_k_combine_sums_each_tokens_rows(tokens, hidden, top_k):
     rows = torch.randn(tokens * top_k, hidden, device=DEVICE)
