@@ -2,7 +2,8 @@
 baseline that counts: what `--torch_compile` makes of the transformers default), Liger-Kernel's fused MoE (what
 `--use_liger_kernel` alone runs the experts with), `scattermoe` (the default: dW_gate_up on torch's grouped GEMM,
 dW_down on ScatterMoE's Triton kernel), `scattermoe_wgrad_triton` (both on the Triton kernel, the lowest peak) and
-`scattermoe_wgrad_grouped_mm` (both on the grouped GEMM, a row copy beside both gradients), in one run. The
+`scattermoe_wgrad_grouped_mm` (both on the grouped GEMM, a row copy beside both gradients), in one run; and,
+where it is installed, `sonic_moe` (SonicMoE's CuTe-DSL kernels, the state of the art; see sonic_moe/stage.sh). The
 `*_no_tma` names are the same without TMA loads (`TURBO_TUNE_MOE_TMA=0`: every tile through pointer loads), and
 `*_no_persistent` without the persistent configs (`TURBO_TUNE_MOE_PERSISTENT=0`: a program per tile).
 
@@ -91,6 +92,32 @@ def register_liger_fused_moe() -> None:
         )
 
     register_experts_function("liger_fused_moe", liger_fused_moe)
+
+
+def register_sonic_moe() -> None:
+    """SonicMoE (Dao-AILab's CuTe-DSL kernels on quack-kernels, arXiv 2512.14080) as the experts implementation
+    ``sonic_moe``, timed like the others: the state of the art issue 19 measures itself against. Not a Turbo-Tune
+    dependency; where ``sonicmoe`` does not import, the implementation fails at its first call, naming
+    benchmarks/sonic_moe/stage.sh, which stages it on a GPU machine."""
+
+    def sonic_moe(module, hidden_states, top_k_index, top_k_weights):
+        try:
+            from sonicmoe import moe_general_routing_inputs
+            from sonicmoe.enums import ActivationType
+        except ImportError as error:
+            raise RuntimeError(f"sonic_moe: {error}; stage it with benchmarks/sonic_moe/stage.sh") from error
+        tokens, top_k = top_k_index.shape
+        # its pairs in token order; weights (E, 2I, H) [gate; up] and (E, H, I) seen as (2I, H, E) and (H, I, E)
+        token_indices = torch.arange(tokens, device=hidden_states.device, dtype=torch.int32).repeat_interleave(top_k)
+        out, _ = moe_general_routing_inputs(
+            hidden_states, top_k_weights.reshape(-1).float(), token_indices, top_k_index.reshape(-1).to(torch.int32),
+            module.gate_up_proj.permute(1, 2, 0), None, module.down_proj.permute(1, 2, 0), None,
+            module.gate_up_proj.shape[0], 0, ActivationType.SWIGLU,  # 0: a stream id this version ignores
+            concat_layout=True,
+        )
+        return out.to(hidden_states.dtype)
+
+    register_experts_function("sonic_moe", sonic_moe)
 
 
 def use_implementation(block: Qwen3MoeSparseMoeBlock, impl: str) -> None:
@@ -398,6 +425,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     register_scattermoe()
     register_liger_fused_moe()
+    register_sonic_moe()
     cases = CASES if args.cases == "all" else [CASES[int(i)] for i in args.cases.split(",")]
     rows = []
     for scope in args.scopes.split(","):

@@ -4,6 +4,7 @@ through run_case, so a broken benchmark shows here and not after a GPU machine h
 import json
 import os
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,35 @@ def test_each_implementation_turns_off_exactly_its_knobs(impl, turned_off, monke
     problem = moe_block.Problem(TINY, "experts", torch.device("cpu"), torch.float32)
     moe_block.use_implementation(problem.block, impl)
     assert {env for env in moe_block.TURNED_OFF.values() if os.environ[env] == "0"} == turned_off
+
+
+def fake_sonic_moe(x, router_scores, token_indices, expert_indices, w1, b1, w2, b2, num_experts, stream_id,
+                   activation_type, is_inference_mode_enabled=False, concat_layout=False):
+    """SonicMoE's ``moe_general_routing_inputs`` as its docstring states it, in torch: pairs sorted by token, w1
+    (2I, H, E) with [gate; up] concatenated, w2 (H, I, E), fp32 scores."""
+    assert concat_layout and b1 is None and b2 is None and router_scores.dtype == torch.float32
+    assert token_indices.dtype == expert_indices.dtype == torch.int32 and bool((token_indices.diff() >= 0).all())
+    tokens, experts = token_indices.long(), expert_indices.long()
+    gate, up = torch.einsum("pih,ph->pi", w1.permute(2, 0, 1)[experts], x[tokens]).chunk(2, dim=-1)
+    y = torch.einsum("phi,pi->ph", w2.permute(2, 0, 1)[experts], torch.nn.functional.silu(gate) * up)
+    out = torch.zeros_like(x).index_add(0, tokens, y * router_scores[:, None].to(y.dtype))
+    return out, torch.bincount(experts, minlength=num_experts)
+
+
+def test_sonic_moe_gets_the_weights_and_pairs_in_its_own_layout(monkeypatch):
+    """The adapter that times SonicMoE beside ours (on a GPU where it is staged) hands it transformers' weights and
+    routing as its interface documents them; a wrong permutation or pair order fails against the reference here."""
+    monkeypatch.setitem(sys.modules, "sonicmoe", types.SimpleNamespace(moe_general_routing_inputs=fake_sonic_moe))
+    monkeypatch.setitem(sys.modules, "sonicmoe.enums",
+                        types.SimpleNamespace(ActivationType=types.SimpleNamespace(SWIGLU="swiglu")))
+    moe_block.register_sonic_moe()
+    rows = moe_block.run_case(TINY, ["grouped_mm", "sonic_moe"], repeats=1, dtype=torch.float32)
+    assert [row["impl"] for row in rows] == ["grouped_mm", "sonic_moe"]
+    assert rows[1]["err_out"] <= 1e-5 and rows[1]["err_grads"] <= 1e-5
+
+
+def test_sonic_moe_without_its_packages_fails_naming_the_staging_script(monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "sonicmoe", None)  # import fails, as where it is not installed
+    moe_block.register_sonic_moe()
+    assert [row["impl"] for row in moe_block.run_case(TINY, ["sonic_moe"], 1, torch.float32)] == []
+    assert "benchmarks/sonic_moe/stage.sh" in caplog.text
