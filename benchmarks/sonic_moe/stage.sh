@@ -16,9 +16,10 @@ stash=/tmp/sonic
 if [ "${1:-download}" = install ]; then
     mkdir -p "$stash"
     for half in .sonic_a .sonic_b; do if [ -d "$half" ]; then cp "$half"/* "$stash"/; fi; done
+    shopt -s nullglob
     parts=("$stash"/*.part-*)
-    if [ ${#parts[@]} -lt 2 ] || [ ! -f "${parts[1]}" ]; then
-        echo "stage.sh install: one half of SonicMoE's wheels is in $stash; carry .sonic_b in the next call, back to back"
+    if [ ${#parts[@]} -lt 2 ]; then
+        echo "stage.sh install: ${#parts[@]} of 2 halves of SonicMoE's wheels in $stash; carry .sonic_a, then .sonic_b"
         [ ! -d .sonic_b ]  # the second call without the first half (the machine was released): fail
         exit
     fi
