@@ -99,6 +99,9 @@ def register_sonic_moe() -> None:
     ``sonic_moe``, timed like the others: the state of the art issue 19 measures itself against. Not a Turbo-Tune
     dependency; where ``sonicmoe`` does not import, the implementation fails at its first call, naming
     benchmarks/sonic_moe/stage.sh, which stages it on a GPU machine."""
+    # quack's autotuner precompiles in a pool of worker processes; on the lent H200 it waited forever for the first
+    # worker's hand-shake, so compile in this process (first call per shape family: about a minute per GEMM kind).
+    os.environ.setdefault("QUACK_COMPILE_WORKERS", "1")
     try:
         from sonicmoe import moe_general_routing_inputs
         from sonicmoe.enums import ActivationType

@@ -13,6 +13,9 @@ pins=(nvidia-cutlass-dsl==4.4.2 nvidia-cutlass-dsl-libs-base==4.4.2 quack-kernel
       einops==0.8.2)
 stash=/tmp/sonic
 site_path='$PWD:/tmp/site:/tmp/site/nvidia_cutlass_dsl/python_packages'  # the DSL's .pth, which --target skips
+# quack autotunes each GEMM kind at its first call (about a minute each); these keep the compiled kernels and the
+# chosen configs under /tmp, so later calls on the same held machine skip it.
+tuning_cache='QUACK_CACHE_DIR=/tmp/qcache QUACK_CACHE_AUTOTUNING=1'
 
 if [ "${1:-download}" = install ]; then
     mkdir -p "$stash"
@@ -26,7 +29,7 @@ if [ "${1:-download}" = install ]; then
     fi
     cat "${parts[@]}" > "$stash/$(basename "${parts[0]%.part-*}")"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$stash"/*.whl
-    echo "SonicMoE installed in /tmp/site; run with PYTHONPATH=$site_path"
+    echo "SonicMoE installed in /tmp/site; run with PYTHONPATH=$site_path $tuning_cache"
     exit 0
 fi
 
@@ -42,4 +45,4 @@ mv .sonic_a/*.part-ab .sonic_b/ && rm "$compiler" && mv "$downloads"/*.whl .soni
 for half in /.sonic_a/ /.sonic_b/; do grep -qx "$half" .git/info/exclude 2>/dev/null || echo "$half" >> .git/info/exclude; done
 echo "staged .sonic_a ($(du -sh .sonic_a | cut -f1)) and .sonic_b ($(du -sh .sonic_b | cut -f1)). Two calls, back to back:"
 echo '  1. carry [".whl", ".sonic_a"]: <the .whl install line>; bash benchmarks/sonic_moe/stage.sh install'
-echo "  2. carry [\".sonic_b\"]: bash benchmarks/sonic_moe/stage.sh install && export PYTHONPATH=$site_path; python3 benchmarks/moe_block.py --implementations grouped_mm_compiled,scattermoe,sonic_moe ..."
+echo "  2. carry [\".sonic_b\"]: bash benchmarks/sonic_moe/stage.sh install && export PYTHONPATH=$site_path $tuning_cache; python3 benchmarks/moe_block.py --implementations grouped_mm_compiled,scattermoe,sonic_moe ..."
