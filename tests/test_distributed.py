@@ -72,11 +72,13 @@ def test_zero3_runs_the_scattermoe_experts_on_the_gathered_weights(tmp_path, che
 def test_zero3_compiled_layers_train_like_eager_ones(tmp_path, checkpoint, zero3_run):
     """--torch_compile under ZeRO-3: the layers compile with DeepSpeed's gather hooks around them, no fallback; the
     log says what DeepSpeed's hooks cost the compiled graphs."""
-    losses, log = train_and_log(tmp_path / "out", 2, checkpoint, *ZERO3, "--torch_compile")
+    losses, log = train_and_log(tmp_path / "out", 2, checkpoint, *ZERO3, "--torch_compile", "--max_steps", "2")
     assert "torch.compile (inductor) on each of the 2 decoder layers" in log
     assert "continuing uncompiled" not in log
     assert "--torch_compile under ZeRO-3 trains correctly but gains little" in log
-    assert_same_losses(losses, zero3_run[1], rel=1e-3)
+    assert sorted(losses) == [1, 2]
+    for step, loss in losses.items():
+        assert loss == pytest.approx(zero3_run[1][step], rel=1e-3), step
 
 
 def test_zero3_resume_from_sharded_state_continues_the_losses(tmp_path, checkpoint, zero3_run):
