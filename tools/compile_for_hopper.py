@@ -11,9 +11,10 @@ of each kind in each list only). Nothing runs, so outputs are garbage; only the 
 
 Prints one line per compilation and exits non-zero on the first that fails, when a kernel asked for TMA loads
 has no TMA copy in its PTX (or one not asked for has one), or when rows gathered by token are loaded without an
-asynchronous copy (not software-pipelined) in a config with more than one stage. Arguments are specialized as
-Triton's launcher specializes them (alignment, divisibility by 16, strides of 1): without that, no pointer load
-is wide enough to pipeline and the compiled code is not what the GPU runs.
+asynchronous copy (not software-pipelined) in a config with more than one stage, or when a kernel divides 64-bit
+integers (a subroutine of dozens of instructions; a token's row, ``pair // top_k``, divides by a constant).
+Arguments are specialized as Triton's launcher specializes them (alignment, divisibility by 16, strides of 1):
+without that, no pointer load is wide enough to pipeline and the compiled code is not what the GPU runs.
 """
 
 import argparse
@@ -92,6 +93,8 @@ def compile_only(which: str, compiled: list[str]):
             gathered = any(v for k, v in flags.items() if k.endswith("GATHERED"))
             if gathered and options.get("num_stages", 1) > 1 and not pipelined:
                 raise AssertionError(f"{fn.__name__} {flags} {config.kwargs}: rows gathered by pointer, not pipelined")
+            if "div.s64" in binary.asm["ptx"] or "div.u64" in binary.asm["ptx"]:
+                raise AssertionError(f"{fn.__name__} {flags}: a 64-bit integer division (a long subroutine) in its PTX")
             too_big = binary.metadata.shared > SHARED_MEMORY_LIMIT
             line = (f"{fn.__name__} {flags} {config.kwargs if config else ''} {options}: "
                     f"{binary.metadata.shared} B shared{' (over the limit)' if too_big else ''}, "

@@ -1,7 +1,8 @@
 """Triton kernels for the Qwen3-MoE expert block in the ScatterMoE style (Tan et al. 2024).
 
 Rows are the (token, expert) pairs of top-k routing, sorted by expert. A kernel never sees a padded or
-permuted copy of its input: it gathers token rows by index (``sorted_pairs // top_k``) and scatters outputs
+permuted copy of its input: it gathers token rows by index (``sorted_pairs // top_k``, top_k a constexpr so that
+the division compiles to a shift or a multiply, not a 64-bit division subroutine in a loop) and scatters outputs
 to pair order itself. Every weight tensor is passed as a logical (E, K, N) view, so one kernel serves both a
 projection and its transpose through strides. Each launcher below owns exactly one kernel. The grouped kernels take
 rows in blocks of ROW_BLOCK, each within one expert; ``row_block_schedule`` maps blocks to experts once per routing
@@ -313,7 +314,7 @@ def _accumulate_gate_up(acc_gate, acc_up, a_ptrs, w_ptrs, w_desc, expert, n0, up
 def _gate_up_tile(
     expert, row_start, row_end, pid_n, x_ptr, w_ptr, w_desc, a2_ptr, w2_ptr, sorted_pairs_ptr, scale_ptr, gate_up_ptr,
     h_ptr,
-    K, K2, N, TOP_K, stride_xm, stride_xk, stride_we, stride_wk, stride_wn,
+    K, K2, N, TOP_K: tl.constexpr, stride_xm, stride_xk, stride_we, stride_wk, stride_wn,
     stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
     HAS_A2: tl.constexpr, W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -354,10 +355,10 @@ def _gate_up_tile(
 @triton.jit
 def _gather_gate_up_swiglu_kernel(
     x_ptr, w_ptr, a2_ptr, w2_ptr, sorted_pairs_ptr, schedule_ptr, used_blocks_ptr, scale_ptr, gate_up_ptr, h_ptr,
-    NUM_EXPERTS, K, K2, N, TOP_K, ROWS_BUCKET,
+    NUM_EXPERTS, K, K2, N, ROWS_BUCKET,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn,
     stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
-    HAS_A2: tl.constexpr, W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr,
+    TOP_K: tl.constexpr, HAS_A2: tl.constexpr, W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PERSISTENT: tl.constexpr,
 ):
@@ -397,7 +398,7 @@ def _gather_gate_up_swiglu_kernel(
 @triton.jit
 def _scatter_matmul_tile(
     expert, row_start, row_end, pid_n, a_ptr, a_desc, w_ptr, w_desc, a2_ptr, w2_ptr, sorted_pairs_ptr, y_ptr,
-    K, K2, N, TOP_K, stride_am, stride_ak, stride_we, stride_wk, stride_wn,
+    K, K2, N, TOP_K: tl.constexpr, stride_am, stride_ak, stride_we, stride_wk, stride_wn,
     stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
     A_GATHERED: tl.constexpr, Y_SCATTERED: tl.constexpr, HAS_A2: tl.constexpr, A_TMA: tl.constexpr,
     W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -431,10 +432,10 @@ def _scatter_matmul_tile(
 @triton.jit(do_not_specialize=["NUM_ROWS"])  # a descriptor's extent only: one compile for every row count
 def _scatter_matmul_kernel(
     a_ptr, w_ptr, a2_ptr, w2_ptr, sorted_pairs_ptr, schedule_ptr, used_blocks_ptr, y_ptr,
-    NUM_EXPERTS, K, K2, N, TOP_K, ROWS_BUCKET, NUM_ROWS,
+    NUM_EXPERTS, K, K2, N, ROWS_BUCKET, NUM_ROWS,
     stride_am, stride_ak, stride_we, stride_wk, stride_wn,
     stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
-    A_GATHERED: tl.constexpr, Y_SCATTERED: tl.constexpr, HAS_A2: tl.constexpr, A_TMA: tl.constexpr,
+    TOP_K: tl.constexpr, A_GATHERED: tl.constexpr, Y_SCATTERED: tl.constexpr, HAS_A2: tl.constexpr, A_TMA: tl.constexpr,
     W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
@@ -568,8 +569,8 @@ def _chunks_of_program(pid, programs, expert_ends_ptr, NUM_EXPERTS, tiles_per_ex
 
 
 @triton.jit
-def _weight_grad_chunk(acc, r0, row_end, m0, n0, a_ptr, a_desc, b_ptr, b_desc, sorted_pairs_ptr, M, N, TOP_K,
-                       stride_ar, stride_am, stride_br, stride_bn,
+def _weight_grad_chunk(acc, r0, row_end, m0, n0, a_ptr, a_desc, b_ptr, b_desc, sorted_pairs_ptr, M, N,
+                       TOP_K: tl.constexpr, stride_ar, stride_am, stride_br, stride_bn,
                        A_GATHERED: tl.constexpr, B_GATHERED: tl.constexpr, A_TMA: tl.constexpr, B_TMA: tl.constexpr,
                        INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr):
@@ -580,7 +581,9 @@ def _weight_grad_chunk(acc, r0, row_end, m0, n0, a_ptr, a_desc, b_ptr, b_desc, s
     cols_m = m0 + tl.arange(0, BLOCK_M)
     cols_n = n0 + tl.arange(0, BLOCK_N)
     if A_GATHERED or B_GATHERED:
-        tokens = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0).to(tl.int64) // TOP_K
+        # 32-bit, by a constant: in the loop over rows, a 64-bit division by a runtime value is a long subroutine
+        pairs = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0).to(tl.int32)
+        tokens = (pairs // TOP_K).to(tl.int64)
     a_rows = tokens if A_GATHERED else rows.to(tl.int64)
     b_rows = tokens if B_GATHERED else rows.to(tl.int64)
     if A_TMA:
@@ -611,9 +614,9 @@ def _store_weight_grad(dw_ptr, acc, expert, m0, n0, M, N, NUM_EXPERTS, stride_de
 @triton.jit(do_not_specialize=["NUM_ROWS"])  # a descriptor's extent only: one compile for every row count
 def _grouped_weight_grad_kernel(
     a_ptr, b_ptr, sorted_pairs_ptr, expert_ends_ptr, dw_ptr,
-    M, N, TOP_K, ROWS_BUCKET, NUM_ROWS, NUM_EXPERTS,
+    M, N, ROWS_BUCKET, NUM_ROWS, NUM_EXPERTS,
     stride_ar, stride_am, stride_br, stride_bn, stride_de, stride_dm, stride_dn,
-    A_GATHERED: tl.constexpr, B_GATHERED: tl.constexpr, A_TMA: tl.constexpr, B_TMA: tl.constexpr,
+    TOP_K: tl.constexpr, A_GATHERED: tl.constexpr, B_GATHERED: tl.constexpr, A_TMA: tl.constexpr, B_TMA: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
@@ -755,10 +758,10 @@ def gather_gate_up_swiglu(
     w_tma, w_k_contig = _weight_tma(w_gate_up, column_offsets=(inter,))
     launch(_autotuner(_gather_gate_up_swiglu_kernel, x.dtype, low_rank=k2 > 0), grid, (
         x, w_gate_up, a2, w2, routing.sorted_pairs, routing.schedule, routing.used_blocks, row_scale, gate_up, h,
-        num_experts, hidden, k2, inter, routing.top_k, _rows_bucket(num_rows),
+        num_experts, hidden, k2, inter, _rows_bucket(num_rows),
         x.stride(0), x.stride(1), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), *a2_strides,
-    ), dict(HAS_A2=k2 > 0, W_TMA=w_tma, W_K_CONTIG=w_k_contig, INPUT_PRECISION=_input_precision(x.dtype),
-            BLOCK_M=ROW_BLOCK))
+    ), dict(TOP_K=routing.top_k, HAS_A2=k2 > 0, W_TMA=w_tma, W_K_CONTIG=w_k_contig,
+            INPUT_PRECISION=_input_precision(x.dtype), BLOCK_M=ROW_BLOCK))
     return gate_up, h
 
 
@@ -786,10 +789,10 @@ def scatter_matmul(
     a_tma = not a_gathered and _grouped_rows_tma(a)
     launch(_autotuner(_scatter_matmul_kernel, a.dtype, low_rank=k2 > 0), grid, (
         a, w, a2, w2, routing.sorted_pairs, routing.schedule, routing.used_blocks, y,
-        num_experts, k_dim, k2, n_dim, routing.top_k, _rows_bucket(num_rows), a.shape[0],
+        num_experts, k_dim, k2, n_dim, _rows_bucket(num_rows), a.shape[0],
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), *a2_strides,
-    ), dict(A_GATHERED=a_gathered, Y_SCATTERED=y_scattered, HAS_A2=k2 > 0, A_TMA=a_tma, W_TMA=w_tma,
-            W_K_CONTIG=w_k_contig, INPUT_PRECISION=_input_precision(a.dtype), BLOCK_M=ROW_BLOCK))
+    ), dict(TOP_K=routing.top_k, A_GATHERED=a_gathered, Y_SCATTERED=y_scattered, HAS_A2=k2 > 0, A_TMA=a_tma,
+            W_TMA=w_tma, W_K_CONTIG=w_k_contig, INPUT_PRECISION=_input_precision(a.dtype), BLOCK_M=ROW_BLOCK))
     return y
 
 
@@ -829,10 +832,9 @@ def grouped_weight_grad(
                      a.device)
 
     kernel = _autotuner(_grouped_weight_grad_kernel, a.dtype)
-    args = (a, b, routing.sorted_pairs, routing.expert_ends, dw, m_dim, n_dim, routing.top_k, _rows_bucket(num_rows),
-            num_rows, num_experts, a.stride(0), a.stride(1), b.stride(0), b.stride(1), dw.stride(0), dw.stride(1),
-            dw.stride(2))
-    constexprs = dict(A_GATHERED=a_gathered, B_GATHERED=b_gathered,
+    args = (a, b, routing.sorted_pairs, routing.expert_ends, dw, m_dim, n_dim, _rows_bucket(num_rows), num_rows,
+            num_experts, a.stride(0), a.stride(1), b.stride(0), b.stride(1), dw.stride(0), dw.stride(1), dw.stride(2))
+    constexprs = dict(TOP_K=routing.top_k, A_GATHERED=a_gathered, B_GATHERED=b_gathered,
                       A_TMA=b_gathered and not a_gathered and _grouped_rows_tma(a),
                       B_TMA=a_gathered and not b_gathered and _grouped_rows_tma(b),
                       INPUT_PRECISION=_input_precision(a.dtype), E_POW2=triton.next_power_of_2(num_experts))
