@@ -12,9 +12,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from distributed_runs import ZERO3, launch, train, train_and_log
 
+NO_EVAL = ("--eval_split", "0")  # evaluation under the engines is test_distributed.py's; here it would only add time
+
 
 def test_zero3_trains_packed_rows_like_one_process(tmp_path, checkpoint):
-    packed = ("--use_packing", "--max_steps", "2")
+    packed = ("--use_packing", "--max_steps", "2", *NO_EVAL)
     expected = train(tmp_path / "single", 1, checkpoint, *packed)
     losses = train(tmp_path / "zero3", 2, checkpoint, *ZERO3, *packed)
     assert sorted(losses) == sorted(expected) == [1, 2]
@@ -24,7 +26,7 @@ def test_zero3_trains_packed_rows_like_one_process(tmp_path, checkpoint):
 
 def test_zero3_merge_lora_merges_the_gathered_weights(tmp_path, checkpoint):
     output_dir = tmp_path / "out"
-    train(output_dir, 2, checkpoint, *ZERO3, "--use_lora", "--merge_lora", "--save_strategy", "no")
+    train(output_dir, 2, checkpoint, *ZERO3, "--use_lora", "--merge_lora", "--save_strategy", "no", *NO_EVAL)
     merged = AutoModelForCausalLM.from_pretrained(output_dir / "merged").state_dict()  # experts saved per expert
     base = AutoModelForCausalLM.from_pretrained(checkpoint)
     original = {name: tensor.clone() for name, tensor in base.state_dict().items()}
@@ -39,7 +41,7 @@ def test_zero3_merge_lora_merges_the_gathered_weights(tmp_path, checkpoint):
 
 def test_zero3_expert_lora_through_scattermoe_matches_peft_path(tmp_path, checkpoint):
     """ScatterMoE's low-rank expert LoRA reads peft's factors and ZeRO-3's gathered base weights."""
-    lora = ("--use_lora", "--save_strategy", "no", "--max_steps", "2")
+    lora = ("--use_lora", "--save_strategy", "no", "--max_steps", "2", *NO_EVAL)
     expected = train(tmp_path / "peft", 2, checkpoint, *ZERO3, *lora)
     losses, log = train_and_log(tmp_path / "scattermoe", 2, checkpoint, *ZERO3, *lora, "--use_fast_moe_block")
     assert "expert LoRA: scattermoe low-rank path" in log and "peft folded its LoRA" not in log
@@ -50,8 +52,10 @@ def test_zero3_expert_lora_through_scattermoe_matches_peft_path(tmp_path, checkp
 
 def test_ddp_trains_lora_on_fp8_frozen_experts_like_one_process(tmp_path, checkpoint):
     """DDP leaves the FP8 expert weights alone (every rank quantizes the same checkpoint) and reduces the adapters."""
-    flags = ("--use_lora", "--use_fast_moe_block", "--fp8_frozen_experts", "--save_strategy", "no", "--max_steps", "2")
-    expected = train(tmp_path / "one", 1, checkpoint, *flags)
+    flags = ("--use_lora", "--use_fast_moe_block", "--fp8_frozen_experts", "--save_strategy", "no", "--max_steps", "2",
+             *NO_EVAL)
+    # one process takes the global batch of 8 in one pass: the same token-weighted loss as two ranks of 4
+    expected = train(tmp_path / "one", 1, checkpoint, *flags, "--micro_batch_size", "8")
     losses, log = train_and_log(tmp_path / "two", 2, checkpoint, *flags)
     assert "FP8 frozen experts: 2 experts modules" in log
     assert sorted(losses) == sorted(expected) == [1, 2]
