@@ -7,7 +7,7 @@ both projections, and in fp32, replacing each launch by a compilation to a Hoppe
 kernel with the arguments and constexprs it was given, under each autotune config (``--configs first``: the first
 of each kind in each list only). Nothing runs, so outputs are garbage; only the compilations count.
 
-    TRITON_INTERPRET=0 python tools/compile_for_hopper.py [--configs first|all]
+    TRITON_INTERPRET=0 python tools/compile_for_hopper.py [--configs first|all] [--ptx DIR]
 
 Prints one line per compilation and exits non-zero on the first that fails, when a kernel asked for TMA loads
 has no TMA copy in its PTX (or one not asked for has one), or when rows gathered by token are loaded without an
@@ -71,8 +71,9 @@ def autotune_configs(kernel: triton.runtime.Autotuner, which: str) -> list:
     return [config for config in kernel.configs if config in firsts.values()]
 
 
-def compile_only(which: str, compiled: list[str]):
-    """A stand-in for ``kernels.launch`` that compiles instead of launching."""
+def compile_only(which: str, compiled: list[str], ptx_dir: Path | None = None):
+    """A stand-in for ``kernels.launch`` that compiles instead of launching; with ``ptx_dir``, each compilation's PTX
+    is written there, numbered in the order of the printed lines."""
 
     def launch(kernel, grid, args: tuple, constexprs: dict) -> None:
         autotuned = isinstance(kernel, triton.runtime.Autotuner)
@@ -101,6 +102,8 @@ def compile_only(which: str, compiled: list[str]):
                     f"{time.perf_counter() - start:.1f} s")
             print(line, flush=True)
             compiled.append(line)
+            if ptx_dir is not None:
+                (ptx_dir / f"{len(compiled):03d}-{fn.__name__}.ptx").write_text(binary.asm["ptx"])
             if too_big and config is None:
                 raise AssertionError(f"{fn.__name__}: {binary.metadata.shared} B of shared memory, no other config")
 
@@ -131,9 +134,12 @@ def drive(dtype: torch.dtype, lora: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", choices=("first", "all"), default="all")
+    parser.add_argument("--ptx", type=Path, default=None, help="write each compilation's PTX into this folder")
     args = parser.parse_args(argv)
     compiled: list[str] = []
-    kernels.launch = compile_only(args.configs, compiled)
+    if args.ptx is not None:
+        args.ptx.mkdir(parents=True, exist_ok=True)
+    kernels.launch = compile_only(args.configs, compiled, args.ptx)
     kernels._tma_wanted = lambda dtype, device: dtype != torch.float32  # as on an H200: TMA for bf16 only
     os.environ[ops.WEIGHT_GRAD_ENV] = "triton"  # the Triton weight-gradient kernel, not torch's grouped GEMM
     os.environ[kernels.PERSISTENT_ENV] = "1"  # the persistent configs too (their autotuners have the rest)
