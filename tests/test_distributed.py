@@ -31,10 +31,12 @@ def zero3_run(tmp_path_factory, checkpoint) -> tuple[Path, dict[int, float]]:
     return output_dir, train(output_dir, 2, checkpoint, *ZERO3)
 
 
-def assert_same_losses(losses: dict[int, float], expected: dict[int, float], rel: float = 1e-4) -> None:
-    assert sorted(losses) == sorted(expected) == list(range(1, STEPS + 1))
-    for step, loss in expected.items():
-        assert losses[step] == pytest.approx(loss, rel=rel), step
+def assert_same_losses(losses: dict[int, float], expected: dict[int, float], rel: float = 1e-4,
+                       steps: int = STEPS) -> None:
+    """``losses``, a run of ``steps`` steps, equal to the first ``steps`` of ``expected``, a full run, step by step."""
+    assert sorted(losses) == list(range(1, steps + 1)) and sorted(expected) == list(range(1, STEPS + 1))
+    for step, loss in losses.items():
+        assert loss == pytest.approx(expected[step], rel=rel), step
 
 
 def logged(output_dir: Path, key: str) -> dict[int, float]:
@@ -68,9 +70,7 @@ def test_zero3_runs_the_scattermoe_experts_on_the_gathered_weights(tmp_path, che
     """The Triton experts (CPU interpreter) read each MoE block's weights after ZeRO-3 gathers them; two steps,
     so the second loss also checks the gradients that reached the experts."""
     losses = train(tmp_path / "out", 2, checkpoint, *ZERO3, "--use_fast_moe_block", "--max_steps", "2")
-    assert sorted(losses) == [1, 2]
-    for step, loss in losses.items():
-        assert loss == pytest.approx(single_process[1][step], rel=1e-4), step
+    assert_same_losses(losses, single_process[1], steps=2)
 
 
 def test_zero3_compiled_layers_train_like_eager_ones(tmp_path, checkpoint, zero3_run):
@@ -82,9 +82,7 @@ def test_zero3_compiled_layers_train_like_eager_ones(tmp_path, checkpoint, zero3
     assert "torch.compile (aot_eager) on each of the 2 decoder layers" in log
     assert "continuing uncompiled" not in log
     assert "--torch_compile under ZeRO-3 trains correctly but gains little" in log
-    assert sorted(losses) == [1, 2]
-    for step, loss in losses.items():
-        assert loss == pytest.approx(zero3_run[1][step], rel=1e-3), step
+    assert_same_losses(losses, zero3_run[1], rel=1e-3, steps=2)
 
 
 def test_zero3_resume_from_sharded_state_continues_the_losses(tmp_path, checkpoint, zero3_run):
