@@ -15,8 +15,9 @@ Reported per variant: real tokens/s per GPU, MFU (callback.py's FLOP count over 
 step time after --warmup steps, peak allocated memory, and the loss and token accuracy of the first and last step.
 A failing variant (an error, an OOM, a timeout) becomes a row with the reason; its log is in OUT/<variant>.log.
 The markdown table is printed last; OUT/e2e.json holds the rows, OUT/e2e.png a chart if matplotlib is installed.
---profile adds one step after the timed ones, under torch.profiler (not timed): its costliest kernels (GPU time; CPU
-time on a CPU) go to OUT/<variant>.profile.md, to show where a variant's step goes.
+--profile adds steps after the timed ones (one, or --profile_steps), each under torch.profiler on its own (not timed):
+their costliest kernels (GPU time; CPU time on a CPU) go to OUT/<variant>.profile.md, to show where a variant's step
+goes, and which part of it a step that is slow only now and then spends longer in.
 The expert-load metrics (turbo_tune/moe_health.py) are on in every variant, as in a run; the two *_no_moe_health
 variants switch them off, so their step time against `defaults` and `compile_fast_moe` is the metrics' overhead.
 --hidden small shrinks every dimension so that the whole path runs on a CPU in seconds (a smoke test, not a benchmark).
@@ -137,7 +138,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--max_seq_search")
     parser.add_argument("--timeout", type=int, help="seconds per variant, or per probe with --max_seq_search, "
                         "before it counts as failed (default 330; 300)")
-    parser.add_argument("--profile", action="store_true", help="profile one extra step: OUT/<variant>.profile.md")
+    parser.add_argument("--profile", action="store_true", help="profile extra steps: OUT/<variant>.profile.md")
+    parser.add_argument("--profile_steps", type=int, default=1, help="steps profiled with --profile, each on its own")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "e2e_out"))
     search = parser.add_argument_group("--max_seq_search: the longest sequence that trains")
     search.add_argument("--max_seq_search", action="store_true", help="search each variant's longest --seq")
@@ -195,7 +197,7 @@ def command_line(name: str) -> str:
 
 
 def total_steps(args: argparse.Namespace) -> int:
-    return args.warmup + args.steps + int(args.profile)
+    return args.warmup + args.steps + (args.profile_steps if args.profile else 0)
 
 
 def make_dataset(args: argparse.Namespace, packing: bool, vocab: int):
@@ -261,7 +263,8 @@ def run_child(args: argparse.Namespace) -> dict:
     if config.use_packing:
         trainer.train_dataset = full_rows(trainer.train_dataset, args.seq)
     if args.profile:
-        trainer.add_callback(StepProfile(args.warmup + args.steps, args.out / f"{args.child}.profile.md"))
+        trainer.add_callback(StepProfile(args.warmup + args.steps, args.out / f"{args.child}.profile.md",
+                                         args.profile_steps))
     trainer.train()
     notes = [f"attention {model.config._attn_implementation}"]
     if model.config._attn_implementation == "varlen_sdpa":
@@ -344,15 +347,17 @@ class StepRecorder(EfficiencyCallback):
 
 
 class StepProfile(TrainerCallback):
-    """Profiles the optimizer step that starts after ``step`` completed ones; writes its costliest kernels, the
-    GPU's busy time against the step's span and the host threads' (``<variant>.profile.md``), and the chrome trace
-    (``<variant>.trace.json.gz``, for Perfetto)."""
+    """Profiles ``count`` optimizer steps, one at a time, from the one that starts after ``step`` completed ones;
+    writes each one's costliest kernels, the GPU's busy time against the step's span and the host threads'
+    (``<variant>.profile.md``, steps one after another: a step that is slow only now and then shows beside a fast
+    one), and the last one's chrome trace (``<variant>.trace.json.gz``, for Perfetto)."""
 
-    def __init__(self, step: int, path: Path, rows: int = 25) -> None:
-        self.step, self.path, self.rows, self.profiler = step, path, rows, None
+    def __init__(self, step: int, path: Path, count: int = 1, rows: int = 25) -> None:
+        self.step, self.path, self.count, self.rows, self.profiler = step, path, count, rows, None
+        self.reports: list[str] = []
 
     def on_step_begin(self, args, state, control, **kwargs) -> None:
-        if state.global_step == self.step:
+        if self.step <= state.global_step < self.step + self.count:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -370,13 +375,15 @@ class StepProfile(TrainerCallback):
         with gzip.open(trace, "rt") as file:
             events = json.load(file)["traceEvents"]
         report = step_profile(self.profiler.key_averages(), torch.cuda.is_available(), self.rows)
-        self.path.write_text(f"{timeline(events)}\n{report}")
+        self.reports.append(f"## Step {state.global_step}\n\n{timeline(events)}\n{report}")
+        self.path.write_text("\n\n".join(self.reports))
         self.profiler = None
 
 
 def child_argv(args: argparse.Namespace, name: str) -> list[str]:
     argv = ["--layers", args.layers, "--hidden", args.hidden, "--seq", args.seq, "--batch", args.batch,
-            "--warmup", args.warmup, "--steps", args.steps, "--out", args.out, "--child", name]
+            "--warmup", args.warmup, "--steps", args.steps, "--profile_steps", args.profile_steps, "--out", args.out,
+            "--child", name]
     if args.max_tokens_cap is not None:
         argv += ["--max_tokens_cap", args.max_tokens_cap]
     flags = [flag for flag in ("gradient_checkpointing", "max_seq_search", "profile") if getattr(args, flag)]

@@ -21,10 +21,11 @@ def test_help_names_every_variant():
 
 
 def test_tiny_variants_run_and_a_failure_is_a_row(tmp_path):
-    """`packing` runs and profiles its extra step; `liger` is refused on a CPU, and that refusal must come back as
-    a row, not a crash."""
+    """`packing` runs and profiles its two extra steps, each on its own; `liger` is refused on a CPU, and that
+    refusal must come back as a row, not a crash."""
     command = [sys.executable, str(SCRIPT), "--hidden", "small", "--layers", "1", "--seq", "128", "--warmup", "1",
-               "--steps", "2", "--variants", "packing", "liger", "--profile", "--out", str(tmp_path)]
+               "--steps", "2", "--variants", "packing", "liger", "--profile", "--profile_steps", "2",
+               "--out", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
     rows = {row["variant"]: row for row in json.loads((tmp_path / "e2e.json").read_text())}
     assert rows["packing"]["ok"], (tmp_path / "packing.log").read_text()[-2000:]
@@ -35,8 +36,11 @@ def test_tiny_variants_run_and_a_failure_is_a_row(tmp_path):
     errors = rows["packing"]["notes"].split("rel err out/grad ")[1].split(",")[0].split("/")
     assert all(float(e) < 1e-5 for e in errors)  # fp32 on the CPU
     profile = (tmp_path / "packing.profile.md").read_text()
-    assert profile.startswith("Trace span ") and "GPU busy 0.0 ms (0%)" in profile.splitlines()[0]
-    assert "CPU time of one step:" in profile and "| `aten::mm` |" in profile
+    steps = profile.split("## Step ")[1:]
+    assert [step.split("\n")[0] for step in steps] == ["4", "5"]  # after 1 warm-up and 2 timed steps
+    for step in steps:
+        assert "\nTrace span " in step and "GPU busy 0.0 ms (0%)" in step
+        assert "CPU time of one step:" in step and "| `aten::mm` |" in step
     assert (tmp_path / "packing.trace.json.gz").read_bytes().startswith(b"\x1f\x8b")  # gzip
     assert not rows["liger"]["ok"] and "--use_liger_kernel needs a CUDA GPU" in rows["liger"]["error"]
     assert result.returncode == 1

@@ -12,6 +12,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from monkey_patch.scattermoe import kernels, ops
 from monkey_patch.scattermoe.compilable_ops import scattermoe_experts
+from monkey_patch.scattermoe.launch import INTERPRET
 from monkey_patch.scattermoe.ops import WEIGHT_GRAD_BACKENDS, WEIGHT_GRAD_ENV, LowRank, compute_routing
 from tests.numerics import relative_error
 
@@ -137,6 +138,48 @@ def test_the_row_block_schedule_is_computed_once_for_a_forward_and_its_backward(
     scattermoe_experts(x, experts.gate_up_proj, experts.down_proj, weights, index).sum().backward()
     assert launched.count(kernels._row_block_schedule_kernel) == 1
     assert x.grad is not None and experts.down_proj.grad is not None
+
+
+def unspecialized(kernel) -> set[str]:
+    """The parameters a kernel (or its autotuner's kernel) is compiled for whatever their value."""
+    jit = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    names = jit.arg_names
+    listed = getattr(jit, "kwargs", {}).get("do_not_specialize") if INTERPRET else jit.do_not_specialize
+    return {names[p] if isinstance(p, int) else p for p in listed or ()}
+
+
+def test_a_new_token_count_compiles_no_kernel_again(monkeypatch):
+    """Packed rows change the token count every step. An integer argument that follows it and that Triton
+    specializes on (being 1, a multiple of 16) compiles the kernel again the first time the count falls on the other
+    side: half a second of host time in the middle of training on an H200 (docs/history.md). So every such argument
+    must be ``do_not_specialize``; this runs the block with LoRA and all weight gradients on the Triton kernels at
+    80 and 82 routed rows and compares each launch's integer arguments as Triton would."""
+    monkeypatch.setenv(WEIGHT_GRAD_ENV, "triton")
+    launches: list = []
+    launch = kernels.launch
+    monkeypatch.setattr(kernels, "launch", lambda kernel, grid, args, constexprs: (
+        launches.append((kernel, args)), launch(kernel, grid, args, constexprs))[1])
+    experts, weights, index, x = small_block()
+    lora = LowRank(torch.randn(4, 8, 64, device=DEVICE), torch.randn(4, 64, 8, device=DEVICE), 2.0)
+    runs = []
+    for tokens in (40, 41):
+        launches.clear()
+        x_rows = torch.randn(tokens, 64, device=DEVICE, requires_grad=True)
+        routing = make_routing(tokens, 4, 2, "uniform")
+        scattermoe_experts(x_rows, experts.gate_up_proj, experts.down_proj, *routing, gate_up_lora=lora,
+                           down_lora=lora).sum().backward()
+        runs.append(list(launches))
+    assert [kernel for kernel, _ in runs[0]] == [kernel for kernel, _ in runs[1]]
+    checked = set()
+    for (kernel, args), (_, other_args) in zip(*runs, strict=True):
+        names = (kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel).arg_names
+        free = unspecialized(kernel)
+        for name, value, other in zip(names, args, other_args, strict=False):
+            if isinstance(value, int) and not isinstance(value, bool) and name not in free:
+                checked.add(name)
+                assert (value == 1, value % 16 == 0) == (other == 1, other % 16 == 0), (
+                    f"{kernel.fn.__name__ if hasattr(kernel, 'fn') else kernel}: {name} = {value} then {other}")
+    assert "NUM_EXPERTS" in checked  # the comparison ran over the kernels' integer arguments
 
 
 @pytest.mark.parametrize("setting", [None, "1", "0"])

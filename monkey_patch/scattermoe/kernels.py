@@ -242,7 +242,7 @@ def _load_weight(w_desc, w_ptrs, expert, K, N_TOTAL, k0, n0, k_mask, col_mask,
     return w
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NUM_ROWS", "NUM_BLOCKS"])  # both follow the token count (as num_rows below)
 def _row_block_schedule_kernel(expert_ends_ptr, schedule_ptr, used_blocks_ptr, NUM_EXPERTS, NUM_ROWS, NUM_BLOCKS,
                                E_POW2: tl.constexpr, ROWS: tl.constexpr, BLOCK_B: tl.constexpr):
     """For BLOCK_B row blocks of ROWS grouped rows: (expert, first row, end row of the expert), experts in order,
