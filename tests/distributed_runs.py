@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import psutil
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -48,6 +49,14 @@ def train_and_log(output_dir: Path, processes: int, model_path: Path, *flags: st
                     "--model_path", str(model_path), *COMMON, *flags)
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}, result.stderr
+
+
+def assert_same_losses(losses: dict[int, float], expected: dict[int, float], rel: float = 1e-4,
+                       steps: int = STEPS) -> None:
+    """``losses``, a run of ``steps`` steps, equal step by step to ``expected``, a run of at least as many."""
+    assert sorted(losses) == list(range(1, steps + 1)) and set(losses) <= set(expected), (losses, expected)
+    for step, loss in losses.items():
+        assert loss == pytest.approx(expected[step], rel=rel), step
 
 
 def start(*flags: str, processes: int = 1, env: dict[str, str] | None = None) -> subprocess.Popen:

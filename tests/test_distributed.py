@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distributed_runs import STEPS, ZERO2, ZERO3, train, train_and_log
+from distributed_runs import STEPS, ZERO2, ZERO3, assert_same_losses, train, train_and_log
 from monkey_patch import preflight
 from turbo_tune.arguments import parse_config
 from turbo_tune.errors import ConfigError
@@ -29,14 +29,6 @@ def single_process(tmp_path_factory, checkpoint) -> tuple[Path, dict[int, float]
 def zero3_run(tmp_path_factory, checkpoint) -> tuple[Path, dict[int, float]]:
     output_dir = tmp_path_factory.mktemp("zero3") / "out"
     return output_dir, train(output_dir, 2, checkpoint, *ZERO3)
-
-
-def assert_same_losses(losses: dict[int, float], expected: dict[int, float], rel: float = 1e-4,
-                       steps: int = STEPS) -> None:
-    """``losses``, a run of ``steps`` steps, equal to the first ``steps`` of ``expected``, a full run, step by step."""
-    assert sorted(losses) == list(range(1, steps + 1)) and sorted(expected) == list(range(1, STEPS + 1))
-    for step, loss in losses.items():
-        assert loss == pytest.approx(expected[step], rel=rel), step
 
 
 def logged(output_dir: Path, key: str) -> dict[int, float]:

@@ -5,12 +5,11 @@ and FP8 layers chosen on partitioned weights."""
 import json
 import sys
 
-import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from distributed_runs import ZERO3, launch, train, train_and_log
+from distributed_runs import ZERO3, assert_same_losses, launch, train, train_and_log
 
 NO_EVAL = ("--eval_split", "0")  # evaluation under the engines is test_distributed.py's; here it would only add time
 
@@ -19,9 +18,7 @@ def test_zero3_trains_packed_rows_like_one_process(tmp_path, checkpoint):
     packed = ("--use_packing", "--max_steps", "2", *NO_EVAL)
     expected = train(tmp_path / "single", 1, checkpoint, *packed)
     losses = train(tmp_path / "zero3", 2, checkpoint, *ZERO3, *packed)
-    assert sorted(losses) == sorted(expected) == [1, 2]
-    for step, loss in expected.items():
-        assert losses[step] == pytest.approx(loss, rel=1e-4), step
+    assert_same_losses(losses, expected, steps=2)
 
 
 def test_zero3_merge_lora_merges_the_gathered_weights(tmp_path, checkpoint):
@@ -45,9 +42,7 @@ def test_zero3_expert_lora_through_scattermoe_matches_peft_path(tmp_path, checkp
     expected = train(tmp_path / "peft", 2, checkpoint, *ZERO3, *lora)
     losses, log = train_and_log(tmp_path / "scattermoe", 2, checkpoint, *ZERO3, *lora, "--use_fast_moe_block")
     assert "expert LoRA: scattermoe low-rank path" in log and "peft folded its LoRA" not in log
-    assert sorted(losses) == sorted(expected) == [1, 2]
-    for step, loss in expected.items():
-        assert losses[step] == pytest.approx(loss, rel=1e-4), step
+    assert_same_losses(losses, expected, steps=2)
 
 
 def test_ddp_trains_lora_on_fp8_frozen_experts_like_one_process(tmp_path, checkpoint):
@@ -58,9 +53,7 @@ def test_ddp_trains_lora_on_fp8_frozen_experts_like_one_process(tmp_path, checkp
     expected = train(tmp_path / "one", 1, checkpoint, *flags, "--micro_batch_size", "8")
     losses, log = train_and_log(tmp_path / "two", 2, checkpoint, *flags)
     assert "FP8 frozen experts: 2 experts modules" in log
-    assert sorted(losses) == sorted(expected) == [1, 2]
-    for step, loss in expected.items():
-        assert losses[step] == pytest.approx(loss, rel=1e-4), step
+    assert_same_losses(losses, expected, steps=2)
 
 
 LEAF_PROBE = """
