@@ -339,6 +339,7 @@ class StepRecorder(EfficiencyCallback):
             "tokens_per_s": tokens / step_time, "tflops": tflops,
             "step_time_range_s": (min(s["time"] for s in timed), max(s["time"] for s in timed)),
             "gc_s_per_step": statistics.mean(s["gc"] for s in timed),
+            "timed_steps": [{"s": s["time"], "gc_s": s["gc"], "tokens": s["tokens"]} for s in timed],
             "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
             "first_loss": self.steps[0].get("loss"), "last_loss": self.steps[-1].get("loss"),

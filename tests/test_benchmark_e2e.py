@@ -32,6 +32,8 @@ def test_tiny_variants_run_and_a_failure_is_a_row(tmp_path):
     assert rows["packing"]["tokens_per_s"] > 0 and rows["packing"]["first_loss"] > 0
     fastest, slowest = rows["packing"]["step_time_range_s"]
     assert fastest <= rows["packing"]["step_time_s"] <= slowest and rows["packing"]["gc_s_per_step"] >= 0
+    timed = rows["packing"]["timed_steps"]  # each timed step, so a slow one shows which it was
+    assert len(timed) == 2 and min(step["s"] for step in timed) == fastest and all(step["tokens"] > 0 for step in timed)
     assert "varlen_sdpa" in rows["packing"]["notes"]
     errors = rows["packing"]["notes"].split("rel err out/grad ")[1].split(",")[0].split("/")
     assert all(float(e) < 1e-5 for e in errors)  # fp32 on the CPU
