@@ -140,12 +140,10 @@ def test_the_row_block_schedule_is_computed_once_for_a_forward_and_its_backward(
     assert x.grad is not None and experts.down_proj.grad is not None
 
 
-def unspecialized(kernel) -> set[str]:
-    """The parameters a kernel (or its autotuner's kernel) is compiled for whatever their value."""
-    jit = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-    names = jit.arg_names
-    listed = getattr(jit, "kwargs", {}).get("do_not_specialize") if INTERPRET else jit.do_not_specialize
-    return {names[p] if isinstance(p, int) else p for p in listed or ()}
+def unspecialized(jit) -> set[str]:
+    """The parameters a (JIT or interpreted) kernel is compiled for whatever their value."""
+    listed = jit.kwargs.get("do_not_specialize") if INTERPRET else jit.do_not_specialize
+    return {jit.arg_names[p] if isinstance(p, int) else p for p in listed or ()}
 
 
 def test_a_new_token_count_compiles_no_kernel_again(monkeypatch):
@@ -172,13 +170,13 @@ def test_a_new_token_count_compiles_no_kernel_again(monkeypatch):
     assert [kernel for kernel, _ in runs[0]] == [kernel for kernel, _ in runs[1]]
     checked = set()
     for (kernel, args), (_, other_args) in zip(*runs, strict=True):
-        names = (kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel).arg_names
-        free = unspecialized(kernel)
-        for name, value, other in zip(names, args, other_args, strict=False):
+        jit = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+        free = unspecialized(jit)
+        for name, value, other in zip(jit.arg_names, args, other_args, strict=False):
             if isinstance(value, int) and not isinstance(value, bool) and name not in free:
                 checked.add(name)
                 assert (value == 1, value % 16 == 0) == (other == 1, other % 16 == 0), (
-                    f"{kernel.fn.__name__ if hasattr(kernel, 'fn') else kernel}: {name} = {value} then {other}")
+                    f"{jit.__name__}: {name} = {value} then {other}")
     assert "NUM_EXPERTS" in checked  # the comparison ran over the kernels' integer arguments
 
 
