@@ -47,8 +47,13 @@ def train_and_log(output_dir: Path, processes: int, model_path: Path, *flags: st
     """Losses by step, and the run's stderr (its log)."""
     result = launch(processes, str(ROOT / "qwen3_sft.py"), "--output_dir", str(output_dir),
                     "--model_path", str(model_path), *COMMON, *flags)
+    return logged(output_dir, "loss"), result.stderr
+
+
+def logged(output_dir: Path, key: str) -> dict[int, float]:
+    """``key`` by step from the run's log history."""
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
-    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}, result.stderr
+    return {entry["step"]: entry[key] for entry in history if key in entry}
 
 
 def assert_same_losses(losses: dict[int, float], expected: dict[int, float], rel: float = 1e-4,

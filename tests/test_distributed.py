@@ -6,14 +6,13 @@ only on GPUs, so FSDP's runs are in benchmarks/distributed.py; here `--fsdp` mus
 under the engines (packing, LoRA, FP8) are in test_distributed_features.py.
 """
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from distributed_runs import STEPS, ZERO2, ZERO3, assert_same_losses, train, train_and_log
+from distributed_runs import STEPS, ZERO2, ZERO3, assert_same_losses, logged, train, train_and_log
 from monkey_patch import preflight
 from turbo_tune.arguments import parse_config
 from turbo_tune.errors import ConfigError
@@ -29,12 +28,6 @@ def single_process(tmp_path_factory, checkpoint) -> tuple[Path, dict[int, float]
 def zero3_run(tmp_path_factory, checkpoint) -> tuple[Path, dict[int, float]]:
     output_dir = tmp_path_factory.mktemp("zero3") / "out"
     return output_dir, train(output_dir, 2, checkpoint, *ZERO3)
-
-
-def logged(output_dir: Path, key: str) -> dict[int, float]:
-    """``key`` by step from the run's log history."""
-    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
-    return {entry["step"]: entry[key] for entry in history if key in entry}
 
 
 @pytest.mark.parametrize("engine", [[], ZERO2], ids=["ddp", "zero2"])
