@@ -65,7 +65,8 @@ _MATMUL_CONFIGS = _configs(
 # Short K steps, deep pipelines: a 72-config sweep on an H200 (benchmarks/wgrad_sweep.py, docs/history.md) found
 # (256, 128, 32, 8, 5) and (128, 256, 32, 8, 5) 1.16-1.21x faster than the best of the older list at both model shapes.
 # With a gathered operand Triton spends about half the stages on the row indices (5 stages buffer 3 tiles of rows, 8
-# buffer 4; compiled for sm_90 on the CPU), so the 8-stage pair is a candidate too, not yet timed on a GPU.
+# buffer 4; compiled for sm_90 on the CPU), so the 8-stage pair is a candidate too: on an H200 it ties the 5-stage
+# one where dW_gate_up runs on this kernel and trails the 128x256x64 tile for dW_down (docs/history.md, 2026-12-02).
 _WEIGHT_GRAD_CONFIGS = _configs(
     [
         (256, 128, 32, 8, 5), (128, 256, 32, 8, 5), (256, 128, 32, 8, 6), (128, 256, 32, 8, 6), (256, 128, 32, 8, 8),
