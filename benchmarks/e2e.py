@@ -33,10 +33,13 @@ budget cut the search short; OUT/max_seq.json, OUT/max_seq.png, table last.
 """
 
 import argparse
+import cProfile
 import gzip
+import io
 import json
 import math
 import os
+import pstats
 import statistics
 import sys
 import tempfile
@@ -139,7 +142,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=int, help="seconds per variant, or per probe with --max_seq_search, "
                         "before it counts as failed (default 330; 300)")
     parser.add_argument("--profile", action="store_true", help="profile extra steps: OUT/<variant>.profile.md")
-    parser.add_argument("--profile_steps", type=int, default=1, help="steps profiled with --profile, each on its own")
+    parser.add_argument("--profile_steps", type=int, default=1,
+                        help="steps profiled with --profile (each on its own) or --host_profile (together)")
+    parser.add_argument("--host_profile", action="store_true",
+                        help="instead of --profile: cProfile of the host's main thread over extra steps, for a step "
+                        "bound by the host (OUT/<variant>.host.txt)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "e2e_out"))
     search = parser.add_argument_group("--max_seq_search: the longest sequence that trains")
     search.add_argument("--max_seq_search", action="store_true", help="search each variant's longest --seq")
@@ -158,6 +165,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, defaults[args.max_seq_search])
     args.gradient_checkpointing = args.gradient_checkpointing or args.max_seq_search
+    if args.profile and args.host_profile:
+        parser.error("--profile and --host_profile profile the same extra steps: give one of them")
     if args.variants is None:
         args.variants = list(SEARCH_VARIANTS) if args.max_seq_search else [
             v for v, flags in VARIANTS.items() if not set(flags) & set(OPT_IN_FLAGS)]
@@ -197,7 +206,7 @@ def command_line(name: str) -> str:
 
 
 def total_steps(args: argparse.Namespace) -> int:
-    return args.warmup + args.steps + (args.profile_steps if args.profile else 0)
+    return args.warmup + args.steps + (args.profile_steps if args.profile or args.host_profile else 0)
 
 
 def make_dataset(args: argparse.Namespace, packing: bool, vocab: int):
@@ -264,6 +273,9 @@ def run_child(args: argparse.Namespace) -> dict:
         trainer.train_dataset = full_rows(trainer.train_dataset, args.seq)
     if args.profile:
         trainer.add_callback(StepProfile(args.warmup + args.steps, args.out / f"{args.child}.profile.md",
+                                         args.profile_steps))
+    if args.host_profile:
+        trainer.add_callback(HostProfile(args.warmup + args.steps, args.out / f"{args.child}.host.txt",
                                          args.profile_steps))
     trainer.train()
     notes = [f"attention {model.config._attn_implementation}"]
@@ -339,7 +351,8 @@ class StepRecorder(EfficiencyCallback):
             "tokens_per_s": tokens / step_time, "tflops": tflops,
             "step_time_range_s": (min(s["time"] for s in timed), max(s["time"] for s in timed)),
             "gc_s_per_step": statistics.mean(s["gc"] for s in timed),
-            "timed_steps": [{"s": s["time"], "gc_s": s["gc"], "tokens": s["tokens"]} for s in timed],
+            "timed_steps": [{"s": s["time"], "gc_s": s["gc"], "tokens": s["tokens"], "sum_sq": s["sum_sq"]}
+                            for s in timed],
             "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
             "first_loss": self.steps[0].get("loss"), "last_loss": self.steps[-1].get("loss"),
@@ -381,13 +394,39 @@ class StepProfile(TrainerCallback):
         self.profiler = None
 
 
+class HostProfile(TrainerCallback):
+    """cProfile of the main thread over ``count`` optimizer steps from the one that starts after ``step`` completed
+    ones: which Python functions a host-bound step (the GPU idle between launches) spends its time in. Writes the
+    functions with the most own time, then the most cumulative time, to ``path``."""
+
+    def __init__(self, step: int, path: Path, count: int = 1, rows: int = 60) -> None:
+        self.step, self.path, self.count, self.rows = step, path, count, rows
+        self.profiler = cProfile.Profile()
+
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        if self.step <= state.global_step < self.step + self.count:
+            self.profiler.enable()
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:  # global_step counts this step now
+        if self.step < state.global_step <= self.step + self.count:
+            self.profiler.disable()
+        if state.global_step == self.step + self.count:
+            text = io.StringIO()
+            stats = pstats.Stats(self.profiler, stream=text)
+            text.write(f"cProfile of the main thread over {self.count} step(s) from step {self.step + 1}\n")
+            stats.sort_stats("tottime").print_stats(self.rows)
+            stats.sort_stats("cumulative").print_stats(self.rows)
+            self.path.write_text(text.getvalue())
+
+
 def child_argv(args: argparse.Namespace, name: str) -> list[str]:
     argv = ["--layers", args.layers, "--hidden", args.hidden, "--seq", args.seq, "--batch", args.batch,
             "--warmup", args.warmup, "--steps", args.steps, "--profile_steps", args.profile_steps, "--out", args.out,
             "--child", name]
     if args.max_tokens_cap is not None:
         argv += ["--max_tokens_cap", args.max_tokens_cap]
-    flags = [flag for flag in ("gradient_checkpointing", "max_seq_search", "profile") if getattr(args, flag)]
+    flags = [flag for flag in ("gradient_checkpointing", "max_seq_search", "profile", "host_profile")
+             if getattr(args, flag)]
     return [str(a) for a in argv] + [f"--{flag}" for flag in flags]
 
 

@@ -33,7 +33,8 @@ def test_tiny_variants_run_and_a_failure_is_a_row(tmp_path):
     fastest, slowest = rows["packing"]["step_time_range_s"]
     assert fastest <= rows["packing"]["step_time_s"] <= slowest and rows["packing"]["gc_s_per_step"] >= 0
     timed = rows["packing"]["timed_steps"]  # each timed step, so a slow one shows which it was
-    assert len(timed) == 2 and min(step["s"] for step in timed) == fastest and all(step["tokens"] > 0 for step in timed)
+    assert len(timed) == 2 and min(step["s"] for step in timed) == fastest
+    assert all(step["tokens"] > 0 and step["sum_sq"] >= step["tokens"] for step in timed)  # Σ length² per step
     assert "varlen_sdpa" in rows["packing"]["notes"]
     errors = rows["packing"]["notes"].split("rel err out/grad ")[1].split(",")[0].split("/")
     assert all(float(e) < 1e-5 for e in errors)  # fp32 on the CPU
@@ -48,6 +49,24 @@ def test_tiny_variants_run_and_a_failure_is_a_row(tmp_path):
     assert result.returncode == 1
     assert result.stdout.rstrip().splitlines()[-1].startswith("| liger |")  # the table comes last
     assert (tmp_path / "e2e.png").read_bytes().startswith(b"\x89PNG")  # matplotlib comes with mlflow
+
+
+def test_host_profile_writes_the_python_functions_of_the_extra_steps(tmp_path):
+    command = [sys.executable, str(SCRIPT), "--hidden", "small", "--layers", "1", "--seq", "128", "--warmup", "1",
+               "--steps", "1", "--variants", "packing", "--host_profile", "--profile_steps", "2",
+               "--out", str(tmp_path)]
+    subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300, check=True)
+    report = (tmp_path / "packing.host.txt").read_text()
+    assert report.startswith("cProfile of the main thread over 2 step(s) from step 3\n")
+    assert "Ordered by: internal time" in report and "Ordered by: cumulative time" in report
+    assert "(training_step)" in report  # the Trainer's step, entered in each profiled step
+    assert "(run_child)" not in report  # nothing from before the profiled steps
+
+
+def test_profile_and_host_profile_are_refused_together(capsys):
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--profile", "--host_profile"])
+    assert "--profile and --host_profile" in capsys.readouterr().err
 
 
 sys.path.insert(0, str(ROOT / "benchmarks"))

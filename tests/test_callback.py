@@ -82,3 +82,25 @@ def test_time_in_python_garbage_collection_is_reported_per_step_while_training()
     gc.collect()
     assert collected > 0
     assert callback.gc_timer.seconds == pytest.approx(collected * 2)  # collections after training are not counted
+
+
+def test_trainer_flops_match_transformers_and_count_the_parameters_once(tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    from monkey_patch.sft_trainer import TurboSFTTrainer
+    from turbo_tune.arguments import parse_config
+    from turbo_tune.modeling import load_model, load_tokenizer
+    from turbo_tune.toy_task import bundled_dataset
+
+    config = parse_config(["--output_dir", str(tmp_path), "--report_to", "none", "--eval_split", "0"])
+    trainer = TurboSFTTrainer(model=load_model(config), args=config, train_dataset=bundled_dataset(4, seed=0),
+                              processing_class=load_tokenizer(config))
+    counts = []
+    count_parameters = type(trainer.model).num_parameters
+    monkeypatch.setattr(type(trainer.model), "num_parameters",
+                        lambda model, **kwargs: counts.append(kwargs) or count_parameters(model, **kwargs))
+    batches = [{"input_ids": torch.zeros(shape, dtype=torch.long)} for shape in ((2, 37), (1, 501))]
+    ours = [trainer.floating_point_ops(batch) for batch in batches]
+    assert len(counts) == 1
+    assert ours == [Trainer.floating_point_ops(trainer, batch) for batch in batches]
+    assert ours[0] == 6 * 74 * count_parameters(trainer.model, exclude_embeddings=True) > 0

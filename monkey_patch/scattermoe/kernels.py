@@ -143,6 +143,13 @@ def _rows_bucket(num_rows: int) -> int:
     return triton.next_power_of_2(max(num_rows, 1))
 
 
+@functools.cache
+def hopper_or_newer(device: torch.device) -> bool:
+    """Whether ``device`` is a GPU of compute capability 9.0 or later; asked at every launch, so asked of the driver
+    once per device."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 def _tma_allocator(size: int, alignment: int, stream: int | None) -> torch.Tensor:
     """Global scratch for the descriptors a kernel builds on the device."""
     return torch.empty(size, device="cuda", dtype=torch.int8)
@@ -156,9 +163,7 @@ def _tma_wanted(dtype: torch.dtype, device: torch.device) -> bool:
         return False
     if INTERPRET:
         return True
-    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
-        return False
-    if torch.cuda.get_device_capability(device) < (9, 0):
+    if dtype not in (torch.bfloat16, torch.float16) or not hopper_or_newer(device):
         return False
     triton.set_allocator(_tma_allocator)
     return True

@@ -148,7 +148,7 @@ def _grouped_mm_fits(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.device.type == "cpu":
         return a.dtype in (torch.bfloat16, torch.float32)
     aligned = all(t.shape[-1] * t.element_size() % 16 == 0 for t in (a, b))
-    return aligned and a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) >= (9, 0)
+    return aligned and a.dtype == torch.bfloat16 and kernels.hopper_or_newer(a.device)
 
 
 # ``auto``'s choice per (M, N, row-count bucket, which operand is gathered, dtype, device)
