@@ -11,6 +11,9 @@ forward, and registering one evaluates it: with one adapter that is a ``baddbmm`
 an expert weight gets its own activation (``hand_expert_lora_to_scattermoe``): while scattermoe runs the experts and
 one adapter is active it hands the experts module that adapter's factors and registers nothing; otherwise peft's own
 activation runs.
+
+Under gradient checkpointing the experts of a Qwen3-MoE decoder layer skip their down projection when the layer
+is recomputed in backward (``OUTPUT_UNREAD_IN_RECOMPUTE``; scattermoe/compilable_ops.py says why that is exact).
 """
 
 import logging
@@ -20,6 +23,7 @@ from contextlib import contextmanager
 import torch
 import triton.language as tl
 from peft.tuners.lora.layer import ParamWrapper
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeDecoderLayer, Qwen3MoeSparseMoeBlock
 from triton.runtime.interpreter import InterpretedFunction
 
 from .frozen_experts import fp8_scale
@@ -38,6 +42,8 @@ logger = logging.getLogger(__name__)
 IMPLEMENTATION_NAME = "scattermoe"
 ACTIVE_LORA = "scattermoe_lora"  # experts-module attribute while peft's forward runs: {weight name: LowRank}
 _warned_folded_lora = False
+# experts-module attribute: the block's output feeds only the layer's residual add, which saves nothing for backward
+OUTPUT_UNREAD_IN_RECOMPUTE = "scattermoe_output_unread_in_recompute"
 
 
 def _weight_and_lora(experts: torch.nn.Module, name: str) -> tuple[torch.Tensor, LowRank | None]:
@@ -132,7 +138,7 @@ def scattermoe_experts_forward(
     else:
         x = hidden_states.to(w_gate_up.dtype)
     out = scattermoe_experts(x, w_gate_up, w_down, top_k_weights, top_k_index, gate_up_lora, down_lora,
-                             gate_up_scale, down_scale)
+                             gate_up_scale, down_scale, getattr(self, OUTPUT_UNREAD_IN_RECOMPUTE, False))
     return out.to(hidden_states.dtype)
 
 
@@ -149,12 +155,18 @@ def apply_fast_moe_block(model: torch.nn.Module) -> None:
         check_swiglu_experts_layout(module, IMPLEMENTATION_NAME)
     set_experts_implementation(model, IMPLEMENTATION_NAME)
     hand_expert_lora_to_scattermoe(model)
+    for layer in model.modules():  # transformers' own layer and block: the output goes into `residual + ...` alone
+        if type(layer) is Qwen3MoeDecoderLayer and type(layer.mlp) is Qwen3MoeSparseMoeBlock:
+            for module in experts_modules(layer.mlp):
+                setattr(module, OUTPUT_UNREAD_IN_RECOMPUTE, True)
     logger.info("scattermoe experts enabled for %d experts modules", len(experts))
 
 
 def revert_fast_moe_block(model: torch.nn.Module, implementation: str = "grouped_mm") -> None:
     """Switch the experts of ``model`` back to a transformers implementation (default ``grouped_mm``)."""
     set_experts_implementation(model, implementation)
+    for module in experts_modules(model):
+        module.__dict__.pop(OUTPUT_UNREAD_IN_RECOMPUTE, None)
     for wrapper in expert_lora_wrappers(model):
         wrapper.__dict__.pop("_activate_lora", None)  # peft's own activation again
         wrapper.get_base_layer().__dict__.pop(ACTIVE_LORA, None)

@@ -8,6 +8,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from monkey_patch import fast_moe
 from monkey_patch.fast_moe import apply_fast_moe_block, register_scattermoe, revert_fast_moe_block
+from monkey_patch.scattermoe import kernels
 from tests.numerics import relative_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -85,6 +86,32 @@ def test_apply_and_revert_are_idempotent():
     assert model.config._experts_implementation == "grouped_mm"
     revert_fast_moe_block(model, "eager")
     assert model.config._experts_implementation == "eager"
+
+
+def test_checkpointed_layers_recompute_no_down_projection_and_keep_transformers_gradients(monkeypatch):
+    model = tiny_model()
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.set_experts_implementation("eager")
+    expected_loss, _, expected_grads = loss_and_grads(model)
+    apply_fast_moe_block(model)
+    experts = [layer.mlp.experts for layer in model.model.layers]
+    assert all(getattr(module, fast_moe.OUTPUT_UNREAD_IN_RECOMPUTE) for module in experts)
+    down_projections = []
+    scatter_matmul = kernels.scatter_matmul
+
+    def counting(a, w, *args, **kwargs):
+        down_projections.extend([w.shape] if w.shape[1] == tiny_config().moe_intermediate_size else [])
+        return scatter_matmul(a, w, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "scatter_matmul", counting)
+    loss, _, grads = loss_and_grads(model)
+    assert len(down_projections) == len(experts)  # the forward's only
+    assert relative_error(loss, expected_loss) <= TOLERANCE
+    for name, grad in grads.items():
+        assert relative_error(grad, expected_grads[name]) <= TOLERANCE, name
+    revert_fast_moe_block(model)
+    assert not any(hasattr(module, fast_moe.OUTPUT_UNREAD_IN_RECOMPUTE) for module in experts)
 
 
 def test_apply_rejects_a_model_without_experts():

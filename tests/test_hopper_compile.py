@@ -17,5 +17,6 @@ def test_every_kernel_compiles_for_sm90_with_tma_where_asked_gathered_rows_pipel
     assert "compilations for sm_90, all succeeded" in lines[-1]
     assert any("'A_TMA': True" in line for line in lines) and any("'W_TMA': True" in line for line in lines)
     assert any("'W_TMA': False" in line for line in lines)  # fp32 keeps the pointer loads
+    assert any(line.startswith("_gather_token_rows_kernel") for line in lines)
     for kernel in ("_gather_gate_up_swiglu_kernel", "_scatter_matmul_kernel", "_grouped_weight_grad_kernel"):
         assert any(line.startswith(kernel) and "'PERSISTENT': True" in line for line in lines), kernel

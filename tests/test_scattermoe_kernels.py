@@ -403,3 +403,74 @@ def test_strided_misaligned_and_transposed_inputs_give_the_contiguous_results():
     assert relative_error(actual, expected) <= TOLERANCE
     for got, want in zip(torch.autograd.grad(actual, leaves, grad_out), expected_grads, strict=True):
         assert relative_error(got, want) <= TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens, width, num_experts, top_k, routing", [
+    (37, 72, 6, 2, "skewed"),  # ragged rows and columns, empty experts
+    (150, 520, 8, 8, "uniform"),  # several row and column blocks
+    (1, 16, 4, 1, "uniform"),
+])
+def test_token_rows_gathered_in_expert_order_are_index_selects_exact_copy(tokens, width, num_experts, top_k, routing,
+                                                                         dtype):
+    weights, index = make_routing(tokens, num_experts, top_k, routing)
+    sorted_pairs, expert_ends = compute_routing(index, num_experts)
+    route = kernels.Routing.of(sorted_pairs, expert_ends, top_k)
+    wide = torch.randn(tokens, width + 24, device=DEVICE).to(dtype)
+    for src in (wide[:, :width].contiguous(), wide[:, 24:], wide[:, :width].t().contiguous().t()):  # row strides
+        gathered = kernels.gather_token_rows(src, route)
+        assert torch.equal(gathered, src.index_select(0, sorted_pairs // top_k))
+
+
+def test_no_routed_rows_gather_to_an_empty_tensor():
+    route = kernels.Routing.of(*compute_routing(torch.zeros(0, 2, dtype=torch.long, device=DEVICE), 4), 2)
+    assert kernels.gather_token_rows(torch.randn(0, 8, device=DEVICE), route).shape == (0, 8)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_a_recompute_in_backward_skips_the_down_projection_and_keeps_every_gradient(monkeypatch, reentrant):
+    """Checkpointed `x + experts(x)`, as a Qwen3-MoE layer ends: the recompute runs no down projection and every
+    gradient equals the uncheckpointed one's."""
+    tokens, hidden, inter, num_experts, top_k = 37, 48, 40, 6, 2
+    experts = make_eager_experts(hidden, inter, num_experts, top_k)
+    weights, index = make_routing(tokens, num_experts, top_k, "skewed")
+    down_projections = []
+    scatter_matmul = kernels.scatter_matmul
+
+    def counting(a, w, *args, **kwargs):
+        down_projections.extend([w.shape[1]] if w.shape[1] == inter else [])
+        return scatter_matmul(a, w, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "scatter_matmul", counting)
+
+    def layer_end(x, w_gate_up, w_down, routing_weights):
+        return x + scattermoe_experts(x, w_gate_up, w_down, routing_weights, index, skip_recomputed_output=True)
+
+    inputs = (torch.randn(tokens, hidden, device=DEVICE), experts.gate_up_proj, experts.down_proj, weights)
+    grads = []
+    for checkpointed in (False, True):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        down_projections.clear()
+        if checkpointed:
+            out = torch.utils.checkpoint.checkpoint(layer_end, *leaves, use_reentrant=reentrant)
+        else:
+            out = layer_end(*leaves)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(DEVICE))
+        assert len(down_projections) == 1  # the forward's; neither the recompute nor the backward run one
+        grads.append([leaf.grad for leaf in leaves])
+    for plain, checkpointed in zip(*grads, strict=True):
+        assert torch.equal(plain, checkpointed)
+
+
+def test_a_model_that_reads_the_recomputed_output_gets_nan_gradients_not_wrong_ones():
+    tokens, hidden, inter, num_experts, top_k = 13, 40, 24, 8, 2
+    experts = make_eager_experts(hidden, inter, num_experts, top_k)
+    weights, index = make_routing(tokens, num_experts, top_k, "uniform")
+    x = torch.randn(tokens, hidden, device=DEVICE, requires_grad=True)
+
+    def squared(x):  # square saves its input for backward: the recomputed output
+        return scattermoe_experts(x, experts.gate_up_proj, experts.down_proj, weights, index,
+                                  skip_recomputed_output=True).square()
+
+    torch.utils.checkpoint.checkpoint(squared, x, use_reentrant=False).sum().backward()
+    assert x.grad.isnan().all()

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import qwen3_sft
-from distributed_runs import interrupt, start
+from distributed_runs import interrupt, logged, start
 from monkey_patch import sft_trainer
 from turbo_tune.checkpoints import FINAL_STAGING_DIR
 
@@ -33,9 +33,7 @@ def run(output_dir: Path, *flags: str) -> int:
 
 
 def losses(output_dir: Path, checkpoint: str | None = None) -> dict[int, float]:
-    state = output_dir / (checkpoint or "") / "trainer_state.json"
-    history = json.loads(state.read_text())["log_history"]
-    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+    return logged(output_dir / (checkpoint or ""), "loss")
 
 
 def snapshot(folder: Path) -> dict[str, float]:
@@ -59,11 +57,10 @@ def finished_run(tmp_path_factory):
 
 def test_loss_falls_and_accuracy_rises(finished_run):
     output_dir, _ = finished_run
-    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
-    steps = [entry for entry in history if "loss" in entry]
-    first, last = steps[:5], steps[-5:]
-    assert sum(e["loss"] for e in last) < 0.8 * sum(e["loss"] for e in first)
-    assert sum(e["mean_token_accuracy"] for e in last) > sum(e["mean_token_accuracy"] for e in first)
+    loss, accuracy = (list(logged(output_dir, key).values()) for key in ("loss", "mean_token_accuracy"))
+    assert len(loss) == len(accuracy) == STEPS
+    assert sum(loss[-5:]) < 0.8 * sum(loss[:5])
+    assert sum(accuracy[-5:]) > sum(accuracy[:5])
 
 
 def test_checkpoints_and_final_model_reload_and_generate(finished_run):

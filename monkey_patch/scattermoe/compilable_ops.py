@@ -8,6 +8,12 @@ in FP8 with per-row scales (``--fp8_frozen_experts``): both ops dequantize them 
 tensors, not a full-precision copy. Under gradient checkpointing a layer's recompute and its backward run back to
 back and would dequantize the same weights twice: the forward op leaves its dequantized pair behind
 (``_DequantizedPair``) and the backward op takes it when it is of the same, unchanged tensors.
+
+Under gradient checkpointing the forward runs again in backward for what it saves, and in a Qwen3-MoE decoder
+layer nothing that backward reads depends on the block's output (a residual add follows, which saves nothing).
+With ``skip_recomputed_output`` the forward op, when it runs inside a backward pass, skips the down projection
+(a third of its matmul work) and returns the output filled with NaN: a model that did read it would get NaN
+gradients, which the run guard stops on, never silently wrong ones.
 """
 
 import threading
@@ -86,19 +92,24 @@ def _forward_op(
     scale_down: float,
     w_gate_up_scale: torch.Tensor | None,
     w_down_scale: torch.Tensor | None,
+    skip_recomputed_output: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     routing = kernels.Routing.of(sorted_pairs, expert_ends, routing_weights.shape[1])
+    recomputing = skip_recomputed_output and torch._C._current_graph_task_id() != -1
     out, gate_up, su, sv = experts_forward(
         x, *DEQUANTIZED.get((w_gate_up, w_down), (w_gate_up_scale, w_down_scale), x.dtype, for_backward=False),
         routing_weights, routing,
-        _low_rank(a_gate_up, b_gate_up, scale_gate_up), _low_rank(a_down, b_down, scale_down),
+        _low_rank(a_gate_up, b_gate_up, scale_gate_up), _low_rank(a_down, b_down, scale_down), output=not recomputing,
     )
+    if out is None:
+        out = torch.full_like(x, float("nan"))
     return out, gate_up, _or_empty(su, x), _or_empty(sv, x), routing.schedule, routing.used_blocks
 
 
 @_forward_op.register_fake
-def _forward_fake(x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends,
-                  a_gate_up, b_gate_up, scale_gate_up, a_down, b_down, scale_down, w_gate_up_scale, w_down_scale):
+def _forward_fake(x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends, a_gate_up, b_gate_up,
+                  scale_gate_up, a_down, b_down, scale_down, w_gate_up_scale, w_down_scale,
+                  skip_recomputed_output=False):
     num_rows = sorted_pairs.shape[0]
     two_inter = w_gate_up.shape[1]
 
@@ -165,7 +176,7 @@ def _backward_fake(grad_out, x, w_gate_up, w_down, routing_weights, sorted_pairs
 
 def _setup_context(ctx, inputs, output):
     (x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends,
-     a_gate_up, b_gate_up, scale_gate_up, a_down, b_down, scale_down, w_gate_up_scale, w_down_scale) = inputs
+     a_gate_up, b_gate_up, scale_gate_up, a_down, b_down, scale_down, w_gate_up_scale, w_down_scale, _) = inputs
     _, gate_up, su, sv, schedule, used_blocks = output
     ctx.mark_non_differentiable(gate_up, su, sv, schedule, used_blocks)
     # Else autograd hands backward a zero gradient for each of those: a (T*k, 2I) tensor filled on every step,
@@ -197,7 +208,7 @@ def _backward(ctx, grad_out, _grad_gate_up, _grad_su, _grad_sv, _grad_schedule, 
     if not has_down:
         grad_a_down = grad_b_down = None
     return (grad_x, grad_w_gate_up, grad_w_down, grad_weights, None, None,
-            grad_a_gu, grad_b_gu, None, grad_a_down, grad_b_down, None, None, None)
+            grad_a_gu, grad_b_gu, None, grad_a_down, grad_b_down, None, None, None, None)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -213,11 +224,12 @@ def scattermoe_experts(
     down_lora: LowRank | None = None,
     w_gate_up_scale: torch.Tensor | None = None,
     w_down_scale: torch.Tensor | None = None,
+    skip_recomputed_output: bool = False,
 ) -> torch.Tensor:
     """Expert block output (T, H) for x (T, H) routed to ``top_k_index`` (T, k) with ``routing_weights`` (T, k),
     with optional LoRA on either projection; factors are cast to x's dtype (the weights' dtype, as peft does,
     unless the weights are FP8 with ``*_scale``) and laid out contiguously per expert, which the kernels read in
-    tiles."""
+    tiles. ``skip_recomputed_output``: see the module doc."""
 
     def factors(lora: LowRank | None) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
         if lora is None:
@@ -227,6 +239,6 @@ def scattermoe_experts(
     sorted_pairs, expert_ends = compute_routing(top_k_index, w_gate_up.shape[0])
     out, *_ = torch.ops.turbo_tune.scattermoe_experts_forward(
         x, w_gate_up, w_down, routing_weights, sorted_pairs, expert_ends,
-        *factors(gate_up_lora), *factors(down_lora), w_gate_up_scale, w_down_scale,
+        *factors(gate_up_lora), *factors(down_lora), w_gate_up_scale, w_down_scale, skip_recomputed_output,
     )
     return out

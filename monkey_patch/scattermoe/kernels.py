@@ -869,6 +869,35 @@ def sum_top_k(y: torch.Tensor, top_k: int) -> torch.Tensor:
     return out
 
 
+@triton.jit(do_not_specialize=["num_rows"])  # the routed rows: a new count every step
+def _gather_token_rows_kernel(src_ptr, sorted_pairs_ptr, out_ptr, num_rows, row_len, stride_src,
+                              TOP_K: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    tokens = (tl.load(sorted_pairs_ptr + rows, mask=rows < num_rows, other=0).to(tl.int32) // TOP_K).to(tl.int64)
+    mask = (rows < num_rows)[:, None] & (cols < row_len)[None, :]
+    values = tl.load(src_ptr + tokens[:, None] * stride_src + cols[None, :], mask=mask)
+    tl.store(out_ptr + rows[:, None] * row_len + cols[None, :], values, mask=mask)
+
+
+def gather_token_rows(src: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """(T, N) rows in token order -> (T*k, N), each routed pair's token row, in expert order: what a grouped GEMM
+    reads. One read and one write per value in wide rows; torch's ``index_select``, which it replaces, took 0.55 ms
+    for Qwen3-30B-A3B's 32,768 tokens on an H200 (about 1 TB/s; docs/history.md)."""
+    if src.stride(-1) != 1:
+        src = src.contiguous()
+    num_rows, row_len = routing.sorted_pairs.numel(), src.shape[1]
+    out = torch.empty(num_rows, row_len, device=src.device, dtype=src.dtype)
+    if out.numel():
+        cols = min(triton.next_power_of_2(row_len), 256 if INTERPRET else 1024)
+        rows = max(1, (1024 if INTERPRET else 8192) // cols)
+        launch(_gather_token_rows_kernel,
+               lambda meta: (triton.cdiv(num_rows, rows), triton.cdiv(row_len, cols)),
+               (src, routing.sorted_pairs, out, num_rows, row_len, src.stride(0)),
+               dict(TOP_K=routing.top_k, BLOCK_ROWS=rows, BLOCK_COLS=cols, num_warps=8))
+    return out
+
+
 @triton.jit
 def _dequantize_rows_kernel(w_ptr, scale_ptr, out_ptr, num_rows, row_len,
                             BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):

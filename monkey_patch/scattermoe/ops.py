@@ -55,11 +55,13 @@ def experts_forward(
     routing: kernels.Routing,
     gate_up_lora: LowRank | None = None,
     down_lora: LowRank | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    output: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Returns the block output (T, H) and what backward needs: pre-activations (T*k, 2I) and the scaled rank-r
     inputs of B, su = s·x·A_guᵀ and sv = s·h·A_downᵀ (T*k, r), all grouped by expert (su, sv None without that
     adapter). The routing-weighted activations h (T*k, I) are not kept: backward recomputes them from the
-    pre-activations in the pass it reads those anyway."""
+    pre-activations in the pass it reads those anyway. Without ``output``, only what backward needs: no down
+    projection, and None for the block output."""
     top_k = routing.top_k
     su = sv = None
     if gate_up_lora is not None:
@@ -74,6 +76,8 @@ def experts_forward(
         sv = kernels.scatter_matmul(
             h, down_lora.a.transpose(1, 2), routing, a_gathered=False, y_scattered=False
         ).mul_(down_lora.scale)
+    if not output:
+        return None, gate_up, su, sv
     out_pairs = kernels.scatter_matmul(
         h, w_down.transpose(1, 2), routing, a_gathered=False, y_scattered=True,
         a2=sv, w2=None if sv is None else down_lora.b.transpose(1, 2),
@@ -151,6 +155,13 @@ def _grouped_mm_fits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return aligned and a.dtype == torch.bfloat16 and kernels.hopper_or_newer(a.device)
 
 
+def _rows_in_expert_order(rows: torch.Tensor, routing: kernels.Routing) -> torch.Tensor:
+    """Each routed pair's token row, in expert order: Triton's row gather where Triton runs, else ``index_select``."""
+    if rows.is_cuda or kernels.INTERPRET:
+        return kernels.gather_token_rows(rows, routing)
+    return rows.index_select(0, routing.sorted_pairs // routing.top_k)
+
+
 # ``auto``'s choice per (M, N, row-count bucket, which operand is gathered, dtype, device)
 _FASTEST_WEIGHT_GRAD: dict[tuple, str] = {}
 
@@ -171,9 +182,8 @@ def expert_weight_grad(
                                            dw=torch.empty_like(weight, memory_format=torch.contiguous_format))
 
     def on_grouped_mm() -> torch.Tensor:
-        tokens = routing.sorted_pairs // routing.top_k
-        a_rows = a.index_select(0, tokens) if a_gathered else a
-        b_rows = b.index_select(0, tokens) if b_gathered else b
+        a_rows = _rows_in_expert_order(a, routing) if a_gathered else a
+        b_rows = _rows_in_expert_order(b, routing) if b_gathered else b
         return torch._grouped_mm(a_rows.t(), b_rows, offs=routing.expert_ends)
 
     backend = weight_grad_backend()
