@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from gate import (
+    GRAD_NAMES,
     QWEN3_30B_A3B,
     QWEN3_235B_A22B,
     RAGGED,
@@ -34,7 +35,7 @@ from monkey_patch.fast_moe import register_scattermoe
 from monkey_patch.frozen_experts import quantize_rowwise
 from monkey_patch.scattermoe import kernels, launch
 from monkey_patch.scattermoe.compilable_ops import scattermoe_experts
-from monkey_patch.scattermoe.ops import WEIGHT_GRAD_BACKENDS, WEIGHT_GRAD_ENV, LowRank
+from monkey_patch.scattermoe.ops import WEIGHT_GRAD_BACKENDS, WEIGHT_GRAD_ENV, LowRank, compute_routing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from moe_block import router_with_choice  # noqa: E402
@@ -269,3 +270,32 @@ def test_fp32_weights_under_bf16_autocast_run_exactly_the_bf16_computation():
     assert autocast["gate_up_proj"].dtype == torch.float32 and autocast["down_proj"].dtype == torch.float32
     for name, expected in bf16.items():
         assert torch.equal(autocast[name].to(expected.dtype), expected), name
+
+
+@pytest.mark.parametrize("shape,tokens", [(QWEN3_30B_A3B, 32768), (QWEN3_235B_A22B, 16384), (UNALIGNED, 1003)],
+                         ids=["30B-A3B-32768", "235B-A22B-16384", "unaligned-1003"])
+def test_token_rows_gathered_for_the_grouped_gemm_are_index_selects_exact_copy(shape, tokens):
+    problem = Problem.make(shape, tokens, "skewed")
+    sorted_pairs, expert_ends = compute_routing(problem.index, shape.experts)
+    routing = kernels.Routing.of(sorted_pairs, expert_ends, shape.top_k)
+    x = problem.x.to(BF16)
+    assert torch.equal(kernels.gather_token_rows(x, routing), x.index_select(0, sorted_pairs // shape.top_k))
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "torch.compile"])
+def test_a_checkpointed_layer_end_gives_the_uncheckpointed_gradients_bit_for_bit(compiled):
+    """`x + experts(x)` as a Qwen3-MoE layer ends, checkpointed as qwen3_sft.py does (the compiled body inside the
+    checkpoint): the recompute skips the down projection, and no gradient changes by a bit."""
+    problem = Problem.make(QWEN3_30B_A3B, 4096, "skewed")
+
+    def layer_end(x, w_gate_up, w_down, weights):
+        return x + scattermoe_experts(x, w_gate_up, w_down, weights, problem.index, skip_recomputed_output=True)
+
+    body = torch.compile(layer_end, fullgraph=True) if compiled else layer_end
+    grads = []
+    for checkpointed in (False, True):
+        leaves = [t.to(BF16).requires_grad_() for t in (problem.x, problem.w_gate_up, problem.w_down, problem.weights)]
+        out = torch.utils.checkpoint.checkpoint(body, *leaves, use_reentrant=False) if checkpointed else body(*leaves)
+        grads.append(torch.autograd.grad(out, leaves, problem.grad_out.to(BF16)))
+    for name, plain, checkpointed in zip(GRAD_NAMES, *grads, strict=True):
+        assert torch.equal(plain, checkpointed), name
