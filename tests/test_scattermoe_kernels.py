@@ -427,26 +427,34 @@ def test_no_routed_rows_gather_to_an_empty_tensor():
     assert kernels.gather_token_rows(torch.randn(0, 8, device=DEVICE), route).shape == (0, 8)
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["base", "lora"])
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
-def test_a_recompute_in_backward_skips_the_down_projection_and_keeps_every_gradient(monkeypatch, reentrant):
+def test_a_recompute_in_backward_skips_the_down_projection_and_keeps_every_gradient(monkeypatch, reentrant, lora):
     """Checkpointed `x + experts(x)`, as a Qwen3-MoE layer ends: the recompute runs no down projection and every
-    gradient equals the uncheckpointed one's."""
-    tokens, hidden, inter, num_experts, top_k = 37, 48, 40, 6, 2
+    gradient, LoRA factors' included, equals the uncheckpointed one's."""
+    tokens, hidden, inter, num_experts, top_k, rank = 37, 48, 40, 6, 2, 8
     experts = make_eager_experts(hidden, inter, num_experts, top_k)
     weights, index = make_routing(tokens, num_experts, top_k, "skewed")
     down_projections = []
     scatter_matmul = kernels.scatter_matmul
 
     def counting(a, w, *args, **kwargs):
-        down_projections.extend([w.shape[1]] if w.shape[1] == inter else [])
+        down_projections.extend([w.shape] if tuple(w.shape[1:]) == (inter, hidden) else [])
         return scatter_matmul(a, w, *args, **kwargs)
 
     monkeypatch.setattr(kernels, "scatter_matmul", counting)
 
-    def layer_end(x, w_gate_up, w_down, routing_weights):
-        return x + scattermoe_experts(x, w_gate_up, w_down, routing_weights, index, skip_recomputed_output=True)
+    def layer_end(x, w_gate_up, w_down, routing_weights, *factors):
+        loras = [LowRank(a, b, 2.0) for a, b in zip(factors[::2], factors[1::2], strict=True)] or [None, None]
+        return x + scattermoe_experts(x, w_gate_up, w_down, routing_weights, index, *loras,
+                                      skip_recomputed_output=True)
 
-    inputs = (torch.randn(tokens, hidden, device=DEVICE), experts.gate_up_proj, experts.down_proj, weights)
+    inputs = [torch.randn(tokens, hidden, device=DEVICE), experts.gate_up_proj, experts.down_proj, weights]
+    if lora:
+        inputs += [torch.randn(num_experts, rank, hidden, device=DEVICE) * 0.1,
+                   torch.randn(num_experts, 2 * inter, rank, device=DEVICE) * 0.1,
+                   torch.randn(num_experts, rank, inter, device=DEVICE) * 0.1,
+                   torch.randn(num_experts, hidden, rank, device=DEVICE) * 0.1]
     grads = []
     for checkpointed in (False, True):
         leaves = [t.detach().clone().requires_grad_() for t in inputs]
