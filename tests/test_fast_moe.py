@@ -9,7 +9,9 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from monkey_patch import fast_moe
 from monkey_patch.fast_moe import apply_fast_moe_block, register_scattermoe, revert_fast_moe_block
 from monkey_patch.scattermoe import kernels
+from monkey_patch.torch_compile import compile_decoder_layers, compile_fell_back, uncompile_decoder_layers
 from tests.numerics import relative_error
+from turbo_tune.arguments import TurboTuneConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = 1e-4
@@ -88,13 +90,18 @@ def test_apply_and_revert_are_idempotent():
     assert model.config._experts_implementation == "eager"
 
 
-def test_checkpointed_layers_recompute_no_down_projection_and_keep_transformers_gradients(monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-layers"])
+def test_checkpointed_layers_recompute_no_down_projection_and_keep_transformers_gradients(monkeypatch, compiled):
     model = tiny_model()
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.set_experts_implementation("eager")
     expected_loss, _, expected_grads = loss_and_grads(model)
     apply_fast_moe_block(model)
+    if compiled:  # as --torch_compile: the checkpointed body compiled, the checkpoint around it
+        torch._dynamo.reset()
+        compile_decoder_layers(model, TurboTuneConfig(output_dir="unused", report_to="none",
+                                                      torch_compile_backend="aot_eager"))
     experts = [layer.mlp.experts for layer in model.model.layers]
     assert all(getattr(module, fast_moe.OUTPUT_UNREAD_IN_RECOMPUTE) for module in experts)
     down_projections = []
@@ -110,6 +117,9 @@ def test_checkpointed_layers_recompute_no_down_projection_and_keep_transformers_
     assert relative_error(loss, expected_loss) <= TOLERANCE
     for name, grad in grads.items():
         assert relative_error(grad, expected_grads[name]) <= TOLERANCE, name
+    if compiled:
+        assert not compile_fell_back(model)
+        uncompile_decoder_layers(model)
     revert_fast_moe_block(model)
     assert not any(hasattr(module, fast_moe.OUTPUT_UNREAD_IN_RECOMPUTE) for module in experts)
 
