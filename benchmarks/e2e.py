@@ -17,7 +17,9 @@ A failing variant (an error, an OOM, a timeout) becomes a row with the reason; i
 The markdown table is printed last; OUT/e2e.json holds the rows, OUT/e2e.png a chart if matplotlib is installed.
 --profile adds steps after the timed ones (one, or --profile_steps), each under torch.profiler on its own (not timed):
 their costliest kernels (GPU time; CPU time on a CPU) go to OUT/<variant>.profile.md, to show where a variant's step
-goes, and which part of it a step that is slow only now and then spends longer in.
+goes, and which part of it a step that is slow only now and then spends longer in. --host_profile profiles the same
+extra steps with cProfile instead, on the host's main thread (OUT/<variant>.host.txt): which Python functions a step
+bound by the host spends its time in.
 The expert-load metrics (turbo_tune/moe_health.py) are on in every variant, as in a run; the two *_no_moe_health
 variants switch them off, so their step time against `defaults` and `compile_fast_moe` is the metrics' overhead.
 --hidden small shrinks every dimension so that the whole path runs on a CPU in seconds (a smoke test, not a benchmark).
