@@ -51,16 +51,26 @@ def test_tiny_variants_run_and_a_failure_is_a_row(tmp_path):
     assert (tmp_path / "e2e.png").read_bytes().startswith(b"\x89PNG")  # matplotlib comes with mlflow
 
 
-def test_host_profile_writes_the_python_functions_of_the_extra_steps(tmp_path):
-    command = [sys.executable, str(SCRIPT), "--hidden", "small", "--layers", "1", "--seq", "128", "--warmup", "1",
-               "--steps", "1", "--variants", "packing", "--host_profile", "--profile_steps", "2",
-               "--out", str(tmp_path)]
-    subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300, check=True)
+def test_host_profile_writes_the_python_functions_of_its_steps_alone(tmp_path):
+    args = e2e.parse_args(["--warmup", "1", "--steps", "1", "--host_profile", "--profile_steps", "2",
+                           "--out", str(tmp_path)])
+    assert "--host_profile" in e2e.child_argv(args, "packing") and e2e.total_steps(args) == 4
+    profile = e2e.HostProfile(step=2, path=tmp_path / "packing.host.txt", count=2)
+
+    def before_the_profiled_steps():
+        return sum(range(100))
+
+    def in_a_profiled_step():
+        return sum(range(100))
+
+    for step, work in enumerate([before_the_profiled_steps] * 2 + [in_a_profiled_step] * 2):
+        profile.on_step_begin(None, SimpleNamespace(global_step=step), None)
+        work()
+        profile.on_step_end(None, SimpleNamespace(global_step=step + 1), None)
     report = (tmp_path / "packing.host.txt").read_text()
     assert report.startswith("cProfile of the main thread over 2 step(s) from step 3\n")
     assert "Ordered by: internal time" in report and "Ordered by: cumulative time" in report
-    assert "(training_step)" in report  # the Trainer's step, entered in each profiled step
-    assert "(run_child)" not in report  # nothing from before the profiled steps
+    assert "(in_a_profiled_step)" in report and "(before_the_profiled_steps)" not in report
 
 
 def test_profile_and_host_profile_are_refused_together(capsys):
