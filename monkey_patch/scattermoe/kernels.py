@@ -869,6 +869,13 @@ def sum_top_k(y: torch.Tensor, top_k: int) -> torch.Tensor:
     return out
 
 
+def _row_tiles(row_len: int, values: int) -> tuple[int, int]:
+    """(rows, columns) of a copy kernel's tile: up to 1,024 columns of a row, as many rows as make about ``values``
+    values (smaller tiles in the interpreter)."""
+    cols = min(triton.next_power_of_2(row_len), 256 if INTERPRET else 1024)
+    return max(1, (1024 if INTERPRET else values) // cols), cols
+
+
 @triton.jit(do_not_specialize=["num_rows"])  # the routed rows: a new count every step
 def _gather_token_rows_kernel(src_ptr, sorted_pairs_ptr, out_ptr, num_rows, row_len, stride_src,
                               TOP_K: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
@@ -889,8 +896,7 @@ def gather_token_rows(src: torch.Tensor, routing: Routing) -> torch.Tensor:
     num_rows, row_len = routing.sorted_pairs.numel(), src.shape[1]
     out = torch.empty(num_rows, row_len, device=src.device, dtype=src.dtype)
     if out.numel():
-        cols = min(triton.next_power_of_2(row_len), 256 if INTERPRET else 1024)
-        rows = max(1, (1024 if INTERPRET else 8192) // cols)
+        rows, cols = _row_tiles(row_len, 8192)
         launch(_gather_token_rows_kernel,
                lambda meta: (triton.cdiv(num_rows, rows), triton.cdiv(row_len, cols)),
                (src, routing.sorted_pairs, out, num_rows, row_len, src.stride(0)),
@@ -919,8 +925,7 @@ def dequantize_rows(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtyp
     if weight.numel():
         row_len = weight.shape[-1]
         num_rows = weight.numel() // row_len
-        cols = min(triton.next_power_of_2(row_len), 256 if INTERPRET else 1024)
-        rows = max(1, (1024 if INTERPRET else 4096) // cols)
+        rows, cols = _row_tiles(row_len, 4096)
         launch(_dequantize_rows_kernel,
                lambda meta: (triton.cdiv(num_rows, rows), triton.cdiv(row_len, cols)),
                (weight, scale, out, num_rows, row_len), dict(BLOCK_ROWS=rows, BLOCK_COLS=cols, num_warps=8))
