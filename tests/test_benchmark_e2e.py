@@ -35,6 +35,8 @@ def test_tiny_variants_run_and_a_failure_is_a_row(tmp_path):
     timed = rows["packing"]["timed_steps"]  # each timed step, so a slow one shows which it was
     assert len(timed) == 2 and min(step["s"] for step in timed) == fastest
     assert all(step["tokens"] > 0 and step["sum_sq"] >= step["tokens"] for step in timed)  # Σ length² per step
+    all_steps = sum(step["tokens"] for step in timed) / sum(step["s"] for step in timed)
+    assert rows["packing"]["tokens_per_s_all_steps"] == pytest.approx(all_steps)
     assert "varlen_sdpa" in rows["packing"]["notes"]
     errors = rows["packing"]["notes"].split("rel err out/grad ")[1].split(",")[0].split("/")
     assert all(float(e) < 1e-5 for e in errors)  # fp32 on the CPU
@@ -172,7 +174,8 @@ def test_max_seq_search_runs_tiny_probes_on_the_cpu(tmp_path):
         tmp_path / "probes" / "lora-128" / "lora.log").read_text()[-2000:]
     assert row["longest"] == 128 and row["at_longest"]["tokens_per_s"] > 0 and row["stopped"] is None
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.rstrip().splitlines()[-1].startswith("| lora | `--use_lora` | 128 |")  # the table comes last
+    last = result.stdout.rstrip().splitlines()[-1]
+    assert last.startswith("| lora | `--use_lora --gc_freeze false` | 128 |")  # the table comes last
 
 
 def test_flag_by_flag_comparison_leaves_the_lora_variants_to_the_sequence_search():
@@ -186,10 +189,11 @@ def test_variants_carry_boolean_and_valued_flags_as_a_user_types_them():
     assert e2e.variant_settings("fp8") == {"use_fp8": True}
     assert e2e.variant_settings("all_adamw8bit")["optim"] == "adamw_torch_8bit"
     assert e2e.command_line("all_adamw8bit").endswith("--use_packing --optim adamw_torch_8bit")
-    assert e2e.command_line("defaults") == "(transformers defaults)"
-    assert e2e.variant_settings("defaults_no_moe_health") == {"moe_health_metrics": False}
+    assert e2e.command_line("defaults") == "--gc_freeze false"  # the baselines run without our collector freeze
+    assert e2e.variant_settings("defaults_no_moe_health") == {"moe_health_metrics": False, "gc_freeze": False}
     assert e2e.command_line("compile_fast_moe_no_moe_health").endswith("--moe_health_metrics false")
-    assert e2e.command_line("compile_packing_bf16") == "--torch_compile --use_packing --model_dtype bfloat16"
+    assert e2e.command_line("compile_packing_bf16") == (
+        "--torch_compile --use_packing --model_dtype bfloat16 --gc_freeze false")
 
 
 def test_gpu_profile_table_counts_each_kernel_once():
