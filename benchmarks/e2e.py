@@ -13,8 +13,7 @@ exactly --seq tokens; packing variants on examples of a realistic length spread,
 
 Reported per variant: real tokens/s per GPU at the median step and over all timed steps (a step with a full Python
 collection included), MFU (callback.py's FLOP count over the GPU's dense bf16 peak), median step time after
---warmup steps, peak allocated memory, and the loss and token accuracy of the first and last step. The variants
-without our code (the baselines) run with --gc_freeze false.
+--warmup steps, peak allocated memory, and the loss and token accuracy of the first and last step.
 A failing variant (an error, an OOM, a timeout) becomes a row with the reason; its log is in OUT/<variant>.log.
 The markdown table is printed last; OUT/e2e.json holds the rows, OUT/e2e.png a chart if matplotlib is installed.
 --profile adds steps after the timed ones (one, or --profile_steps), each under torch.profiler on its own (not timed):
@@ -76,22 +75,20 @@ from transformers import TrainerCallback  # noqa: E402
 from callback import EfficiencyCallback, ModelFlops, device_peak_tflops, token_counts  # noqa: E402
 from turbo_tune.arguments import comma_list  # noqa: E402
 
-# The stack without our code runs with Python's collector as it comes (--gc_freeze false): the variants named
-# after a baseline below, whose step times the others are compared with.
 VARIANTS = {
-    "defaults": ["gc_freeze=false"],
+    "defaults": [],
     "fast_moe": ["use_fast_moe_block"],
     "liger": ["use_liger_kernel"],
-    "compile": ["torch_compile", "gc_freeze=false"],
-    "packing": ["use_packing", "gc_freeze=false"],
+    "compile": ["torch_compile"],
+    "packing": ["use_packing"],
     "fp8": ["use_fp8"],
     "compile_fast_moe": ["use_fast_moe_block", "torch_compile"],  # all without packing (Liger adds nothing there)
     # the strongest setup without our experts (transformers' grouped_mm, compiled, packed rows): the baseline of `all`
-    "compile_packing": ["torch_compile", "use_packing", "gc_freeze=false"],
+    "compile_packing": ["torch_compile", "use_packing"],
     # the same with bf16 weights: with fp32 master weights (the full-parameter default) transformers' experts compute
     # in fp32, as their grouped_mm casts its input to the weights' dtype outside autocast, so the fastest setup
     # without our code keeps bf16 weights (and loses AdamW's small updates)
-    "compile_packing_bf16": ["torch_compile", "use_packing", "model_dtype=bfloat16", "gc_freeze=false"],
+    "compile_packing_bf16": ["torch_compile", "use_packing", "model_dtype=bfloat16"],
     "all": ["use_fast_moe_block", "use_liger_kernel", "torch_compile", "use_packing"],
     # all with bf16 weights: against compile_packing_bf16, our code alone at the same numerics
     "all_bf16": ["use_fast_moe_block", "use_liger_kernel", "torch_compile", "use_packing", "model_dtype=bfloat16"],
@@ -102,21 +99,18 @@ VARIANTS = {
                       "optim=adamw_torch_8bit"],
     # LoRA (attention and experts, qwen3_sft.py's --use_lora defaults): peft's folded experts against ours;
     # no --torch_compile, which would recompile in every probe of --max_seq_search
-    "lora": ["use_lora", "gc_freeze=false"],
+    "lora": ["use_lora"],
     "all_lora": ["use_fast_moe_block", "use_liger_kernel", "use_packing", "use_lora"],
     "fast_moe_lora": ["use_fast_moe_block", "use_lora"],  # the expert-LoRA path alone, as expert_lora.py times it
     # compiled (Liger's RMSNorm/RoPE then stay off): fuses peft's attention-LoRA casts and the norms, for fixed lengths
     "all_lora_compile": ["use_fast_moe_block", "use_packing", "use_lora", "torch_compile"],
     # and with the frozen experts stored in FP8: issue 8's memory bar (0.65x) with its speed bar (2x) in one run
     "all_lora_compile_fp8": ["use_fast_moe_block", "use_packing", "use_lora", "torch_compile", "fp8_frozen_experts"],
-    # the same with Python's collector as it comes: what --gc_freeze saves shows in the all-steps tokens/s
-    "all_lora_compile_fp8_no_gc_freeze": ["use_fast_moe_block", "use_packing", "use_lora", "torch_compile",
-                                          "fp8_frozen_experts", "gc_freeze=false"],
     # and with TRL's activation offloading: the checkpointed hidden states wait in pinned CPU memory for backward
-    "lora_offload": ["use_lora", "activation_offloading", "gc_freeze=false"],
+    "lora_offload": ["use_lora", "activation_offloading"],
     "all_lora_offload": ["use_fast_moe_block", "use_liger_kernel", "use_packing", "use_lora", "activation_offloading"],
     # the expert-load metrics (on in every other variant) switched off: their overhead is the step-time difference
-    "defaults_no_moe_health": ["moe_health_metrics=false", "gc_freeze=false"],
+    "defaults_no_moe_health": ["moe_health_metrics=false"],
     "compile_fast_moe_no_moe_health": ["use_fast_moe_block", "torch_compile", "moe_health_metrics=false"],
 }
 OPT_IN_FLAGS = ("use_lora", "moe_health_metrics=false")  # variants with these run only when --variants names them
@@ -211,7 +205,7 @@ def command_line(name: str) -> str:
     """The qwen3_sft.py flags of a variant, as a user would type them."""
     flags = [f"--{key}" if value is True else f"--{key} {str(value).lower() if value is False else value}"
              for key, value in variant_settings(name).items()]
-    return " ".join(flags)
+    return " ".join(flags) or "(transformers defaults)"
 
 
 def total_steps(args: argparse.Namespace) -> int:

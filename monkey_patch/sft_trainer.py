@@ -30,7 +30,6 @@ from turbo_tune.checkpoints import (
     staging_root,
 )
 from turbo_tune.errors import ConfigError
-from turbo_tune.gc_freeze import GcFreezeCallback
 from turbo_tune.moe_health import ExpertLoadMonitor, routers
 from turbo_tune.run_dir import honour_umask
 from turbo_tune.run_guard import RunGuard
@@ -115,8 +114,6 @@ class TurboSFTTrainer(SFTTrainer):
         if getattr(args, "moe_health_metrics", False) and routers(model):
             self.expert_load = ExpertLoadMonitor(model, args.moe_load_warn_ratio)
         ours = [callback for callback in (efficiency, guard) if callback is not None]
-        if getattr(args, "gc_freeze", False):
-            ours.append(GcFreezeCallback())
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), *ours, RunPicturesCallback(self.expert_load)]
         super().__init__(model=model, args=args, **kwargs)
         # report_to's MLflow, minus the stalls when its store fails; in its place, ahead of the run guard, which marks

@@ -174,8 +174,7 @@ def test_max_seq_search_runs_tiny_probes_on_the_cpu(tmp_path):
         tmp_path / "probes" / "lora-128" / "lora.log").read_text()[-2000:]
     assert row["longest"] == 128 and row["at_longest"]["tokens_per_s"] > 0 and row["stopped"] is None
     assert result.returncode == 0, result.stderr[-2000:]
-    last = result.stdout.rstrip().splitlines()[-1]
-    assert last.startswith("| lora | `--use_lora --gc_freeze false` | 128 |")  # the table comes last
+    assert result.stdout.rstrip().splitlines()[-1].startswith("| lora | `--use_lora` | 128 |")  # the table comes last
 
 
 def test_flag_by_flag_comparison_leaves_the_lora_variants_to_the_sequence_search():
@@ -189,11 +188,10 @@ def test_variants_carry_boolean_and_valued_flags_as_a_user_types_them():
     assert e2e.variant_settings("fp8") == {"use_fp8": True}
     assert e2e.variant_settings("all_adamw8bit")["optim"] == "adamw_torch_8bit"
     assert e2e.command_line("all_adamw8bit").endswith("--use_packing --optim adamw_torch_8bit")
-    assert e2e.command_line("defaults") == "--gc_freeze false"  # the baselines run without our collector freeze
-    assert e2e.variant_settings("defaults_no_moe_health") == {"moe_health_metrics": False, "gc_freeze": False}
+    assert e2e.command_line("defaults") == "(transformers defaults)"
+    assert e2e.variant_settings("defaults_no_moe_health") == {"moe_health_metrics": False}
     assert e2e.command_line("compile_fast_moe_no_moe_health").endswith("--moe_health_metrics false")
-    assert e2e.command_line("compile_packing_bf16") == (
-        "--torch_compile --use_packing --model_dtype bfloat16 --gc_freeze false")
+    assert e2e.command_line("compile_packing_bf16") == "--torch_compile --use_packing --model_dtype bfloat16"
 
 
 def test_gpu_profile_table_counts_each_kernel_once():

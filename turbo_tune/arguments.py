@@ -149,12 +149,6 @@ class TurboTuneConfig(SFTConfig):
         metadata={"help": "Stop the run (exit code 3) once the loss or gradient norm has been NaN or inf for this many "
                   "optimizer steps in a row; 0 never stops. Non-finite weights are never saved either way."},
     )
-    gc_freeze: bool = field(
-        default=True,
-        metadata={"help": "After the first optimizer step and each evaluation, collect Python's garbage once and "
-                  "freeze what is left (gc.freeze), so that later full collections skip the compiled graphs, kernels "
-                  "and modules built once (0.7 s every few steps at full depth, else)."},
-    )
 
     # Defaults that differ from SFTConfig's.
     learning_rate: float | None = field(
