@@ -19,8 +19,10 @@ The markdown table is printed last; OUT/e2e.json holds the rows, OUT/e2e.png a c
 --profile adds steps after the timed ones (one, or --profile_steps), each under torch.profiler on its own (not timed):
 their costliest kernels (GPU time; CPU time on a CPU) go to OUT/<variant>.profile.md, to show where a variant's step
 goes, and which part of it a step that is slow only now and then spends longer in. --host_profile profiles the same
-extra steps with cProfile instead, on the host's main thread (OUT/<variant>.host.txt): which Python functions a step
-bound by the host spends its time in.
+extra steps with cProfile instead (OUT/<variant>.host.txt): which Python functions a step bound by the host spends
+its time in. From Python 3.12 (the GPU image's) cProfile follows every thread on one call stack, the main thread and
+autograd's backward threads alike, so a function's own time there can hold time another thread ran; cumulative
+times and call counts are the figures to read.
 The expert-load metrics (turbo_tune/moe_health.py) are on in every variant, as in a run; the two *_no_moe_health
 variants switch them off, so their step time against `defaults` and `compile_fast_moe` is the metrics' overhead.
 --hidden small shrinks every dimension so that the whole path runs on a CPU in seconds (a smoke test, not a benchmark).
@@ -148,8 +150,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile_steps", type=int, default=1,
                         help="steps profiled with --profile (each on its own) or --host_profile (together)")
     parser.add_argument("--host_profile", action="store_true",
-                        help="instead of --profile: cProfile of the host's main thread over extra steps, for a step "
-                        "bound by the host (OUT/<variant>.host.txt)")
+                        help="instead of --profile: cProfile over extra steps, for a step bound by the host "
+                        "(OUT/<variant>.host.txt; every thread from Python 3.12, the main thread before)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "e2e_out"))
     search = parser.add_argument_group("--max_seq_search: the longest sequence that trains")
     search.add_argument("--max_seq_search", action="store_true", help="search each variant's longest --seq")
@@ -400,9 +402,10 @@ class StepProfile(TrainerCallback):
 
 
 class HostProfile(TrainerCallback):
-    """cProfile of the main thread over ``count`` optimizer steps from the one that starts after ``step`` completed
-    ones: which Python functions a host-bound step (the GPU idle between launches) spends its time in. Writes the
-    functions with the most own time, then the most cumulative time, to ``path``."""
+    """cProfile over ``count`` optimizer steps from the one that starts after ``step`` completed ones: which Python
+    functions a host-bound step (the GPU idle between launches) spends its time in. Writes the functions with the
+    most own time, then the most cumulative time, to ``path``, under a first line that says which threads were
+    profiled (see the module doc)."""
 
     def __init__(self, step: int, path: Path, count: int = 1, rows: int = 60) -> None:
         self.step, self.path, self.count, self.rows = step, path, count, rows
@@ -418,7 +421,8 @@ class HostProfile(TrainerCallback):
         if state.global_step == self.step + self.count:
             text = io.StringIO()
             stats = pstats.Stats(self.profiler, stream=text)
-            text.write(f"cProfile of the main thread over {self.count} step(s) from step {self.step + 1}\n")
+            threads = "every thread" if sys.version_info >= (3, 12) else "the main thread"
+            text.write(f"cProfile of {threads} over {self.count} step(s) from step {self.step + 1}\n")
             stats.sort_stats("tottime").print_stats(self.rows)
             stats.sort_stats("cumulative").print_stats(self.rows)
             self.path.write_text(text.getvalue())

@@ -70,7 +70,8 @@ def test_host_profile_writes_the_python_functions_of_its_steps_alone(tmp_path):
         work()
         profile.on_step_end(None, SimpleNamespace(global_step=step + 1), None)
     report = (tmp_path / "packing.host.txt").read_text()
-    assert report.startswith("cProfile of the main thread over 2 step(s) from step 3\n")
+    threads = "every thread" if sys.version_info >= (3, 12) else "the main thread"  # cProfile on sys.monitoring
+    assert report.startswith(f"cProfile of {threads} over 2 step(s) from step 3\n")
     assert "Ordered by: internal time" in report and "Ordered by: cumulative time" in report
     assert "(in_a_profiled_step)" in report and "(before_the_profiled_steps)" not in report
 
