@@ -13,9 +13,13 @@ exactly --seq tokens; packing variants on examples of a realistic length spread,
 
 Reported per variant: real tokens/s per GPU at the median step and over all timed steps (a step with a full Python
 collection included), MFU (callback.py's FLOP count over the GPU's dense bf16 peak), median step time after
---warmup steps, peak allocated memory, and the loss and token accuracy of the first and last step.
+--warmup steps, peak allocated memory, and the loss and token accuracy of the first and last step. A step bound by
+the host runs as fast as the host does, which changes between processes of the same code (medians 0.61-0.70 s for
+the full-depth LoRA step on one H200): --repeats N runs the variant list N times in turns and adds a table of each
+variant's tokens/s per repeat and its ratio to the first variant, the median of the ratios within each repeat.
 A failing variant (an error, an OOM, a timeout) becomes a row with the reason; its log is in OUT/<variant>.log.
-The markdown table is printed last; OUT/e2e.json holds the rows, OUT/e2e.png a chart if matplotlib is installed.
+The markdown table is printed last (with --repeats, the repeats' table after it); OUT/e2e.json holds the rows (each
+with its repeat), OUT/e2e.png a chart if matplotlib is installed.
 --profile adds steps after the timed ones (one, or --profile_steps), each under torch.profiler on its own (not timed):
 their costliest kernels (GPU time; CPU time on a CPU) go to OUT/<variant>.profile.md, to show where a variant's step
 goes, and which part of it a step that is slow only now and then spends longer in. --host_profile profiles the same
@@ -146,6 +150,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--max_seq_search")
     parser.add_argument("--timeout", type=int, help="seconds per variant, or per probe with --max_seq_search, "
                         "before it counts as failed (default 330; 300)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the variant list this many times, in turns (A B A B ...), each in a fresh process "
+                        "(logs in OUT/repeat<i>/): the host's speed changes between processes, so a ratio is the "
+                        "median of the repeats' own ratios")
     parser.add_argument("--profile", action="store_true", help="profile extra steps: OUT/<variant>.profile.md")
     parser.add_argument("--profile_steps", type=int, default=1,
                         help="steps profiled with --profile (each on its own) or --host_profile (together)")
@@ -486,6 +494,31 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def repeats_table(rows: list[dict], variants: list[str]) -> str:
+    """Per variant, tokens/s of each repeat and their median, and its ratio to the first variant: the median of the
+    ratios within each repeat (both processes ran back to back, on the host as it was then)."""
+    first = variants[0]
+    by_repeat = {(r["variant"], r["repeat"]): r for r in rows if r["ok"]}
+    repeats = sorted({r["repeat"] for r in rows})
+    out = [f"| variant | tokens/s per repeat | median | all steps' tokens/s, median | vs {first}: per repeat | "
+           f"vs {first}: median |", "|---|---|---|---|---|---|"]
+    for name in variants:
+        own = [by_repeat[name, i] for i in repeats if (name, i) in by_repeat]
+        ratios = [by_repeat[name, i]["tokens_per_s"] / by_repeat[first, i]["tokens_per_s"]
+                  for i in repeats if (name, i) in by_repeat and (first, i) in by_repeat]
+        if not own:
+            out.append(f"| {name} | failed in every repeat | | | | |")
+            continue
+        speeds = [r["tokens_per_s"] for r in own]
+        out.append(
+            f"| {name} | {', '.join(f'{x:,.0f}' for x in speeds)} | {statistics.median(speeds):,.0f} | "
+            f"{statistics.median(r['tokens_per_s_all_steps'] for r in own):,.0f} | "
+            f"{', '.join(f'{x:.2f}×' for x in ratios)} | "
+            f"{format(statistics.median(ratios), '.2f') + '×' if ratios else '-'} |"
+        )
+    return "\n".join(out)
+
+
 def chart(path: Path, labels: list[str], panels: dict[str, list[float]]) -> None:
     """Horizontal bars, one panel per quantity, when matplotlib is installed (an optional dependency)."""
     try:
@@ -618,19 +651,27 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if all(r["longest"] and not (r["stopped"] or "").startswith("error") for r in results) else 1
     start = time.perf_counter()
     rows = []
-    for name in args.variants:
-        left = TIME_BUDGET_S - (time.perf_counter() - start)
-        if left < 30:
-            rows.append({"variant": name, "flags": "", "ok": False, "error": "not run: time budget spent"})
-        else:
-            rows.append(run_variant(name, args, min(args.timeout, left)))
-        print(f"{name}: {'ok' if rows[-1]['ok'] else rows[-1]['error']}", flush=True)
+    for repeat in range(args.repeats):
+        run_args = args
+        if args.repeats > 1:
+            run_args = argparse.Namespace(**{**vars(args), "out": args.out / f"repeat{repeat}"})
+            run_args.out.mkdir(exist_ok=True)
+        for name in args.variants:
+            left = TIME_BUDGET_S - (time.perf_counter() - start)
+            if left < 30:
+                rows.append({"variant": name, "flags": "", "ok": False, "error": "not run: time budget spent"})
+            else:
+                rows.append(run_variant(name, run_args, min(args.timeout, left)))
+            rows[-1]["repeat"] = repeat
+            print(f"{name}: {'ok' if rows[-1]['ok'] else rows[-1]['error']}", flush=True)
     (args.out / "e2e.json").write_text(json.dumps(rows, indent=1))
     ok = [r for r in rows if r["ok"]]
     chart(args.out / "e2e.png", [r["variant"] for r in ok],
           {"tokens/s per GPU": [r["tokens_per_s"] for r in ok], "MFU (%)": [100 * (r["mfu"] or 0) for r in ok],
            "peak memory (GiB)": [r["peak_gib"] or 0 for r in ok]})
     print(table(rows))
+    if args.repeats > 1:
+        print(repeats_table(rows, args.variants))
     return 0 if all(r["ok"] for r in rows) else 1
 
 

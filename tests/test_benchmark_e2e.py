@@ -248,3 +248,29 @@ def test_short_packed_rows_are_left_out_of_the_timed_steps():
 
     packed = Dataset.from_dict({"input_ids": [[5] * 128, [5] * 40, [5] * 116, [5] * 115]})
     assert [len(row) for row in e2e.full_rows(packed, 128)["input_ids"]] == [128, 116]
+
+
+def test_repeats_run_the_variants_in_turns_and_take_the_median_of_each_repeats_own_ratio(monkeypatch, tmp_path,
+                                                                                      capsys):
+    speeds = {("lora", 0): 100.0, ("all_lora", 0): 250.0, ("lora", 1): 50.0, ("all_lora", 1): 100.0,
+              ("lora", 2): 100.0, ("all_lora", 2): 180.0}  # repeat 1 ran on a host at half speed
+    calls = []
+
+    def fake_run_variant(name, args, timeout, gpu=None):
+        repeat = int(args.out.name.removeprefix("repeat"))
+        calls.append((name, repeat))
+        speed = speeds[name, repeat]
+        return {"variant": name, "flags": e2e.command_line(name), "ok": True, "notes": "", "tokens_per_s": speed,
+                "tokens_per_s_all_steps": speed * 0.9, "mfu": None, "step_time_s": 1.0,
+                "step_time_range_s": (1.0, 1.0), "gc_s_per_step": 0.0, "peak_gib": None, "first_loss": None,
+                "last_loss": None, "first_accuracy": None, "last_accuracy": None}
+
+    monkeypatch.setattr(e2e, "run_variant", fake_run_variant)
+    assert e2e.main(["--variants", "lora", "all_lora", "--repeats", "3", "--out", str(tmp_path)]) == 0
+    assert calls == [("lora", 0), ("all_lora", 0), ("lora", 1), ("all_lora", 1), ("lora", 2), ("all_lora", 2)]
+    assert all((tmp_path / f"repeat{i}").is_dir() for i in range(3))
+    rows = json.loads((tmp_path / "e2e.json").read_text())
+    assert [(r["variant"], r["repeat"]) for r in rows] == calls
+    last = capsys.readouterr().out.rstrip().splitlines()[-1]
+    # ratios 2.50, 2.00, 1.80: their median, not the ratio of the medians (180 / 100 = 1.80)
+    assert last == "| all_lora | 250, 100, 180 | 180 | 162 | 2.50×, 2.00×, 1.80× | 2.00× |"
