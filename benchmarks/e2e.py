@@ -666,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {'ok' if rows[-1]['ok'] else rows[-1]['error']}", flush=True)
     (args.out / "e2e.json").write_text(json.dumps(rows, indent=1))
     ok = [r for r in rows if r["ok"]]
-    chart(args.out / "e2e.png", [r["variant"] for r in ok],
+    chart(args.out / "e2e.png", [r["variant"] + (f" #{r['repeat']}" if args.repeats > 1 else "") for r in ok],
           {"tokens/s per GPU": [r["tokens_per_s"] for r in ok], "MFU (%)": [100 * (r["mfu"] or 0) for r in ok],
            "peak memory (GiB)": [r["peak_gib"] or 0 for r in ok]})
     print(table(rows))
