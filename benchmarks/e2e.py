@@ -112,6 +112,10 @@ VARIANTS = {
     "all_lora_compile": ["use_fast_moe_block", "use_packing", "use_lora", "torch_compile"],
     # and with the frozen experts stored in FP8: issue 8's memory bar (0.65x) with its speed bar (2x) in one run
     "all_lora_compile_fp8": ["use_fast_moe_block", "use_packing", "use_lora", "torch_compile", "fp8_frozen_experts"],
+    # and with Inductor's C++ wrapper around each compiled graph (an environment setting, as the upper-case name says):
+    # its kernels launch from C++ instead of a Python wrapper, for a step bound by the host
+    "all_lora_compile_fp8_cpp_wrapper": ["TORCHINDUCTOR_CPP_WRAPPER=1", "use_fast_moe_block", "use_packing", "use_lora",
+                                         "torch_compile", "fp8_frozen_experts"],
     # and with TRL's activation offloading: the checkpointed hidden states wait in pinned CPU memory for backward
     "lora_offload": ["use_lora", "activation_offloading"],
     "all_lora_offload": ["use_fast_moe_block", "use_liger_kernel", "use_packing", "use_lora", "activation_offloading"],
@@ -202,20 +206,27 @@ def packed_lengths(total_tokens: int, seq: int, seed: int) -> list[int]:
     return lengths
 
 
+def variant_env(name: str) -> dict[str, str]:
+    """A variant's environment settings: its ``NAME=value`` items whose name is upper case."""
+    return dict(item.split("=", 1) for item in VARIANTS[name] if item.partition("=")[0].isupper())
+
+
 def variant_settings(name: str) -> dict[str, object]:
     """A variant's TurboTuneConfig settings: a boolean flag turned on, or ``name=value`` (true/false: a boolean)."""
     settings = {}
     for item in VARIANTS[name]:
         key, _, value = item.partition("=")
-        settings[key] = {"": True, "true": True, "false": False}.get(value, value)
+        if not key.isupper():
+            settings[key] = {"": True, "true": True, "false": False}.get(value, value)
     return settings
 
 
 def command_line(name: str) -> str:
-    """The qwen3_sft.py flags of a variant, as a user would type them."""
+    """The qwen3_sft.py command line of a variant, as a user would type it: environment settings, then flags."""
+    env = [f"{key}={value}" for key, value in variant_env(name).items()]
     flags = [f"--{key}" if value is True else f"--{key} {str(value).lower() if value is False else value}"
              for key, value in variant_settings(name).items()]
-    return " ".join(flags) or "(transformers defaults)"
+    return " ".join(env + flags) or "(transformers defaults)"
 
 
 def total_steps(args: argparse.Namespace) -> int:
@@ -454,7 +465,7 @@ def run_variant(name: str, args: argparse.Namespace, timeout: float, gpu: str | 
     result_file = args.out / f"{name}.json"
     result_file.unlink(missing_ok=True)
     command = [sys.executable, str(Path(__file__).resolve()), *child_argv(args, name)]
-    env = child_env() if gpu is None else {**child_env(), "CUDA_VISIBLE_DEVICES": gpu}
+    env = {**child_env(), **variant_env(name), **({} if gpu is None else {"CUDA_VISIBLE_DEVICES": gpu})}
     start = time.perf_counter()
     returncode = run_logged(command, args.out / f"{name}.log", timeout, env=env)
     row = {"variant": name, "flags": command_line(name), "wall_s": time.perf_counter() - start}

@@ -190,6 +190,10 @@ def test_variants_carry_boolean_and_valued_flags_as_a_user_types_them():
     assert e2e.variant_settings("all_adamw8bit")["optim"] == "adamw_torch_8bit"
     assert e2e.command_line("all_adamw8bit").endswith("--use_packing --optim adamw_torch_8bit")
     assert e2e.command_line("defaults") == "(transformers defaults)"
+    assert e2e.variant_env("all_lora_compile_fp8_cpp_wrapper") == {"TORCHINDUCTOR_CPP_WRAPPER": "1"}
+    assert "TORCHINDUCTOR_CPP_WRAPPER" not in e2e.variant_settings("all_lora_compile_fp8_cpp_wrapper")
+    assert e2e.command_line("all_lora_compile_fp8_cpp_wrapper").startswith(
+        "TORCHINDUCTOR_CPP_WRAPPER=1 --use_fast_moe_block --use_packing")
     assert e2e.variant_settings("defaults_no_moe_health") == {"moe_health_metrics": False}
     assert e2e.command_line("compile_fast_moe_no_moe_health").endswith("--moe_health_metrics false")
     assert e2e.command_line("compile_packing_bf16") == "--torch_compile --use_packing --model_dtype bfloat16"
@@ -274,3 +278,20 @@ def test_repeats_run_the_variants_in_turns_and_take_the_median_of_each_repeats_o
     last = capsys.readouterr().out.rstrip().splitlines()[-1]
     # ratios 2.50, 2.00, 1.80: their median, not the ratio of the medians (180 / 100 = 1.80)
     assert last == "| all_lora | 250, 100, 180 | 180 | 162 | 2.50×, 2.00×, 1.80× | 2.00× |"
+
+
+def test_a_variants_environment_settings_reach_its_process_and_no_other(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_run_logged(command, log, timeout, env):
+        seen[command[command.index("--child") + 1]] = env
+        log.write_text("ValueError: stopped here\n")
+        return 1
+
+    monkeypatch.setattr(e2e, "run_logged", fake_run_logged)
+    monkeypatch.delenv("TORCHINDUCTOR_CPP_WRAPPER", raising=False)
+    args = e2e.parse_args(["--out", str(tmp_path)])
+    for name in ("all_lora_compile_fp8_cpp_wrapper", "all_lora_compile_fp8"):
+        assert not e2e.run_variant(name, args, timeout=10)["ok"]
+    assert seen["all_lora_compile_fp8_cpp_wrapper"]["TORCHINDUCTOR_CPP_WRAPPER"] == "1"
+    assert "TORCHINDUCTOR_CPP_WRAPPER" not in seen["all_lora_compile_fp8"]
