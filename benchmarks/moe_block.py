@@ -323,7 +323,7 @@ def memory_bytes(case: Case, impl: str) -> dict[str, int]:
     """Bytes each memory-bound pass of ``impl`` reads and writes per step (bf16), by a substring of its kernel name:
     the SwiGLU backward (gradient of h and the pre-activations in, their gradients and h out), the two top-k
     combines (forward output and input gradient) and, with torch's grouped GEMM for a weight gradient, the copy of
-    the routed rows it reads (``index_select``: one for dW_gate_up, a second for dW_down)."""
+    the routed rows it reads (``gather_token_rows``: one for dW_gate_up, a second for dW_down)."""
     if impl not in WEIGHT_GRAD_OF:
         return {}
     rows = case.tokens * case.top_k
@@ -332,7 +332,7 @@ def memory_bytes(case: Case, impl: str) -> dict[str, int]:
              "_sum_top_k_kernel": 2 * element * (rows + case.tokens) * case.hidden}
     copies = {"triton": 0, "grouped_mm_gate_up": 1, "grouped_mm": 2}[WEIGHT_GRAD_OF[impl]]
     if copies:
-        moved["indexSelect"] = copies * 2 * element * rows * case.hidden
+        moved["_gather_token_rows_kernel"] = copies * 2 * element * rows * case.hidden
     return moved
 
 
