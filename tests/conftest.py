@@ -39,3 +39,23 @@ def checkpoint(tmp_path_factory) -> Path:
     AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(EMBEDDED_MODEL_DIR)).save_pretrained(path)
     AutoTokenizer.from_pretrained(EMBEDDED_MODEL_DIR).save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def down_projections(monkeypatch):
+    """``record(inter, hidden)``: from then on, the shape of every expert down projection ScatterMoE computes (its
+    weight as an (E, inter, hidden) view; LoRA's rank-sized products excluded) is appended to the list it returns."""
+    from monkey_patch.scattermoe import kernels
+
+    def record(inter: int, hidden: int) -> list:
+        shapes, scatter_matmul = [], kernels.scatter_matmul
+
+        def counting(a, w, *args, **kwargs):
+            shapes.extend([w.shape] if tuple(w.shape[1:]) == (inter, hidden) else [])
+            return scatter_matmul(a, w, *args, **kwargs)
+
+        monkeypatch.setattr(kernels, "scatter_matmul", counting)
+        return shapes
+
+    return record
+

@@ -8,7 +8,6 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from monkey_patch import fast_moe
 from monkey_patch.fast_moe import apply_fast_moe_block, register_scattermoe, revert_fast_moe_block
-from monkey_patch.scattermoe import kernels
 from monkey_patch.torch_compile import compile_decoder_layers, compile_fell_back, uncompile_decoder_layers
 from tests.numerics import relative_error
 from turbo_tune.arguments import TurboTuneConfig
@@ -91,7 +90,7 @@ def test_apply_and_revert_are_idempotent():
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-layers"])
-def test_checkpointed_layers_recompute_no_down_projection_and_keep_transformers_gradients(monkeypatch, compiled):
+def test_checkpointed_layers_recompute_no_down_projection_and_keep_transformers_gradients(down_projections, compiled):
     model = tiny_model()
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -104,16 +103,9 @@ def test_checkpointed_layers_recompute_no_down_projection_and_keep_transformers_
                                                       torch_compile_backend="aot_eager"))
     experts = [layer.mlp.experts for layer in model.model.layers]
     assert all(getattr(module, fast_moe.OUTPUT_UNREAD_IN_RECOMPUTE) for module in experts)
-    down_projections = []
-    scatter_matmul = kernels.scatter_matmul
-
-    def counting(a, w, *args, **kwargs):
-        down_projections.extend([w.shape] if w.shape[1] == tiny_config().moe_intermediate_size else [])
-        return scatter_matmul(a, w, *args, **kwargs)
-
-    monkeypatch.setattr(kernels, "scatter_matmul", counting)
+    shapes = down_projections(tiny_config().moe_intermediate_size, tiny_config().hidden_size)
     loss, _, grads = loss_and_grads(model)
-    assert len(down_projections) == len(experts)  # the forward's only
+    assert len(shapes) == len(experts)  # the forward's only
     assert relative_error(loss, expected_loss) <= TOLERANCE
     for name, grad in grads.items():
         assert relative_error(grad, expected_grads[name]) <= TOLERANCE, name

@@ -429,20 +429,14 @@ def test_no_routed_rows_gather_to_an_empty_tensor():
 
 @pytest.mark.parametrize("lora", [False, True], ids=["base", "lora"])
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
-def test_a_recompute_in_backward_skips_the_down_projection_and_keeps_every_gradient(monkeypatch, reentrant, lora):
+def test_a_recompute_in_backward_skips_the_down_projection_and_keeps_every_gradient(down_projections, reentrant,
+                                                                                      lora):
     """Checkpointed `x + experts(x)`, as a Qwen3-MoE layer ends: the recompute runs no down projection and every
     gradient, LoRA factors' included, equals the uncheckpointed one's."""
     tokens, hidden, inter, num_experts, top_k, rank = 37, 48, 40, 6, 2, 8
     experts = make_eager_experts(hidden, inter, num_experts, top_k)
     weights, index = make_routing(tokens, num_experts, top_k, "skewed")
-    down_projections = []
-    scatter_matmul = kernels.scatter_matmul
-
-    def counting(a, w, *args, **kwargs):
-        down_projections.extend([w.shape] if tuple(w.shape[1:]) == (inter, hidden) else [])
-        return scatter_matmul(a, w, *args, **kwargs)
-
-    monkeypatch.setattr(kernels, "scatter_matmul", counting)
+    shapes = down_projections(inter, hidden)
 
     def layer_end(x, w_gate_up, w_down, routing_weights, *factors):
         loras = [LowRank(a, b, 2.0) for a, b in zip(factors[::2], factors[1::2], strict=True)] or [None, None]
@@ -458,13 +452,13 @@ def test_a_recompute_in_backward_skips_the_down_projection_and_keeps_every_gradi
     grads = []
     for checkpointed in (False, True):
         leaves = [t.detach().clone().requires_grad_() for t in inputs]
-        down_projections.clear()
+        shapes.clear()
         if checkpointed:
             out = torch.utils.checkpoint.checkpoint(layer_end, *leaves, use_reentrant=reentrant)
         else:
             out = layer_end(*leaves)
         out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(DEVICE))
-        assert len(down_projections) == 1  # the forward's; neither the recompute nor the backward run one
+        assert len(shapes) == 1  # the forward's; neither the recompute nor the backward run one
         grads.append([leaf.grad for leaf in leaves])
     for plain, checkpointed in zip(*grads, strict=True):
         assert torch.equal(plain, checkpointed)
