@@ -58,4 +58,3 @@ def down_projections(monkeypatch):
         return shapes
 
     return record
-
