@@ -213,10 +213,10 @@ def variant_env(name: str) -> dict[str, str]:
 
 def variant_settings(name: str) -> dict[str, object]:
     """A variant's TurboTuneConfig settings: a boolean flag turned on, or ``name=value`` (true/false: a boolean)."""
-    settings = {}
+    settings, env = {}, variant_env(name)
     for item in VARIANTS[name]:
         key, _, value = item.partition("=")
-        if not key.isupper():
+        if key not in env:
             settings[key] = {"": True, "true": True, "false": False}.get(value, value)
     return settings
 
