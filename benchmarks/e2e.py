@@ -106,6 +106,8 @@ VARIANTS = {
     # LoRA (attention and experts, qwen3_sft.py's --use_lora defaults): peft's folded experts against ours;
     # no --torch_compile, which would recompile in every probe of --max_seq_search
     "lora": ["use_lora"],
+    # peft at its strongest without our code: compiled layers and packed rows, as compile_packing is for full training
+    "lora_compile_packing": ["use_lora", "torch_compile", "use_packing"],
     "all_lora": ["use_fast_moe_block", "use_liger_kernel", "use_packing", "use_lora"],
     "fast_moe_lora": ["use_fast_moe_block", "use_lora"],  # the expert-LoRA path alone, as expert_lora.py times it
     # compiled (Liger's RMSNorm/RoPE then stay off): fuses peft's attention-LoRA casts and the norms, for fixed lengths
