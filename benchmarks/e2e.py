@@ -115,7 +115,8 @@ VARIANTS = {
     # and with the frozen experts stored in FP8: issue 8's memory bar (0.65x) with its speed bar (2x) in one run
     "all_lora_compile_fp8": ["use_fast_moe_block", "use_packing", "use_lora", "torch_compile", "fp8_frozen_experts"],
     # and with Inductor's C++ wrapper around each compiled graph (an environment setting, as the upper-case name says):
-    # its kernels launch from C++ instead of a Python wrapper, for a step bound by the host
+    # its kernels launch from C++ instead of a Python wrapper, for a step bound by the host (varlen attention then
+    # calls aten's flash op directly: monkey_patch/attention.py)
     "all_lora_compile_fp8_cpp_wrapper": ["TORCHINDUCTOR_CPP_WRAPPER=1", "use_fast_moe_block", "use_packing", "use_lora",
                                          "torch_compile", "fp8_frozen_experts"],
     # and with TRL's activation offloading: the checkpointed hidden states wait in pinned CPU memory for backward

@@ -18,6 +18,7 @@ import logging
 from itertools import pairwise
 
 import torch
+import torch._inductor.config
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -48,7 +49,9 @@ _CUDA_VARLEN_KWARGS: dict = {}
 
 def _varlen_kwargs() -> dict:
     """Keyword arguments of ``varlen_attn`` for causal GQA attention, read once from its signature (they changed
-    between torch 2.10 and 2.13), outside the traced code so torch.compile sees plain constants."""
+    between torch 2.10 and 2.13), outside the traced code so torch.compile sees plain constants. Also whether
+    Inductor's C++ wrapper is on (``TORCHINDUCTOR_CPP_WRAPPER=1``): it calls a Python custom op back through a
+    wrapper that cannot pass a list argument, and ``varlen_attn``'s op takes its window as one."""
     if not _CUDA_VARLEN_KWARGS:
         from torch.nn.attention.varlen import varlen_attn
 
@@ -58,25 +61,31 @@ def _varlen_kwargs() -> dict:
             is_causal=None if "window_size" in params else True,
             enable_gqa=True if "enable_gqa" in params else None,
             takes_scale="scale" in params,  # without it the kernel uses 1/sqrt(head_dim), as Qwen3-MoE does
+            aten_flash=bool(torch._inductor.config.cpp_wrapper),
         )
-    return {name: value for name, value in _CUDA_VARLEN_KWARGS.items() if value is not None and name != "takes_scale"}
+    return {name: value for name, value in _CUDA_VARLEN_KWARGS.items()
+            if value is not None and name not in ("takes_scale", "aten_flash")}
 
 
 def _cuda_varlen(q, k, v, cu_seqlens, max_len: int, scale: float | None) -> torch.Tensor:
-    """PyTorch's flash varlen kernel, in half precision (the only one it takes)."""
+    """PyTorch's flash varlen kernel, in half precision (the only one it takes); under Inductor's C++ wrapper the
+    aten op that ``varlen_attn`` wraps, called directly (the same flash kernels on Hopper, list-free arguments)."""
     from torch.nn.attention.varlen import varlen_attn
 
     kwargs = _varlen_kwargs()
-    if _CUDA_VARLEN_KWARGS["takes_scale"]:
-        kwargs["scale"] = scale
-    if q.shape[1] != k.shape[1] and "enable_gqa" not in kwargs:
-        groups = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     dtype = q.dtype
     if dtype == torch.float32:
         half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
         q, k, v = q.to(half), k.to(half), v.to(half)
     cu_seqlens = cu_seqlens.to(torch.int32)
+    if _CUDA_VARLEN_KWARGS["aten_flash"]:
+        return torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, False, scale=scale)[0].to(dtype)
+    if _CUDA_VARLEN_KWARGS["takes_scale"]:
+        kwargs["scale"] = scale
+    if q.shape[1] != k.shape[1] and "enable_gqa" not in kwargs:
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **kwargs).to(dtype)
 
 

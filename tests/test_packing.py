@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from monkey_patch import attention
 from monkey_patch.attention import VARLEN_SDPA, register_varlen_sdpa, varlen_sdpa_attention
 from turbo_tune.arguments import TurboTuneConfig
 from turbo_tune.modeling import EMBEDDED_MODEL_DIR, attention_implementation
@@ -141,8 +142,20 @@ def test_packing_chooses_the_padding_free_attention(tmp_path, flags, expected):
     assert attention_implementation(config) == expected
 
 
+@pytest.mark.parametrize("cpp_wrapper", [False, True])
+def test_cuda_varlen_calls_aten_flash_directly_only_under_inductors_cpp_wrapper(monkeypatch, cpp_wrapper):
+    monkeypatch.setattr(attention, "_CUDA_VARLEN_KWARGS", {})
+    with torch._inductor.config.patch(cpp_wrapper=cpp_wrapper):
+        kwargs = attention._varlen_kwargs()
+    assert attention._CUDA_VARLEN_KWARGS["aten_flash"] is cpp_wrapper
+    assert "aten_flash" not in kwargs and "takes_scale" not in kwargs
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="PyTorch's varlen_attn has CUDA kernels only")
-def test_cuda_varlen_matches_masked_sdpa_forward_and_backward():
+@pytest.mark.parametrize("aten_flash", [False, True], ids=["varlen_attn", "aten_flash_for_cpp_wrapper"])
+def test_cuda_varlen_matches_masked_sdpa_forward_and_backward(monkeypatch, aten_flash):
+    attention._varlen_kwargs()
+    monkeypatch.setitem(attention._CUDA_VARLEN_KWARGS, "aten_flash", aten_flash)
     generator = torch.Generator(device="cuda").manual_seed(0)
     lengths = [700, 1300, 64, 2032]
     doc = torch.repeat_interleave(torch.arange(len(lengths), device="cuda"), torch.tensor(lengths, device="cuda"))
