@@ -135,6 +135,22 @@ class _Fallback:
     def __init__(self, options: dict) -> None:
         self.failed = False
         self.compiled_body = _replaying_hooks(torch.compile(_call, **options))
+        self.recompile_limits: dict[str, int] = {}
+
+    def raise_recompile_limits(self, layers: int) -> None:
+        """Give every layer the recompile budget Dynamo gives a model. Identical layers share their compiled code,
+        but peft's LoRA on the experts parametrizes their weights, which gives each layer's experts a class of its
+        own; Dynamo compiles per class, and its frames there (graph breaks in peft) twice a layer (gate/up, down).
+        Past the limit (8, the fifth of 48 layers) it ran some frames eagerly in the forward and compiled in the
+        checkpoint's recompute, or the reverse, and the backward stopped on a CheckpointError."""
+        names = ("recompile_limit", "accumulated_recompile_limit")
+        self.recompile_limits = {name: getattr(torch._dynamo.config, name) for name in names}
+        for name, limit in self.recompile_limits.items():
+            setattr(torch._dynamo.config, name, limit * layers)
+
+    def restore_recompile_limits(self) -> None:
+        for name, limit in self.recompile_limits.items():
+            setattr(torch._dynamo.config, name, limit)
 
     def run(self, compiled, eager, *args, **kwargs):
         """``compiled(*args, **kwargs)``, or ``eager`` (from now on) if compiling fails."""
@@ -185,6 +201,7 @@ def compile_decoder_layers(model: torch.nn.Module, config: TurboTuneConfig) -> N
     for layer in layers:
         # What nn.Module.compile() does, with the guard around the compiled call
         layer._compiled_call_impl = fallback.guard(layer, _replaying_hooks(torch.compile(layer._call_impl, **options)))
+    fallback.raise_recompile_limits(len(layers))
     setattr(model, COMPILED_MARK, fallback)
     logger.info("torch.compile (%s) on each of the %d decoder layers.", options["backend"], len(layers))
     if is_deepspeed_zero3_enabled():
@@ -211,6 +228,7 @@ def uncompile_decoder_layers(model: torch.nn.Module) -> None:
     if not is_compiled_per_layer(model):
         return
     _defer_capturing_hooks(decoder_layers(model), defer=False)
+    getattr(model, COMPILED_MARK).restore_recompile_limits()
     for layer in decoder_layers(model):
         layer._compiled_call_impl = None
         if isinstance(layer.__dict__.get("_gradient_checkpointing_func"), _CompiledCheckpoint):

@@ -122,6 +122,41 @@ def test_compiled_layers_do_not_recompile_when_the_token_count_changes(checkpoin
         assert not compile_fell_back(model), f"step {step} ({length} tokens) recompiled"
 
 
+def test_peft_expert_layers_compile_each_without_hitting_the_recompile_limit_under_checkpointing():
+    """peft's LoRA on the experts parametrizes their weights, which gives every layer's experts a class of its own:
+    Dynamo guards on it and compiles the checkpointed body's frames per layer, twice (gate/up, down). Past its
+    recompile limit (8: from the fifth of 48 layers) it ran frames eagerly in the forward and compiled in the
+    recompute, or the reverse, and the backward stopped with a CheckpointError. Here the limit is 2, which the first
+    of the 2 layers uses up."""
+
+    def train_step(model: torch.nn.Module) -> tuple:
+        tokens = torch.randint(3, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+        loss = model(tokens, labels=tokens, use_cache=False).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    config = TurboTuneConfig(output_dir="unused", report_to="none", torch_compile=True, use_lora=True,
+                             torch_compile_backend="aot_eager")
+
+    def peft_model() -> torch.nn.Module:
+        model = apply_lora(tiny_model(), config)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        return model
+
+    expected_loss, expected_grads = train_step(peft_model())
+    torch._dynamo.reset()
+    model = peft_model()
+    with torch._dynamo.config.patch(recompile_limit=2, accumulated_recompile_limit=16):
+        compile_decoder_layers(model, config)
+        loss, grads = train_step(model)
+        revert_patches(model)
+        assert torch._dynamo.config.recompile_limit == 2  # restored
+    assert not compile_fell_back(model)
+    assert rel_err(loss, expected_loss) < 1e-6
+    assert max(rel_err(g, w) for g, w in zip(grads, expected_grads, strict=True) if w.norm() > 0) < 1e-4
+
+
 def test_failed_compile_falls_back_to_eager_with_a_warning(caplog):
     def broken_backend(graph_module, example_inputs):
         raise RuntimeError("backend exploded on purpose")
