@@ -11,12 +11,13 @@ times full optimizer steps: forward, backward and AdamW, data loading included. 
 exactly --seq tokens; packing variants on examples of a realistic length spread, packed into rows of --seq tokens
 (padding-free); both data sets are the same for every variant of their kind, so their losses are comparable.
 
-Reported per variant: real tokens/s per GPU at the median step and over all timed steps (a step with a full Python
-collection included), MFU (callback.py's FLOP count over the GPU's dense bf16 peak), median step time after
+Reported per variant: real tokens/s per GPU at the median step, over all timed steps (a step with a full Python
+collection included) and over them less the collector's time (one full collection every 8-16 steps falls into a
+short window or not by chance), MFU (callback.py's FLOP count over the GPU's dense bf16 peak), median step time after
 --warmup steps, peak allocated memory, and the loss and token accuracy of the first and last step. A step bound by
 the host runs as fast as the host does, which changes between processes of the same code (medians 0.61-0.70 s for
 the full-depth LoRA step on one H200): --repeats N runs the variant list N times in turns and adds a table of each
-variant's tokens/s per repeat and its ratio to the first variant, the median of the ratios within each repeat.
+variant's tokens/s per repeat and its ratios to the first variant, the medians of the ratios within each repeat.
 A failing variant (an error, an OOM, a timeout) becomes a row with the reason; its log is in OUT/<variant>.log.
 The markdown table is printed last (with --repeats, the repeats' table after it); OUT/e2e.json holds the rows (each
 with its repeat), OUT/e2e.png a chart if matplotlib is installed.
@@ -378,6 +379,9 @@ class StepRecorder(EfficiencyCallback):
             "tokens_per_s": tokens / step_time, "tflops": tflops,
             # every timed step, the slow ones (a full Python collection) included: what a long run averages
             "tokens_per_s_all_steps": sum(s["tokens"] for s in timed) / sum(s["time"] for s in timed),
+            # and the same with the collector's time taken out: a full collection comes every 8-16 steps, so a short
+            # window holds one or none by chance, and two variants compare fairly only without it
+            "tokens_per_s_outside_gc": sum(s["tokens"] for s in timed) / sum(s["time"] - s["gc"] for s in timed),
             "step_time_range_s": (min(s["time"] for s in timed), max(s["time"] for s in timed)),
             "gc_s_per_step": statistics.mean(s["gc"] for s in timed),
             "timed_steps": [{"s": s["time"], "gc_s": s["gc"], "tokens": s["tokens"], "sum_sq": s["sum_sq"]}
@@ -510,25 +514,28 @@ def table(rows: list[dict]) -> str:
 
 def repeats_table(rows: list[dict], variants: list[str]) -> str:
     """Per variant, tokens/s of each repeat and their median, and its ratio to the first variant: the median of the
-    ratios within each repeat (both processes ran back to back, on the host as it was then)."""
+    ratios within each repeat (both processes ran back to back, on the host as it was then), at the median step,
+    over all timed steps, and over all timed steps less the time the Python collector took in them."""
     first = variants[0]
     by_repeat = {(r["variant"], r["repeat"]): r for r in rows if r["ok"]}
     repeats = sorted({r["repeat"] for r in rows})
-    out = [f"| variant | tokens/s per repeat | median | all steps' tokens/s, median | vs {first}: per repeat | "
-           f"vs {first}: median |", "|---|---|---|---|---|---|"]
+    measures = ("tokens_per_s", "tokens_per_s_all_steps", "tokens_per_s_outside_gc")
+    out = [f"| variant | tokens/s per repeat | median | all steps' tokens/s, median | the same less GC time, median | "
+           f"vs {first}: per repeat | vs {first}: median (all steps; less GC time) |", "|---|---|---|---|---|---|---|"]
     for name in variants:
         own = [by_repeat[name, i] for i in repeats if (name, i) in by_repeat]
-        ratios = [by_repeat[name, i]["tokens_per_s"] / by_repeat[first, i]["tokens_per_s"]
-                  for i in repeats if (name, i) in by_repeat and (first, i) in by_repeat]
         if not own:
-            out.append(f"| {name} | failed in every repeat | | | | |")
+            out.append(f"| {name} | failed in every repeat | | | | | |")
             continue
+        ratios = {key: [by_repeat[name, i][key] / by_repeat[first, i][key]
+                        for i in repeats if (name, i) in by_repeat and (first, i) in by_repeat] for key in measures}
+        step, all_steps, less_gc = (f"{statistics.median(ratios[key]):.2f}×" if ratios[key] else "-"
+                                    for key in measures)
         speeds = [r["tokens_per_s"] for r in own]
         out.append(
-            f"| {name} | {', '.join(f'{x:,.0f}' for x in speeds)} | {statistics.median(speeds):,.0f} | "
-            f"{statistics.median(r['tokens_per_s_all_steps'] for r in own):,.0f} | "
-            f"{', '.join(f'{x:.2f}×' for x in ratios)} | "
-            f"{format(statistics.median(ratios), '.2f') + '×' if ratios else '-'} |"
+            f"| {name} | {', '.join(f'{x:,.0f}' for x in speeds)} | "
+            + " | ".join(f"{statistics.median(r[key] for r in own):,.0f}" for key in measures)
+            + f" | {', '.join(f'{x:.2f}×' for x in ratios['tokens_per_s'])} | {step} ({all_steps}; {less_gc}) |"
         )
     return "\n".join(out)
 
