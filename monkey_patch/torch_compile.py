@@ -138,11 +138,13 @@ class _Fallback:
         self.recompile_limits: dict[str, int] = {}
 
     def raise_recompile_limits(self, layers: int) -> None:
-        """Give every layer the recompile budget Dynamo gives a model. Identical layers share their compiled code,
-        but peft's LoRA on the experts parametrizes their weights, which gives each layer's experts a class of its
-        own; Dynamo compiles per class, and its frames there (graph breaks in peft) twice a layer (gate/up, down).
-        Past the limit (8, the fifth of 48 layers) it ran some frames eagerly in the forward and compiled in the
-        checkpoint's recompute, or the reverse, and the backward stopped on a CheckpointError."""
+        """Give every layer the recompile budget Dynamo gives a model, when peft's own expert LoRA runs.
+        Identical layers share their compiled code, but peft's LoRA on the experts parametrizes their weights, which
+        gives each layer's experts a class of its own; Dynamo compiles per class, and its frames there (graph breaks
+        in peft) twice a layer (gate/up, down). Past the limit (8, the fifth of 48 layers) it ran some frames eagerly
+        in the forward and compiled in the checkpoint's recompute, or the reverse, and the backward stopped on a
+        CheckpointError. Not for every model: under ZeRO-3, whose hooks recompile per module, the limit is what
+        stops the recompiles."""
         names = ("recompile_limit", "accumulated_recompile_limit")
         self.recompile_limits = {name: getattr(torch._dynamo.config, name) for name in names}
         for name, limit in self.recompile_limits.items():
@@ -201,8 +203,9 @@ def compile_decoder_layers(model: torch.nn.Module, config: TurboTuneConfig) -> N
     for layer in layers:
         # What nn.Module.compile() does, with the guard around the compiled call
         layer._compiled_call_impl = fallback.guard(layer, _replaying_hooks(torch.compile(layer._call_impl, **options)))
-    fallback.raise_recompile_limits(len(layers))
-    setattr(model, COMPILED_MARK, fallback)
+    if config.use_lora and config.lora_target_parameters and not config.use_fast_moe_block:
+        fallback.raise_recompile_limits(len(layers))  # peft folds the expert adapters in through parametrizations
+    setattr(unwrap_peft(model), COMPILED_MARK, fallback)  # on the transformers model, which peft may wrap later
     logger.info("torch.compile (%s) on each of the %d decoder layers.", options["backend"], len(layers))
     if is_deepspeed_zero3_enabled():
         logger.warning(
@@ -214,12 +217,12 @@ def compile_decoder_layers(model: torch.nn.Module, config: TurboTuneConfig) -> N
 
 
 def is_compiled_per_layer(model: torch.nn.Module) -> bool:
-    return getattr(model, COMPILED_MARK, None) is not None
+    return getattr(unwrap_peft(model), COMPILED_MARK, None) is not None
 
 
 def compile_fell_back(model: torch.nn.Module) -> bool:
     """Whether the compiled layers hit a compilation failure and now run eagerly."""
-    fallback = getattr(model, COMPILED_MARK, None)
+    fallback = getattr(unwrap_peft(model), COMPILED_MARK, None)
     return fallback is not None and fallback.failed
 
 
@@ -228,9 +231,9 @@ def uncompile_decoder_layers(model: torch.nn.Module) -> None:
     if not is_compiled_per_layer(model):
         return
     _defer_capturing_hooks(decoder_layers(model), defer=False)
-    getattr(model, COMPILED_MARK).restore_recompile_limits()
+    getattr(unwrap_peft(model), COMPILED_MARK).restore_recompile_limits()
     for layer in decoder_layers(model):
         layer._compiled_call_impl = None
         if isinstance(layer.__dict__.get("_gradient_checkpointing_func"), _CompiledCheckpoint):
             layer._gradient_checkpointing_func = layer._gradient_checkpointing_func.checkpoint
-    delattr(model, COMPILED_MARK)
+    delattr(unwrap_peft(model), COMPILED_MARK)

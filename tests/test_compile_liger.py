@@ -4,6 +4,7 @@ Liger's kernels do not run on the CPU (not even in Triton's interpreter), so for
 the config the Trainer hands to Liger, and what Liger's patch then replaces on a model with ScatterMoE experts.
 """
 
+import dataclasses
 import logging
 
 import pytest
@@ -138,20 +139,26 @@ def test_peft_expert_layers_compile_each_without_hitting_the_recompile_limit_und
     config = TurboTuneConfig(output_dir="unused", report_to="none", torch_compile=True, use_lora=True,
                              torch_compile_backend="aot_eager")
 
-    def peft_model() -> torch.nn.Module:
-        model = apply_lora(tiny_model(), config)
+    def peft_model(compiled: bool) -> torch.nn.Module:
+        model = tiny_model()
+        if compiled:
+            compile_decoder_layers(model, config)  # before peft wraps the layers, as apply_patches does
+        model = apply_lora(model, config)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         return model
 
-    expected_loss, expected_grads = train_step(peft_model())
+    expected_loss, expected_grads = train_step(peft_model(compiled=False))
     torch._dynamo.reset()
-    model = peft_model()
     with torch._dynamo.config.patch(recompile_limit=2, accumulated_recompile_limit=16):
-        compile_decoder_layers(model, config)
+        model = peft_model(compiled=True)
         loss, grads = train_step(model)
         revert_patches(model)
         assert torch._dynamo.config.recompile_limit == 2  # restored
+        for flags in ({}, {"use_fast_moe_block": True}):  # layers alike: ZeRO-3's per-module recompiles stop at it
+            compile_decoder_layers(plain := tiny_model(), dataclasses.replace(config, **flags, use_lora=bool(flags)))
+            assert torch._dynamo.config.recompile_limit == 2
+            revert_patches(plain)
     assert not compile_fell_back(model)
     assert rel_err(loss, expected_loss) < 1e-6
     assert max(rel_err(g, w) for g, w in zip(grads, expected_grads, strict=True) if w.norm() > 0) < 1e-4
