@@ -205,7 +205,7 @@ def compile_decoder_layers(model: torch.nn.Module, config: TurboTuneConfig) -> N
         layer._compiled_call_impl = fallback.guard(layer, _replaying_hooks(torch.compile(layer._call_impl, **options)))
     if config.use_lora and config.lora_target_parameters and not config.use_fast_moe_block:
         fallback.raise_recompile_limits(len(layers))  # peft folds the expert adapters in through parametrizations
-    setattr(unwrap_peft(model), COMPILED_MARK, fallback)  # on the transformers model, which peft may wrap later
+    setattr(unwrap_peft(model), COMPILED_MARK, fallback)  # where _fallback_of finds it
     logger.info("torch.compile (%s) on each of the %d decoder layers.", options["backend"], len(layers))
     if is_deepspeed_zero3_enabled():
         logger.warning(
@@ -216,22 +216,28 @@ def compile_decoder_layers(model: torch.nn.Module, config: TurboTuneConfig) -> N
         )
 
 
+def _fallback_of(model: torch.nn.Module) -> _Fallback | None:
+    """The compiled layers' shared state, kept on the transformers model (peft may wrap it after the compile)."""
+    return getattr(unwrap_peft(model), COMPILED_MARK, None)
+
+
 def is_compiled_per_layer(model: torch.nn.Module) -> bool:
-    return getattr(unwrap_peft(model), COMPILED_MARK, None) is not None
+    return _fallback_of(model) is not None
 
 
 def compile_fell_back(model: torch.nn.Module) -> bool:
     """Whether the compiled layers hit a compilation failure and now run eagerly."""
-    fallback = getattr(unwrap_peft(model), COMPILED_MARK, None)
+    fallback = _fallback_of(model)
     return fallback is not None and fallback.failed
 
 
 def uncompile_decoder_layers(model: torch.nn.Module) -> None:
     """Undo compile_decoder_layers: the layers run eagerly again (Liger's patches, applied by the Trainer, stay)."""
-    if not is_compiled_per_layer(model):
+    fallback = _fallback_of(model)
+    if fallback is None:
         return
     _defer_capturing_hooks(decoder_layers(model), defer=False)
-    getattr(unwrap_peft(model), COMPILED_MARK).restore_recompile_limits()
+    fallback.restore_recompile_limits()
     for layer in decoder_layers(model):
         layer._compiled_call_impl = None
         if isinstance(layer.__dict__.get("_gradient_checkpointing_func"), _CompiledCheckpoint):
