@@ -374,14 +374,15 @@ class StepRecorder(EfficiencyCallback):
         step_time = statistics.median(s["time"] for s in timed)
         tokens = statistics.median(s["tokens"] for s in timed)
         tflops = statistics.median(self.model_flops.flops(s["tokens"], s["sum_sq"]) for s in timed) / step_time / 1e12
+        timed_tokens = sum(s["tokens"] for s in timed)
         return {
             "ok": True, "notes": notes, "step_time_s": step_time, "tokens_per_step": tokens,
             "tokens_per_s": tokens / step_time, "tflops": tflops,
             # every timed step, the slow ones (a full Python collection) included: what a long run averages
-            "tokens_per_s_all_steps": sum(s["tokens"] for s in timed) / sum(s["time"] for s in timed),
+            "tokens_per_s_all_steps": timed_tokens / sum(s["time"] for s in timed),
             # and the same with the collector's time taken out: a full collection comes every 8-16 steps, so a short
             # window holds one or none by chance, and two variants compare fairly only without it
-            "tokens_per_s_outside_gc": sum(s["tokens"] for s in timed) / sum(s["time"] - s["gc"] for s in timed),
+            "tokens_per_s_outside_gc": timed_tokens / sum(s["time"] - s["gc"] for s in timed),
             "step_time_range_s": (min(s["time"] for s in timed), max(s["time"] for s in timed)),
             "gc_s_per_step": statistics.mean(s["gc"] for s in timed),
             "timed_steps": [{"s": s["time"], "gc_s": s["gc"], "tokens": s["tokens"], "sum_sq": s["sum_sq"]}
