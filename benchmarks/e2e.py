@@ -133,7 +133,8 @@ VARIANTS = {
     "defaults_no_moe_health": ["moe_health_metrics=false"],
     "compile_fast_moe_no_moe_health": ["use_fast_moe_block", "torch_compile", "moe_health_metrics=false"],
 }
-OPT_IN_FLAGS = ("use_lora", "moe_health_metrics=false")  # variants with these run only when --variants names them
+# variants with these run only when --variants names them
+OPT_IN_FLAGS = ("use_lora", "moe_health_metrics=false", "TORCHINDUCTOR_CPP_WRAPPER=1")
 SEARCH_VARIANTS = ("lora", "all_lora")  # the defaults' and ours, in that order (ratios are to the first)
 
 SHAPES = {
@@ -160,8 +161,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gradient_checkpointing", action="store_true",
                         help="as qwen3_sft.py does by default (always on with --max_seq_search)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
-                        help=f"default: all but the LoRA and no_moe_health ones; {' '.join(SEARCH_VARIANTS)} with "
-                        "--max_seq_search")
+                        help="default: all but the LoRA, no_moe_health and cpp_wrapper ones; "
+                        f"{' '.join(SEARCH_VARIANTS)} with --max_seq_search")
     parser.add_argument("--timeout", type=int, help="seconds per variant, or per probe with --max_seq_search, "
                         "before it counts as failed (default 330; 300)")
     parser.add_argument("--repeats", type=int, default=1,
