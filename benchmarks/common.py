@@ -148,6 +148,51 @@ def step_profile(events, on_gpu: bool, rows: int, wall_s: float | None = None) -
     return f"{report}\n{wall}Host side:\n\n{kernel_table(events, on_gpu=False, rows=rows)}"
 
 
+# What a training step's GPU kernels do, told by their names (first match wins; Turbo-Tune's own Triton kernels are
+# matched before these, by name): where a step's time goes at a glance, and what a change can win at most.
+KERNEL_KINDS = (
+    ("optimizer: AdamW", lambda name: "multi_tensor_apply" in name and "Adam" in name),
+    ("optimizer: gradient norm", lambda name: "multi_tensor_apply" in name and "LpNorm" in name),
+    ("optimizer: gradient clipping (multiply by a scalar tensor)",
+     lambda name: "multi_tensor_apply" in name and "BinaryOpScalarTensor" in name),
+    ("attention (flash)", lambda name: "flash" in name),
+    ("grouped GEMM (torch._grouped_mm, CUTLASS)", lambda name: "cutlass" in name),
+    ("dense GEMM (cuBLAS)", lambda name: name.startswith("nvjet") or "gemm" in name.lower() or "xmma" in name),
+    ("Inductor-generated", lambda name: name.startswith("triton_")),
+)
+
+
+def turbo_tune_kernel_names() -> set[str]:
+    """The names Turbo-Tune's Triton kernels (monkey_patch.scattermoe.kernels) run under in a profiler's trace."""
+    from monkey_patch.scattermoe import kernels
+
+    names = set()
+    for value in vars(kernels).values():
+        if type(value).__module__.startswith("triton.") and hasattr(value, "fn"):  # jit, autotune, interpreter
+            while hasattr(value, "fn"):
+                value = value.fn
+            names.add(value.__name__)
+    return names
+
+
+def kernel_kinds(trace_events: list[dict], ours: set[str]) -> str:
+    """Markdown: the GPU time of a profiler's chrome-trace kernels by KERNEL_KINDS, Turbo-Tune's kernels (``ours``,
+    by name) first, largest first."""
+    totals: dict[str, float] = {}
+    for event in trace_events:
+        if event.get("cat") != "kernel" or "dur" not in event:
+            continue
+        name = event["name"]
+        kind = "Turbo-Tune expert kernels" if name in ours else next(
+            (kind for kind, matches in KERNEL_KINDS if matches(name)), "other")
+        totals[kind] = totals.get(kind, 0.0) + event["dur"]
+    total_us = sum(totals.values()) or 1.0
+    lines = ["| kind of kernel | ms | share |", "|---|---|---|"]
+    for kind, us in sorted(totals.items(), key=lambda item: -item[1]):
+        lines.append(f"| {kind} | {us / 1e3:.2f} | {us / total_us:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
 def timeline(trace_events: list[dict]) -> str:
     """Markdown from a profiler's chrome-trace events: the span of the trace against the time the GPU was busy (the
     union of kernels, copies and memsets) and, per host thread, the time inside its outermost ops. A step whose GPU

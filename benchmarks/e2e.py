@@ -22,12 +22,13 @@ A failing variant (an error, an OOM, a timeout) becomes a row with the reason; i
 The markdown table is printed last (with --repeats, the repeats' table after it); OUT/e2e.json holds the rows (each
 with its repeat), OUT/e2e.png a chart if matplotlib is installed.
 --profile adds steps after the timed ones (one, or --profile_steps), each under torch.profiler on its own (not timed):
-their costliest kernels (GPU time; CPU time on a CPU) go to OUT/<variant>.profile.md, to show where a variant's step
-goes, and which part of it a step that is slow only now and then spends longer in. --host_profile profiles the same
-extra steps with cProfile instead (OUT/<variant>.host.txt): which Python functions a step bound by the host spends
-its time in. From Python 3.12 (the GPU image's) cProfile follows every thread on one call stack, the main thread and
-autograd's backward threads alike, so a function's own time there can hold time another thread ran; cumulative
-times and call counts are the figures to read.
+their costliest kernels (GPU time; CPU time on a CPU) and the GPU time by kind of kernel (optimizer, attention,
+GEMMs, Turbo-Tune's experts...) go to OUT/<variant>.profile.md, to show where a variant's step goes, and which
+part of it a step that is slow only now and then spends longer in. --host_profile profiles the same extra steps
+with cProfile instead (OUT/<variant>.host.txt): which Python functions a step bound by the host spends its time in.
+From Python 3.12 (the GPU image's) cProfile follows every thread on one call stack, the main thread and autograd's
+backward threads alike, so a function's own time there can hold time another thread ran; cumulative times and call
+counts are the figures to read.
 The expert-load metrics (turbo_tune/moe_health.py) are on in every variant, as in a run; the two *_no_moe_health
 variants switch them off, so their step time against `defaults` and `compile_fast_moe` is the metrics' overhead.
 --hidden small shrinks every dimension so that the whole path runs on a CPU in seconds (a smoke test, not a benchmark).
@@ -72,10 +73,12 @@ from common import (  # noqa: E402
     child_env,
     fmt,
     is_oom,
+    kernel_kinds,
     relative_error,
     run_logged,
     step_profile,
     timeline,
+    turbo_tune_kernel_names,
 )
 from transformers import TrainerCallback  # noqa: E402
 
@@ -403,7 +406,8 @@ class StepRecorder(EfficiencyCallback):
 
 class StepProfile(TrainerCallback):
     """Profiles ``count`` optimizer steps, one at a time, from the one that starts after ``step`` completed ones;
-    writes each one's costliest kernels, the GPU's busy time against the step's span and the host threads'
+    writes each one's GPU time by kind of kernel, its costliest kernels, the GPU's busy time against the step's span
+    and the host threads'
     (``<variant>.profile.md``, steps one after another: a step that is slow only now and then shows beside a fast
     one), and the last one's chrome trace (``<variant>.trace.json.gz``, for Perfetto)."""
 
@@ -430,7 +434,8 @@ class StepProfile(TrainerCallback):
         with gzip.open(trace, "rt") as file:
             events = json.load(file)["traceEvents"]
         report = step_profile(self.profiler.key_averages(), torch.cuda.is_available(), self.rows)
-        self.reports.append(f"## Step {state.global_step}\n\n{timeline(events)}\n{report}")
+        kinds = kernel_kinds(events, turbo_tune_kernel_names()) + "\n" if torch.cuda.is_available() else ""
+        self.reports.append(f"## Step {state.global_step}\n\n{timeline(events)}\n{kinds}{report}")
         self.path.write_text("\n\n".join(self.reports))
         self.profiler = None
 

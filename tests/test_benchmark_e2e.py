@@ -48,6 +48,7 @@ def test_tiny_variants_run_and_a_failure_is_a_row(tmp_path):
     for step in steps:
         assert "\nTrace span " in step and "GPU busy 0.0 ms (0%)" in step
         assert "CPU time of one step:" in step and "| `aten::mm` |" in step
+        assert "kind of kernel" not in step  # GPU time by kind: no GPU kernels here
     assert (tmp_path / "packing.trace.json.gz").read_bytes().startswith(b"\x1f\x8b")  # gzip
     assert not rows["liger"]["ok"] and "--use_liger_kernel needs a CUDA GPU" in rows["liger"]["error"]
     assert result.returncode == 1
@@ -299,3 +300,37 @@ def test_a_variants_environment_settings_reach_its_process_and_no_other(monkeypa
         assert not e2e.run_variant(name, args, timeout=10)["ok"]
     assert seen["all_lora_compile_fp8_cpp_wrapper"]["TORCHINDUCTOR_CPP_WRAPPER"] == "1"
     assert "TORCHINDUCTOR_CPP_WRAPPER" not in seen["all_lora_compile_fp8"]
+
+
+def test_kernel_kinds_sorts_a_steps_gpu_time_into_what_the_kernels_do():
+    def kernel(name, dur):
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": 0, "dur": dur}
+
+    adam = "void at::native::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata<4>, FusedAdamMathFunctor<bf16>>"
+    events = [
+        kernel(adam, 3000), kernel(adam, 1000),
+        kernel("void at::native::multi_tensor_apply_kernel<TensorListMetadata<1>, LpNormFunctor<float>>", 500),
+        kernel("void at::native::multi_tensor_apply_kernel<TensorListMetadata<1>, BinaryOpScalarTensorFunctor>", 700),
+        kernel("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<...>", 1500),
+        kernel("_ZN7cutlass13device_kernelIN2at4cuda6detail25enable_3x_kernel_for_sm9x", 1200),
+        kernel("nvjet_sm90_tst_320x128_64x3_1x2_h_bz_coopB_TNT", 2000),
+        kernel("triton_poi_fused_cat_mul_silu_0", 400),
+        kernel("_scatter_matmul_kernel", 2500),
+        kernel("void at::native::sbtopk::gatherTopK<float>", 200),
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 9999},  # host time is not GPU time
+    ]
+    table = common.kernel_kinds(events, ours={"_scatter_matmul_kernel"})
+    rows = [line.split(" | ") for line in table.splitlines()[2:]]
+    assert [(row[0].strip("| "), row[1]) for row in rows] == [
+        ("optimizer: AdamW", "4.00"), ("Turbo-Tune expert kernels", "2.50"), ("dense GEMM (cuBLAS)", "2.00"),
+        ("attention (flash)", "1.50"), ("grouped GEMM (torch._grouped_mm, CUTLASS)", "1.20"),
+        ("optimizer: gradient clipping (multiply by a scalar tensor)", "0.70"), ("optimizer: gradient norm", "0.50"),
+        ("Inductor-generated", "0.40"), ("other", "0.20")]
+    assert rows[0][2] == "30.8% |"  # 4.0 of 13.0 ms
+
+
+def test_turbo_tune_kernel_names_are_the_triton_kernels_a_profile_shows():
+    names = common.turbo_tune_kernel_names()
+    assert {"_gather_gate_up_swiglu_kernel", "_scatter_matmul_kernel", "_grouped_weight_grad_kernel",
+            "_swiglu_backward_kernel", "_sum_top_k_kernel", "_gather_token_rows_kernel"} <= names
+    assert not any(name.startswith("triton_") for name in names)
