@@ -30,6 +30,7 @@ from turbo_tune.checkpoints import (
     staging_root,
 )
 from turbo_tune.errors import ConfigError
+from turbo_tune.grad_clipping import clip_in_step, fused_step_optimizer
 from turbo_tune.moe_health import ExpertLoadMonitor, routers
 from turbo_tune.run_dir import honour_umask
 from turbo_tune.run_guard import RunGuard
@@ -149,6 +150,16 @@ class TurboSFTTrainer(SFTTrainer):
             self._counted_model = self.model
             self._parameter_count = self.model.num_parameters(exclude_embeddings=True)
         return 6 * inputs[main_input].numel() * self._parameter_count
+
+    def _clip_grad_norm(self, model: torch.nn.Module):
+        """With --fused_grad_clipping, the norm here and the clip inside the fused optimizer's step."""
+        if not getattr(self.args, "fused_grad_clipping", False):
+            return super()._clip_grad_norm(model)
+        optimizer = fused_step_optimizer(self.optimizer)
+        if optimizer is None:
+            raise ConfigError(f"--fused_grad_clipping needs a fused torch optimizer; this run's is "
+                              f"{type(getattr(self.optimizer, 'optimizer', self.optimizer)).__name__}.")
+        return clip_in_step(optimizer, model.parameters(), self.args.max_grad_norm)
 
     def _get_grad_norm(self, model: torch.nn.Module, grad_norm=None):
         grad_norm = super()._get_grad_norm(model, grad_norm)

@@ -1,8 +1,11 @@
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import grad_clipping  # noqa: E402
 import optimizer_step  # noqa: E402
 
 
@@ -12,3 +15,10 @@ def test_eight_bit_adamw_keeps_half_the_state_of_bf16_adamw():
     assert rows["AdamW (fused on a GPU)"]["state_bytes_per_param"] == 4
     assert 2.0 < rows["torchao AdamW8bit"]["state_bytes_per_param"] < 2.1
     assert all(row["step_ms"] > 0 for row in rows.values())
+
+
+def test_grad_clipping_benchmark_times_both_ways_to_the_same_parameters():
+    row = grad_clipping.main(["--hidden", "small", "--layers", "2", "--dtype", "float32", "--repeats", "2"])
+    assert row["parameters"] == sum(torch.Size(s).numel() for s in grad_clipping.model_shapes(grad_clipping.SMALL, 2))
+    assert row["clip_then_step_ms"] > 0 and row["clip_in_step_ms"] > 0 and row["speedup"] > 0
+    assert 0 < row["param_rel_diff"] < 1e-6  # fp32: the multiply and the division round apart, by little

@@ -93,6 +93,12 @@ class TurboTuneConfig(SFTConfig):
         default=False,
         metadata={"help": "Pack examples into full rows, with no attention across examples (padding-free)."},
     )
+    fused_grad_clipping: bool = field(
+        default=False,
+        metadata={"help": "Clip the gradients inside the fused optimizer's step (--optim adamw_torch_fused, the "
+                  "default) instead of in a pass over them of their own: the same clipping, one read of every "
+                  "gradient less. Not with DeepSpeed, FSDP or --fp16."},
+    )
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft) instead of all weights."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
@@ -217,6 +223,24 @@ class TurboTuneConfig(SFTConfig):
             ) from None
         if self.use_fp8:
             self._pad_tokens_for_fp8()
+        self._check_fused_grad_clipping()
+
+    def _check_fused_grad_clipping(self) -> None:
+        """--fused_grad_clipping sets the fused optimizer's grad_scale, which nothing else may own
+        (turbo_tune/grad_clipping.py)."""
+        if not self.fused_grad_clipping:
+            return
+        optim = getattr(self.optim, "value", self.optim)
+        conflict = (
+            "--deepspeed_config: DeepSpeed clips inside its own optimizer step" if self.deepspeed else
+            "--fsdp: FSDP's sharded gradients are clipped by clip_grad_norm_" if self.fsdp else
+            "--fp16: its loss scaler owns the optimizer's grad_scale" if self.fp16 else
+            f"--optim {optim}: not a fused torch optimizer (the default adamw_torch_fused is)"
+            if not optim.endswith("_fused") else
+            "--max_grad_norm 0: there is nothing to clip" if not self.max_grad_norm > 0 else None
+        )
+        if conflict:
+            raise ConfigError(f"--fused_grad_clipping does not work with {conflict}; drop one of the two.")
 
     @property
     def evaluates(self) -> bool:
