@@ -99,16 +99,18 @@ VARIANTS = {
     # in fp32, as their grouped_mm casts its input to the weights' dtype outside autocast, so the fastest setup
     # without our code keeps bf16 weights (and loses AdamW's small updates)
     "compile_packing_bf16": ["torch_compile", "use_packing", "model_dtype=bfloat16"],
-    "all": ["use_fast_moe_block", "use_liger_kernel", "torch_compile", "use_packing"],
+    "all": ["use_fast_moe_block", "use_liger_kernel", "torch_compile", "use_packing", "fused_grad_clipping"],
     # all with bf16 weights: against compile_packing_bf16, our code alone at the same numerics
-    "all_bf16": ["use_fast_moe_block", "use_liger_kernel", "torch_compile", "use_packing", "model_dtype=bfloat16"],
+    "all_bf16": ["use_fast_moe_block", "use_liger_kernel", "torch_compile", "use_packing", "fused_grad_clipping",
+                 "model_dtype=bfloat16"],
     # both with Inductor's C++ wrapper (see all_lora_compile_fp8_cpp_wrapper below): a setting a careful user of the
     # stack alone could turn on too, so the baseline gets it as well
     "compile_packing_bf16_cpp_wrapper": ["TORCHINDUCTOR_CPP_WRAPPER=1", "torch_compile", "use_packing",
                                          "model_dtype=bfloat16"],
     "all_bf16_cpp_wrapper": ["TORCHINDUCTOR_CPP_WRAPPER=1", "use_fast_moe_block", "use_liger_kernel", "torch_compile",
-                             "use_packing", "model_dtype=bfloat16"],
-    "all_fp8": ["use_fast_moe_block", "use_liger_kernel", "torch_compile", "use_packing", "use_fp8"],
+                             "use_packing", "fused_grad_clipping", "model_dtype=bfloat16"],
+    "all_fp8": ["use_fast_moe_block", "use_liger_kernel", "torch_compile", "use_packing", "fused_grad_clipping",
+                "use_fp8"],
     # all, with AdamW's moments in 8 bits (torchao's AdamW8bit through the Trainer's --optim): most of this model's
     # step memory is weights, gradients and optimizer state, not activations
     "all_adamw8bit": ["use_fast_moe_block", "use_liger_kernel", "torch_compile", "use_packing",
