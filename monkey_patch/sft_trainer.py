@@ -157,8 +157,9 @@ class TurboSFTTrainer(SFTTrainer):
             return super()._clip_grad_norm(model)
         optimizer = fused_step_optimizer(self.optimizer)
         if optimizer is None:
-            raise ConfigError(f"--fused_grad_clipping needs a fused torch optimizer; this run's is "
-                              f"{type(getattr(self.optimizer, 'optimizer', self.optimizer)).__name__}.")
+            raise ConfigError(f"--fused_grad_clipping needs a fused torch optimizer, and this run's is "
+                              f"{type(getattr(self.optimizer, 'optimizer', self.optimizer)).__name__}: use "
+                              "--optim adamw_torch_fused or drop --fused_grad_clipping.")
         return clip_in_step(optimizer, model.parameters(), self.args.max_grad_norm)
 
     def _get_grad_norm(self, model: torch.nn.Module, grad_norm=None):

@@ -87,3 +87,14 @@ def test_a_run_with_the_clip_in_the_step_trains_like_one_without(tmp_path, monke
     for (loss, norm), (expected_loss, expected_norm) in zip(losses, expected, strict=True):
         assert loss == pytest.approx(expected_loss, rel=1e-6)
         assert norm == pytest.approx(expected_norm, rel=1e-6)
+
+
+def test_an_optimizer_handed_to_the_trainer_that_is_not_fused_is_named_at_the_first_clip(tmp_path):
+    config = parse_config(["--output_dir", str(tmp_path), "--report_to", "none", "--eval_split", "0",
+                           "--max_steps", "1", "--save_strategy", "no", "--fused_grad_clipping"])
+    model = load_model(config)
+    trainer = TurboSFTTrainer(model=model, args=config, train_dataset=bundled_dataset(16, seed=0),
+                              processing_class=load_tokenizer(config),
+                              optimizers=(torch.optim.AdamW(model.parameters(), foreach=False), None))
+    with pytest.raises(ConfigError, match="this run's is AdamW: use --optim adamw_torch_fused or drop"):
+        trainer.train()
