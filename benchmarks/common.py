@@ -1,12 +1,14 @@
 """What the benchmark scripts share: Qwen3-30B-A3B's shape, the environment of their child processes (each run is
 its own process so that an out-of-memory costs one row), and telling an out-of-memory from other failures."""
 
+import functools
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,8 +164,10 @@ KERNEL_KINDS = (
 )
 
 
-def turbo_tune_kernel_names() -> set[str]:
-    """The names Turbo-Tune's Triton kernels (monkey_patch.scattermoe.kernels) run under in a profiler's trace."""
+@functools.cache
+def turbo_tune_kernel_names() -> frozenset[str]:
+    """The names Turbo-Tune's Triton kernels (monkey_patch.scattermoe.kernels) run under in a profiler's trace, read
+    once: every profiled step asks."""
     from monkey_patch.scattermoe import kernels
 
     names = set()
@@ -172,10 +176,10 @@ def turbo_tune_kernel_names() -> set[str]:
             while hasattr(value, "fn"):
                 value = value.fn
             names.add(value.__name__)
-    return names
+    return frozenset(names)
 
 
-def kernel_kinds(trace_events: list[dict], ours: set[str]) -> str:
+def kernel_kinds(trace_events: list[dict], ours: Collection[str]) -> str:
     """Markdown: the GPU time of a profiler's chrome-trace kernels by KERNEL_KINDS, Turbo-Tune's kernels (``ours``,
     by name) first, largest first."""
     totals: dict[str, float] = {}

@@ -409,9 +409,8 @@ class StepRecorder(EfficiencyCallback):
 class StepProfile(TrainerCallback):
     """Profiles ``count`` optimizer steps, one at a time, from the one that starts after ``step`` completed ones;
     writes each one's GPU time by kind of kernel, its costliest kernels, the GPU's busy time against the step's span
-    and the host threads'
-    (``<variant>.profile.md``, steps one after another: a step that is slow only now and then shows beside a fast
-    one), and the last one's chrome trace (``<variant>.trace.json.gz``, for Perfetto)."""
+    and the host threads' (``<variant>.profile.md``, steps one after another: a step that is slow only now and then
+    shows beside a fast one), and the last one's chrome trace (``<variant>.trace.json.gz``, for Perfetto)."""
 
     def __init__(self, step: int, path: Path, count: int = 1, rows: int = 25) -> None:
         self.step, self.path, self.count, self.rows, self.profiler = step, path, count, rows, None
