@@ -1,15 +1,17 @@
 """End-to-end SFT training steps of a random-init Qwen3-MoE, one variant per flag set, through TurboSFTTrainer.
 
-    python benchmarks/e2e.py [--layers 4] [--seq 4096] [--batch 2] [--variants defaults fast_moe ...] [--out DIR]
+    python benchmarks/e2e.py [--layers 4] [--seq 4096] [--batch 2] [--gradient_accumulation_steps 1]
+        [--variants defaults fast_moe ...] [--out DIR]
     python benchmarks/e2e.py --max_seq_search [--variants lora all_lora] [--budget_s 420] [--start_seq 4096]
         [--search_gpus 0,1]
 
 The model has Qwen3-30B-A3B's shape (hidden 2048, 128 experts, top-8, moe_intermediate 768, 32/4 heads of 128,
 vocab 151,936) with --layers decoder layers, built from its config (no download). Each variant runs in its own
 process, built the way qwen3_sft.py builds a run (preflight, attention choice, patches, LoRA, TurboSFTTrainer), and
-times full optimizer steps: forward, backward and AdamW, data loading included. Unpacked variants train on rows of
-exactly --seq tokens; packing variants on examples of a realistic length spread, packed into rows of --seq tokens
-(padding-free); both data sets are the same for every variant of their kind, so their losses are comparable.
+times full optimizer steps: forward and backward of --gradient_accumulation_steps micro-batches of --batch rows,
+then AdamW, data loading included. Unpacked variants train on rows of exactly --seq tokens; packing variants on
+examples of a realistic length spread, packed into rows of --seq tokens (padding-free); both data sets are the same
+for every variant of their kind, so their losses are comparable.
 
 Reported per variant: real tokens/s per GPU at the median step, over all timed steps (a step with a full Python
 collection included) and over them less the collector's time (one full collection every 8-16 steps falls into a
@@ -161,6 +163,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden", choices=sorted(SHAPES), default="full", help="model shape (small: CPU smoke test)")
     parser.add_argument("--seq", type=int, default=4096, help="tokens per row")
     parser.add_argument("--batch", type=int, help="rows per step per GPU (default 2; 1 with --max_seq_search)")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                        help="micro-batches of --batch rows per optimizer step, as users set it for their global "
+                        "batch: the optimizer's share of a step falls by as much (timed: optimizer steps)")
     parser.add_argument("--warmup", type=int, help="untimed steps first, where compilation happens (default 3; 1)")
     parser.add_argument("--steps", type=int, help="timed steps; the median is reported (default 6; 2)")
     parser.add_argument("--gradient_checkpointing", action="store_true",
@@ -206,6 +211,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.search_gpus and len(args.search_gpus) < len(args.variants):
         parser.error(f"--search_gpus {','.join(args.search_gpus)} names fewer GPUs than the {len(args.variants)} "
                      "variants searched: give one GPU id per variant, or leave it out to search one at a time")
+    if args.gradient_accumulation_steps < 1 or (args.max_seq_search and args.gradient_accumulation_steps != 1):
+        parser.error(f"--gradient_accumulation_steps {args.gradient_accumulation_steps}: give a positive count, and "
+                     "leave it out with --max_seq_search, whose probes ask what fits in one micro-batch")
     if args.start_seq <= 0 or args.seq_step <= 0 or args.start_seq % args.seq_step:
         parser.error(f"--start_seq {args.start_seq} must be a positive multiple of --seq_step {args.seq_step}")
     return args
@@ -255,7 +263,7 @@ def make_dataset(args: argparse.Namespace, packing: bool, vocab: int):
     --max_seq_search probes always get rows of exactly --seq: one document as long as the probe asks for."""
     from datasets import Dataset
 
-    rows = args.batch * total_steps(args)
+    rows = args.batch * args.gradient_accumulation_steps * total_steps(args)
     generator = torch.Generator().manual_seed(0)
     if packing and not args.max_seq_search:
         lengths = packed_lengths(int(rows * args.seq * 1.3), args.seq, seed=0)
@@ -285,7 +293,8 @@ def run_child(args: argparse.Namespace) -> dict:
     work = tempfile.mkdtemp(prefix=f"e2e-{args.child}-")
     config = TurboTuneConfig(
         output_dir=work, report_to="none", save_strategy="no", logging_steps=1, max_steps=total_steps(args),
-        per_device_train_batch_size=args.batch, max_length=args.seq, gradient_checkpointing=args.gradient_checkpointing,
+        per_device_train_batch_size=args.batch, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_length=args.seq, gradient_checkpointing=args.gradient_checkpointing,
         learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, dataloader_num_workers=0, seed=0,
         train_on_all_tokens=True, disable_tqdm=True, eval_split=0, **flags,
     )
@@ -470,7 +479,8 @@ class HostProfile(TrainerCallback):
 
 def child_argv(args: argparse.Namespace, name: str) -> list[str]:
     argv = ["--layers", args.layers, "--hidden", args.hidden, "--seq", args.seq, "--batch", args.batch,
-            "--warmup", args.warmup, "--steps", args.steps, "--profile_steps", args.profile_steps, "--out", args.out,
+            "--gradient_accumulation_steps", args.gradient_accumulation_steps, "--warmup", args.warmup,
+            "--steps", args.steps, "--profile_steps", args.profile_steps, "--out", args.out,
             "--child", name]
     if args.max_tokens_cap is not None:
         argv += ["--max_tokens_cap", args.max_tokens_cap]

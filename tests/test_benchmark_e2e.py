@@ -334,3 +334,22 @@ def test_turbo_tune_kernel_names_are_the_triton_kernels_a_profile_shows():
     assert {"_gather_gate_up_swiglu_kernel", "_scatter_matmul_kernel", "_grouped_weight_grad_kernel",
             "_swiglu_backward_kernel", "_sum_top_k_kernel", "_gather_token_rows_kernel"} <= names
     assert not any(name.startswith("triton_") for name in names)
+
+
+def test_gradient_accumulation_times_optimizer_steps_of_several_micro_batches(tmp_path):
+    """Each timed step is one optimizer step: with two micro-batches of one packed row (each at least 90 % full),
+    it holds more tokens than one row of --seq can."""
+    command = [sys.executable, str(SCRIPT), "--hidden", "small", "--layers", "1", "--seq", "128", "--batch", "1",
+               "--gradient_accumulation_steps", "2", "--warmup", "1", "--steps", "2", "--variants", "packing",
+               "--out", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    row = json.loads((tmp_path / "e2e.json").read_text())[0]
+    assert result.returncode == 0 and row["ok"], (tmp_path / "packing.log").read_text()[-2000:]
+    assert all(2 * 0.9 * 128 <= step["tokens"] <= 2 * 128 for step in row["timed_steps"])
+
+
+def test_gradient_accumulation_is_refused_where_it_means_nothing(capsys):
+    for argv in (["--gradient_accumulation_steps", "0"], ["--max_seq_search", "--gradient_accumulation_steps", "2"]):
+        with pytest.raises(SystemExit):
+            e2e.parse_args(argv)
+        assert "--gradient_accumulation_steps" in capsys.readouterr().err
