@@ -20,6 +20,10 @@ def preflight(config: TurboTuneConfig) -> None:
             "Turbo-Tune does not support; start one process per GPU with `bash qwen3_sft.sh` (torchrun), or "
             "choose one GPU with CUDA_VISIBLE_DEVICES=0."
         )
+    if config.torch_compile:
+        from monkey_patch.torch_compile import checkpoint_compiled_inside
+
+        checkpoint_compiled_inside()  # a misspelt TURBO_TUNE_COMPILE_CHECKPOINT, named before the model loads
     if config.use_fp8:
         from monkey_patch.fp8 import check_fp8_supported
 

@@ -12,7 +12,14 @@ checkpoint becomes a higher-order op in which Dynamo cannot take a graph break, 
 hooks (router logits for the load-balancing loss, ...) break the graph there (they read a ``ContextVar``): Dynamo
 then ran the whole layer eagerly, compiling nothing. Under checkpointing the layer is therefore called eagerly and
 the checkpointed body is what gets compiled (``_CompiledCheckpoint``), for the forward and for its recompute in
-backward alike.
+backward alike: the recompute then goes through Python again (the checkpoint's pack hooks for every saved tensor,
+Dynamo's guards, AOTAutograd's wrappers), in a LoRA step bound by host time.
+
+``TURBO_TUNE_COMPILE_CHECKPOINT=layer`` (opt-in, to be timed) compiles the whole layer instead, the checkpoint
+included: with the hooks deferred (below) the higher-order op traces without a break, Dynamo told not to replay
+their recording in the recompute (``skip_fwd_side_effects_in_bwd_under_checkpoint``, the hooks having run once
+already), so AOTAutograd puts the recompute inside the layer's compiled backward. Not with peft's own expert LoRA,
+whose graph breaks a higher-order op cannot take.
 
 Those hooks would still cut every layer into several graphs (the break at a hook inside a submodule splits each
 enclosing frame too: seven graph regions a layer on a GPU profile, each with its guard check and autograd node, in a
@@ -27,6 +34,7 @@ are marked dynamic before the first call instead (``_mark_varying_sizes``).
 """
 
 import logging
+import os
 from functools import partial
 
 import torch
@@ -35,12 +43,14 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils.output_capturing import maybe_install_capturing_hooks
 
 from turbo_tune.arguments import TurboTuneConfig
+from turbo_tune.errors import ConfigError
 
 from .model_parts import unwrap_peft
 
 logger = logging.getLogger(__name__)
 
 COMPILED_MARK = "_turbo_tune_compiled_layers"
+CHECKPOINT_ENV = "TURBO_TUNE_COMPILE_CHECKPOINT"  # body (the default) or layer: see the module doc
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -132,10 +142,21 @@ def _mark_varying_sizes(args: tuple, kwargs: dict) -> None:
 class _Fallback:
     """Shared by the layers of one model: once compilation failed, every layer runs eagerly."""
 
-    def __init__(self, options: dict) -> None:
+    def __init__(self, options: dict, checkpoint_inside: bool = False) -> None:
         self.failed = False
+        self.checkpoint_inside = checkpoint_inside
         self.compiled_body = _replaying_hooks(torch.compile(_call, **options))
-        self.recompile_limits: dict[str, int] = {}
+        self.dynamo_config: dict[str, object] = {}  # what this model's compile changed in Dynamo's config, as it was
+
+    def set_dynamo_config(self, **values) -> None:
+        for name, value in values.items():
+            self.dynamo_config.setdefault(name, getattr(torch._dynamo.config, name))
+            setattr(torch._dynamo.config, name, value)
+
+    def restore_dynamo_config(self) -> None:
+        for name, value in self.dynamo_config.items():
+            setattr(torch._dynamo.config, name, value)
+        self.dynamo_config = {}
 
     def raise_recompile_limits(self, layers: int) -> None:
         """Give every layer the recompile budget Dynamo gives a model, when peft's own expert LoRA runs.
@@ -146,13 +167,7 @@ class _Fallback:
         CheckpointError. Not for every model: under ZeRO-3, whose hooks recompile per module, the limit is what
         stops the recompiles."""
         names = ("recompile_limit", "accumulated_recompile_limit")
-        self.recompile_limits = {name: getattr(torch._dynamo.config, name) for name in names}
-        for name, limit in self.recompile_limits.items():
-            setattr(torch._dynamo.config, name, limit * layers)
-
-    def restore_recompile_limits(self) -> None:
-        for name, limit in self.recompile_limits.items():
-            setattr(torch._dynamo.config, name, limit)
+        self.set_dynamo_config(**{name: getattr(torch._dynamo.config, name) * layers for name in names})
 
     def run(self, compiled, eager, *args, **kwargs):
         """``compiled(*args, **kwargs)``, or ``eager`` (from now on) if compiling fails."""
@@ -170,7 +185,7 @@ class _Fallback:
 
     def guard(self, layer: torch.nn.Module, compiled):
         def call(*args, **kwargs):
-            if layer.gradient_checkpointing and layer.training:
+            if layer.gradient_checkpointing and layer.training and not self.checkpoint_inside:
                 checkpoint = layer._gradient_checkpointing_func  # set anew by each gradient_checkpointing_enable()
                 if not isinstance(checkpoint, _CompiledCheckpoint):
                     layer._gradient_checkpointing_func = _CompiledCheckpoint(checkpoint, self)
@@ -191,20 +206,32 @@ class _CompiledCheckpoint:
         return self.checkpoint(function if self.fallback.failed else compiled, *args, **kwargs)
 
 
+def checkpoint_compiled_inside() -> bool:
+    """Whether ``TURBO_TUNE_COMPILE_CHECKPOINT`` asks for the whole layer compiled, its checkpoint included."""
+    choice = os.environ.get(CHECKPOINT_ENV, "body")
+    if choice not in ("body", "layer"):
+        raise ConfigError(f"{CHECKPOINT_ENV}={choice}: use body (compile the checkpointed body, the default) or "
+                          "layer (compile the whole layer, its checkpoint included).")
+    return choice == "layer"
+
+
 def compile_decoder_layers(model: torch.nn.Module, config: TurboTuneConfig) -> None:
     """Compile every decoder layer with the Trainer's backend and mode flags (idempotent)."""
     if is_compiled_per_layer(model):
         return
     options = {"backend": config.torch_compile_backend or "inductor", "mode": config.torch_compile_mode}
-    fallback = _Fallback(options)
+    peft_expert_lora = config.use_lora and config.lora_target_parameters and not config.use_fast_moe_block
+    fallback = _Fallback(options, checkpoint_inside=checkpoint_compiled_inside() and not peft_expert_lora)
     layers = decoder_layers(model)
     maybe_install_capturing_hooks(unwrap_peft(model).model)  # what transformers does at the first capturing call
     _defer_capturing_hooks(layers, defer=True)
     for layer in layers:
         # What nn.Module.compile() does, with the guard around the compiled call
         layer._compiled_call_impl = fallback.guard(layer, _replaying_hooks(torch.compile(layer._call_impl, **options)))
-    if config.use_lora and config.lora_target_parameters and not config.use_fast_moe_block:
+    if peft_expert_lora:
         fallback.raise_recompile_limits(len(layers))  # peft folds the expert adapters in through parametrizations
+    if fallback.checkpoint_inside:
+        fallback.set_dynamo_config(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
     setattr(unwrap_peft(model), COMPILED_MARK, fallback)  # where _fallback_of finds it
     logger.info("torch.compile (%s) on each of the %d decoder layers.", options["backend"], len(layers))
     if is_deepspeed_zero3_enabled():
@@ -237,7 +264,7 @@ def uncompile_decoder_layers(model: torch.nn.Module) -> None:
     if fallback is None:
         return
     _defer_capturing_hooks(decoder_layers(model), defer=False)
-    fallback.restore_recompile_limits()
+    fallback.restore_dynamo_config()
     for layer in decoder_layers(model):
         layer._compiled_call_impl = None
         if isinstance(layer.__dict__.get("_gradient_checkpointing_func"), _CompiledCheckpoint):

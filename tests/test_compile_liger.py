@@ -20,7 +20,12 @@ from distributed_runs import logged
 from monkey_patch import apply_patches, apply_peft_patches, preflight, revert_patches
 from monkey_patch.fast_moe import IMPLEMENTATION_NAME, apply_fast_moe_block
 from monkey_patch.sft_trainer import TurboSFTTrainer
-from monkey_patch.torch_compile import compile_decoder_layers, compile_fell_back, is_compiled_per_layer
+from monkey_patch.torch_compile import (
+    _CompiledCheckpoint,
+    compile_decoder_layers,
+    compile_fell_back,
+    is_compiled_per_layer,
+)
 from turbo_tune.arguments import TurboTuneConfig
 from turbo_tune.errors import ConfigError
 from turbo_tune.modeling import EMBEDDED_MODEL_DIR, apply_lora, load_tokenizer
@@ -103,11 +108,13 @@ def test_compiled_layers_train_like_eager_layers_with_and_without_gradient_check
     assert hooks and all(hook.__module__ == "transformers.utils.output_capturing" for hook in hooks)  # unwrapped
 
 
-@pytest.mark.parametrize("checkpointing", [True, False])
-def test_compiled_layers_do_not_recompile_when_the_token_count_changes(checkpointing):
+@pytest.mark.parametrize("checkpointing", ["body", "layer", False])
+def test_compiled_layers_do_not_recompile_when_the_token_count_changes(checkpointing, monkeypatch):
     """Packing and per-batch padding change a batch's token count every step. The token dimensions are marked dynamic
     before the first compile, and the expert-LoRA hand-over's attribute exists before it, so no later step recompiles
     (each recompile cost 13 s at the 30B-A3B shape); error_on_recompile turns a recompile into a compile failure."""
+    if checkpointing:
+        monkeypatch.setenv("TURBO_TUNE_COMPILE_CHECKPOINT", checkpointing)
     torch._dynamo.reset()
     config = TurboTuneConfig(output_dir="unused", report_to="none", torch_compile=True, use_fast_moe_block=True,
                              use_lora=True, torch_compile_backend="aot_eager")
@@ -243,3 +250,57 @@ def test_compiled_packed_scattermoe_run_with_gradient_checkpointing(tmp_path, ca
     assert not [r for r in caplog.records if "continuing uncompiled" in r.getMessage()]
     load = logged(output_dir, "moe_load_max_over_mean")
     assert sorted(load) == [1, 2] and min(load.values()) >= 1  # the health hook ran in every step too
+
+
+def test_whole_layer_compile_recomputes_the_checkpointed_layer_inside_its_compiled_backward(monkeypatch):
+    """TURBO_TUNE_COMPILE_CHECKPOINT=layer: the checkpoint is traced into the layer's graph, so the experts run again
+    in backward (called from the compiled backward, not by the checkpoint's Python) and the forward keeps nothing
+    else; loss, load-balancing loss and gradients stay those of eager checkpointed layers, in one graph a layer."""
+    from monkey_patch.scattermoe import kernels
+
+    def train_step(model: torch.nn.Module) -> tuple:
+        tokens = torch.randint(3, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+        out = model(tokens, labels=tokens, use_cache=False, output_router_logits=True)
+        out.loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        return out.loss.detach(), out.aux_loss.detach(), grads
+
+    def checkpointed_model() -> torch.nn.Module:
+        model = tiny_model()
+        apply_fast_moe_block(model)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        return model
+
+    want_loss, want_aux, want_grads = train_step(checkpointed_model())
+    monkeypatch.setenv("TURBO_TUNE_COMPILE_CHECKPOINT", "layer")
+    model = checkpointed_model()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compile_decoder_layers(model, TurboTuneConfig(output_dir="unused", report_to="none",
+                                                  torch_compile_backend="aot_eager"))
+    assert torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint
+    in_backward, gate_up = [], kernels.gather_gate_up_swiglu
+
+    def counting(*args, **kwargs):
+        in_backward.append(torch._C._current_graph_task_id() != -1)
+        return gate_up(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "gather_gate_up_swiglu", counting)
+    loss, aux, grads = train_step(model)
+    layers = len(model.model.layers)
+    assert in_backward == [False] * layers + [True] * layers  # each layer's forward, then its recompute
+    assert not compile_fell_back(model) and not torch._dynamo.utils.counters["graph_break"]
+    assert not any(isinstance(layer.__dict__.get("_gradient_checkpointing_func"), _CompiledCheckpoint)
+                   for layer in model.model.layers)  # nothing checkpoints around the compiled call
+    assert rel_err(loss, want_loss) < 1e-6 and rel_err(aux, want_aux) < 1e-6
+    assert max(rel_err(g, w) for g, w in zip(grads, want_grads, strict=True) if w.norm() > 0) < 1e-4
+    revert_patches(model)
+    assert not torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint  # restored
+
+
+def test_a_misspelt_compile_checkpoint_choice_is_refused_before_the_model_loads(monkeypatch):
+    monkeypatch.setenv("TURBO_TUNE_COMPILE_CHECKPOINT", "inside")
+    with pytest.raises(ConfigError, match="TURBO_TUNE_COMPILE_CHECKPOINT=inside: use body"):
+        preflight(TurboTuneConfig(output_dir="unused", report_to="none", torch_compile=True))

@@ -89,15 +89,18 @@ def test_apply_and_revert_are_idempotent():
     assert model.config._experts_implementation == "eager"
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-layers"])
-def test_checkpointed_layers_recompute_no_down_projection_and_keep_transformers_gradients(down_projections, compiled):
+@pytest.mark.parametrize("compiled", [False, "body", "layer"], ids=["eager", "compiled-bodies", "compiled-layers"])
+def test_checkpointed_layers_recompute_no_down_projection_and_keep_transformers_gradients(down_projections, compiled,
+                                                                                          monkeypatch):
+    if compiled:
+        monkeypatch.setenv("TURBO_TUNE_COMPILE_CHECKPOINT", compiled)
     model = tiny_model()
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.set_experts_implementation("eager")
     expected_loss, _, expected_grads = loss_and_grads(model)
     apply_fast_moe_block(model)
-    if compiled:  # as --torch_compile: the checkpointed body compiled, the checkpoint around it
+    if compiled:  # as --torch_compile: the checkpointed body compiled, the checkpoint around it; or inside it
         torch._dynamo.reset()
         compile_decoder_layers(model, TurboTuneConfig(output_dir="unused", report_to="none",
                                                       torch_compile_backend="aot_eager"))
