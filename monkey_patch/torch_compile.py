@@ -18,8 +18,8 @@ Dynamo's guards, AOTAutograd's wrappers), in a LoRA step bound by host time.
 ``TURBO_TUNE_COMPILE_CHECKPOINT=layer`` (opt-in, to be timed) compiles the whole layer instead, the checkpoint
 included: with the hooks deferred (below) the higher-order op traces without a break, Dynamo told not to replay
 their recording in the recompute (``skip_fwd_side_effects_in_bwd_under_checkpoint``, the hooks having run once
-already), so AOTAutograd puts the recompute inside the layer's compiled backward. Not with peft's own expert LoRA,
-whose graph breaks a higher-order op cannot take.
+already), so AOTAutograd puts the recompute inside the layer's compiled backward. Not with peft's own expert LoRA
+or under ZeRO-3, whose graph breaks a higher-order op cannot take.
 
 Those hooks would still cut every layer into several graphs (the break at a hook inside a submodule splits each
 enclosing frame too: seven graph regions a layer on a GPU profile, each with its guard check and autograd node, in a
@@ -221,7 +221,9 @@ def compile_decoder_layers(model: torch.nn.Module, config: TurboTuneConfig) -> N
         return
     options = {"backend": config.torch_compile_backend or "inductor", "mode": config.torch_compile_mode}
     peft_expert_lora = config.use_lora and config.lora_target_parameters and not config.use_fast_moe_block
-    fallback = _Fallback(options, checkpoint_inside=checkpoint_compiled_inside() and not peft_expert_lora)
+    # a higher-order op takes no graph break: not with peft's own expert LoRA, nor with ZeRO-3's hooks (see below)
+    inside = checkpoint_compiled_inside() and not peft_expert_lora and not is_deepspeed_zero3_enabled()
+    fallback = _Fallback(options, checkpoint_inside=inside)
     layers = decoder_layers(model)
     maybe_install_capturing_hooks(unwrap_peft(model).model)  # what transformers does at the first capturing call
     _defer_capturing_hooks(layers, defer=True)

@@ -128,6 +128,7 @@ def test_compiled_layers_do_not_recompile_when_the_token_count_changes(checkpoin
         with torch._dynamo.config.patch(error_on_recompile=step > 0):
             model(tokens, labels=tokens, use_cache=False).loss.backward()
         assert not compile_fell_back(model), f"step {step} ({length} tokens) recompiled"
+    revert_patches(model)  # and Dynamo's config with it
 
 
 def test_peft_expert_layers_compile_each_without_hitting_the_recompile_limit_under_checkpointing():
@@ -252,6 +253,7 @@ def test_compiled_packed_scattermoe_run_with_gradient_checkpointing(tmp_path, ca
     assert sorted(load) == [1, 2] and min(load.values()) >= 1  # the health hook ran in every step too
 
 
+@torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=False)  # monkeypatch would delete it
 def test_whole_layer_compile_recomputes_the_checkpointed_layer_inside_its_compiled_backward(monkeypatch):
     """TURBO_TUNE_COMPILE_CHECKPOINT=layer: the checkpoint is traced into the layer's graph, so the experts run again
     in backward (called from the compiled backward, not by the checkpoint's Python) and the forward keeps nothing
