@@ -306,3 +306,21 @@ def test_a_misspelt_compile_checkpoint_choice_is_refused_before_the_model_loads(
     monkeypatch.setenv("TURBO_TUNE_COMPILE_CHECKPOINT", "inside")
     with pytest.raises(ConfigError, match="TURBO_TUNE_COMPILE_CHECKPOINT=inside: use body"):
         preflight(TurboTuneConfig(output_dir="unused", report_to="none", torch_compile=True))
+
+
+@pytest.mark.parametrize("setting", ["peft_expert_lora", "zero3"])
+def test_whole_layer_compile_stays_off_where_the_layer_has_graph_breaks(monkeypatch, setting):
+    """peft's own expert LoRA and ZeRO-3's hooks break the graph inside the layer, which a checkpoint traced in as a
+    higher-order op cannot take: there the checkpointed body is compiled, as by default."""
+    from monkey_patch import torch_compile
+
+    monkeypatch.setenv("TURBO_TUNE_COMPILE_CHECKPOINT", "layer")
+    config = TurboTuneConfig(output_dir="unused", report_to="none", torch_compile=True,
+                             torch_compile_backend="aot_eager", use_lora=setting == "peft_expert_lora")
+    monkeypatch.setattr(torch_compile, "is_deepspeed_zero3_enabled", lambda: setting == "zero3")
+    compile_decoder_layers(model := tiny_model(), config)
+    assert not torch_compile._fallback_of(model).checkpoint_inside
+    revert_patches(model)
+    compile_decoder_layers(model, dataclasses.replace(config, use_lora=False))
+    assert torch_compile._fallback_of(model).checkpoint_inside == (setting != "zero3")
+    revert_patches(model)
