@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from monkey_patch.sft_trainer import TurboSFTTrainer
+from tests.numerics import relative_error
 from turbo_tune.arguments import parse_config
 from turbo_tune.errors import ConfigError
 from turbo_tune.grad_clipping import clip_in_step, fused_step_optimizer
@@ -20,10 +21,6 @@ def params_with_grads(seed: int, scale: float) -> list[torch.nn.Parameter]:
         param.grad = torch.randn(shape, generator=generator) * scale
         params.append(param)
     return params
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).norm() / expected.norm()).item()
 
 
 @pytest.mark.parametrize("grad_scale", [5.0, 1e-3], ids=["norm-above-max-clipped", "norm-below-max-untouched"])
