@@ -1,8 +1,17 @@
-"""Time the dequantization of FP8 frozen experts (``--fp8_frozen_experts``): torch's cast then per-row multiply
-against the fused Triton kernel (kernels.dequantize_rows), on one expert stack, and check the kernel's result is
-bit-identical to torch's fp32 product rounded once to bf16.
+"""FP8 frozen experts (``--fp8_frozen_experts``): what reading the weights in FP8 costs the LoRA expert block.
 
-    python benchmarks/fp8_dequantize.py [--shape 128,1536,2048]    # Qwen3-30B-A3B's gate_up_proj
+Two tables, one run:
+
+- Dequantizing one expert stack: torch's cast then per-row multiply against the fused Triton kernel
+  (kernels.dequantize_rows), and whether the kernel's result is bit-identical to torch's fp32 product rounded once
+  to bf16.
+- The expert block under LoRA (frozen weights, rank-16 factors on both projections, top-8 routing), forward and
+  forward+backward, three ways: ``bf16`` weights; ``fp8_dequantized``, each weight dequantized to bf16 and then
+  the bf16 kernels (the way before 2026-12-03; a checkpointed layer paid it in its forward and its recompute);
+  ``fp8_in_kernel``, the kernels reading FP8 tiles and scaling them as they load them (the way now). Each FP8 way's
+  output and input gradient against the other's (the same values, so ~0 unless the autotuner picks other tiles).
+
+    python benchmarks/fp8_dequantize.py [--shape 128,1536,2048] [--tokens 8192]    # Qwen3-30B-A3B's experts
 """
 
 import argparse
@@ -13,15 +22,63 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import median_ms  # noqa: E402
+from common import median_ms, relative_error  # noqa: E402
 
-from monkey_patch.frozen_experts import quantize_rowwise  # noqa: E402
+from monkey_patch.frozen_experts import dequantize, quantize_rowwise  # noqa: E402
 from monkey_patch.scattermoe import kernels  # noqa: E402
+from monkey_patch.scattermoe.compilable_ops import scattermoe_experts  # noqa: E402
+from monkey_patch.scattermoe.ops import LowRank  # noqa: E402
+
+BLOCK_WAYS = ("bf16", "fp8_dequantized", "fp8_in_kernel")
+
+
+def block_rows(num_experts: int, two_inter: int, hidden: int, tokens: int, top_k: int, rank: int, repeats: int,
+               device: str) -> list[dict]:
+    """Forward and forward+backward ms of the LoRA expert block each way (``BLOCK_WAYS``)."""
+    torch.manual_seed(0)
+    dtype, inter = torch.bfloat16, two_inter // 2
+    gate_up = torch.randn(num_experts, two_inter, hidden, device=device, dtype=dtype) * 0.02
+    down = torch.randn(num_experts, hidden, inter, device=device, dtype=dtype) * 0.02
+    (gate_up_fp8, gate_up_scale), (down_fp8, down_scale) = quantize_rowwise(gate_up), quantize_rowwise(down)
+    factors = [(torch.randn(num_experts, *shape, device=device, dtype=dtype) * 0.02).requires_grad_()
+               for shape in ((rank, hidden), (two_inter, rank), (rank, inter), (hidden, rank))]
+    loras = LowRank(*factors[:2], 2.0), LowRank(*factors[2:], 2.0)
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=True)
+    weights, index = torch.randn(tokens, num_experts, device=device).softmax(-1).topk(top_k, -1)
+    weights = weights.to(dtype)
+    grad = torch.randn(tokens, hidden, device=device, dtype=dtype)
+
+    def forward(way: str) -> torch.Tensor:
+        if way == "bf16":
+            return scattermoe_experts(x, gate_up, down, weights, index, *loras)
+        if way == "fp8_dequantized":
+            return scattermoe_experts(x, dequantize(gate_up_fp8, gate_up_scale, dtype),
+                                      dequantize(down_fp8, down_scale, dtype), weights, index, *loras)
+        return scattermoe_experts(x, gate_up_fp8, down_fp8, weights, index, *loras, gate_up_scale, down_scale)
+
+    def forward_backward(way: str) -> tuple[torch.Tensor, torch.Tensor]:
+        out = forward(way)
+        return out, torch.autograd.grad(out, (x, *factors), grad)[0]
+
+    rows = []
+    for way in BLOCK_WAYS:
+        with torch.no_grad():
+            fwd_ms = median_ms(lambda way=way: forward(way), 3, repeats)
+        rows.append({"way": way, "tokens": tokens, "fwd_ms": fwd_ms,
+                     "fwd_bwd_ms": median_ms(lambda way=way: forward_backward(way), 3, repeats)})
+    (out_a, grad_a), (out_b, grad_b) = forward_backward("fp8_dequantized"), forward_backward("fp8_in_kernel")
+    for row in rows[1:]:
+        row["out_vs_other_fp8_way"] = relative_error(out_b, out_a)
+        row["grad_x_vs_other_fp8_way"] = relative_error(grad_b, grad_a)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="128,1536,2048", help="experts, rows, row length")
+    parser.add_argument("--shape", default="128,1536,2048", help="experts, gate_up rows (2I), hidden")
+    parser.add_argument("--tokens", type=int, default=8192, help="tokens through the block (0: no block table)")
+    parser.add_argument("--top_k", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -33,7 +90,19 @@ def main(argv: list[str] | None = None) -> dict:
     triton_ms = median_ms(lambda: kernels.dequantize_rows(quantized, scale, torch.bfloat16), 3, args.repeats)
     print(f"| shape | bit-identical | torch cast × scale ms | Triton kernel ms | speed-up |\n|---|---|---|---|---|\n"
           f"| {shape} | {exact} | {torch_ms:.3f} | {triton_ms:.3f} | {torch_ms / triton_ms:.2f}× |")
-    return {"exact": exact, "torch_ms": torch_ms, "triton_ms": triton_ms}
+    result = {"exact": exact, "torch_ms": torch_ms, "triton_ms": triton_ms, "block": []}
+    if args.tokens:
+        result["block"] = rows = block_rows(*shape, args.tokens, args.top_k, args.rank, args.repeats, device)
+        base = rows[0]["fwd_bwd_ms"]
+        print(f"\nLoRA expert block {shape}, {args.tokens} tokens, top-{args.top_k}, rank {args.rank}\n\n"
+              "| way | fwd ms | fwd+bwd ms | fwd+bwd vs bf16 | out, grad x vs the other FP8 way |\n"
+              "|---|---|---|---|---|")
+        for row in rows:
+            errors = (f"{row['out_vs_other_fp8_way']:.1e}, {row['grad_x_vs_other_fp8_way']:.1e}"
+                      if "out_vs_other_fp8_way" in row else "")
+            print(f"| {row['way']} | {row['fwd_ms']:.3f} | {row['fwd_bwd_ms']:.3f} | "
+                  f"{row['fwd_bwd_ms'] / base:.3f} | {errors} |")
+    return result
 
 
 if __name__ == "__main__":

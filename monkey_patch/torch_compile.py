@@ -10,16 +10,15 @@ is compiled twice.
 Gradient checkpointing (on by default) runs inside a transformers 5 layer's ``forward``. Compiled around it, the
 checkpoint becomes a higher-order op in which Dynamo cannot take a graph break, and transformers' output-capturing
 hooks (router logits for the load-balancing loss, ...) break the graph there (they read a ``ContextVar``): Dynamo
-then ran the whole layer eagerly, compiling nothing. Under checkpointing the layer is therefore called eagerly and
-the checkpointed body is what gets compiled (``_CompiledCheckpoint``), for the forward and for its recompute in
-backward alike: the recompute then goes through Python again (the checkpoint's pack hooks for every saved tensor,
-Dynamo's guards, AOTAutograd's wrappers), in a LoRA step bound by host time.
-
-``TURBO_TUNE_COMPILE_CHECKPOINT=layer`` (opt-in, to be timed) compiles the whole layer instead, the checkpoint
-included: with the hooks deferred (below) the higher-order op traces without a break, Dynamo told not to replay
-their recording in the recompute (``skip_fwd_side_effects_in_bwd_under_checkpoint``, the hooks having run once
-already), so AOTAutograd puts the recompute inside the layer's compiled backward. Not with peft's own expert LoRA
-or under ZeRO-3, whose graph breaks a higher-order op cannot take.
+then ran the whole layer eagerly, compiling nothing. With those hooks deferred (below), the whole layer compiles,
+the checkpoint included (``TURBO_TUNE_COMPILE_CHECKPOINT=layer``, the default): the higher-order op traces without a
+break, Dynamo told not to replay the hooks' recording in the recompute
+(``skip_fwd_side_effects_in_bwd_under_checkpoint``, the hooks having run once already), so AOTAutograd puts the
+recompute inside the layer's compiled backward. ``body`` calls the layer eagerly and compiles the checkpointed body
+instead (``_CompiledCheckpoint``), for the forward and for its recompute in backward alike; the recompute then goes
+through Python again (the checkpoint's pack hooks for every saved tensor, Dynamo's guards, AOTAutograd's wrappers),
+which cost 2.3 % of the full-depth LoRA step on an H200 (docs/results.md). ``body`` is also what runs with peft's
+own expert LoRA and under ZeRO-3, whose graph breaks a higher-order op cannot take.
 
 Those hooks would still cut every layer into several graphs (the break at a hook inside a submodule splits each
 enclosing frame too: seven graph regions a layer on a GPU profile, each with its guard check and autograd node, in a
@@ -50,7 +49,7 @@ from .model_parts import unwrap_peft
 logger = logging.getLogger(__name__)
 
 COMPILED_MARK = "_turbo_tune_compiled_layers"
-CHECKPOINT_ENV = "TURBO_TUNE_COMPILE_CHECKPOINT"  # body (the default) or layer: see the module doc
+CHECKPOINT_ENV = "TURBO_TUNE_COMPILE_CHECKPOINT"  # layer (the default) or body: see the module doc
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -208,10 +207,10 @@ class _CompiledCheckpoint:
 
 def checkpoint_compiled_inside() -> bool:
     """Whether ``TURBO_TUNE_COMPILE_CHECKPOINT`` asks for the whole layer compiled, its checkpoint included."""
-    choice = os.environ.get(CHECKPOINT_ENV, "body")
+    choice = os.environ.get(CHECKPOINT_ENV, "layer")
     if choice not in ("body", "layer"):
-        raise ConfigError(f"{CHECKPOINT_ENV}={choice}: use body (compile the checkpointed body, the default) or "
-                          "layer (compile the whole layer, its checkpoint included).")
+        raise ConfigError(f"{CHECKPOINT_ENV}={choice}: use layer (compile the whole layer, its checkpoint included; "
+                          "the default) or body (compile the checkpointed body, the checkpoint around it).")
     return choice == "layer"
 
 

@@ -65,12 +65,15 @@ def test_decoder_layer_with_scattermoe_compiles_without_graph_breaks():
     assert layer.mlp.experts.gate_up_proj.grad is not None
 
 
-@pytest.mark.parametrize("checkpointing", [True, False])
-def test_compiled_layers_train_like_eager_layers_with_and_without_gradient_checkpointing(checkpointing):
+@pytest.mark.parametrize("checkpointing", ["layer", "body", False])
+def test_compiled_layers_train_like_eager_layers_with_and_without_gradient_checkpointing(checkpointing, monkeypatch):
     """Under checkpointing (the default) the layers once compiled nothing: the checkpoint, inside the compiled call,
     became a higher-order op that cannot take the output-capturing hooks' graph breaks, so Dynamo ran it all
-    eagerly. Now the checkpointed body is compiled, without a graph break (the hooks' calls are replayed after it);
-    loss, router logits and gradients stay those of eager layers."""
+    eagerly. Now the whole layer compiles with its checkpoint (``layer``, the default) or the checkpointed body does
+    (``body``), without a graph break (the hooks' calls are replayed after it); loss, router logits and gradients
+    stay those of eager layers."""
+    if checkpointing:
+        monkeypatch.setenv("TURBO_TUNE_COMPILE_CHECKPOINT", checkpointing)
 
     def train_steps(model: torch.nn.Module) -> list[tuple]:
         if checkpointing:
@@ -255,10 +258,10 @@ def test_compiled_packed_scattermoe_run_with_gradient_checkpointing(tmp_path, ca
 
 @torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=False)  # monkeypatch would delete it
 def test_whole_layer_compile_recomputes_the_checkpointed_layer_inside_its_compiled_backward(monkeypatch):
-    """TURBO_TUNE_COMPILE_CHECKPOINT=layer: the checkpoint is traced into the layer's graph, so the experts run again
-    in backward (called from the compiled backward, not by the checkpoint's Python) and the forward keeps a fraction
-    of the activations an uncheckpointed model keeps; loss, load-balancing loss and gradients stay those of eager
-    checkpointed layers, in one graph a layer."""
+    """TURBO_TUNE_COMPILE_CHECKPOINT=layer (the default): the checkpoint is traced into the layer's graph, so the
+    experts run again in backward (called from the compiled backward, not by the checkpoint's Python) and the forward
+    keeps a fraction of the activations an uncheckpointed model keeps; loss, load-balancing loss and gradients stay
+    those of eager checkpointed layers, in one graph a layer."""
     from monkey_patch.scattermoe import kernels
 
     def train_step(model: torch.nn.Module) -> tuple:
@@ -317,7 +320,7 @@ def test_whole_layer_compile_recomputes_the_checkpointed_layer_inside_its_compil
 
 def test_a_misspelt_compile_checkpoint_choice_is_refused_before_the_model_loads(monkeypatch):
     monkeypatch.setenv("TURBO_TUNE_COMPILE_CHECKPOINT", "inside")
-    with pytest.raises(ConfigError, match="TURBO_TUNE_COMPILE_CHECKPOINT=inside: use body"):
+    with pytest.raises(ConfigError, match="TURBO_TUNE_COMPILE_CHECKPOINT=inside: use layer"):
         preflight(TurboTuneConfig(output_dir="unused", report_to="none", torch_compile=True))
 
 
