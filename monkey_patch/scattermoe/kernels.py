@@ -182,11 +182,10 @@ def _grouped_rows_tma(a: torch.Tensor) -> bool:
     return _tma_wanted(a.dtype, a.device) and a.stride(1) == 1 and _tma_rows(a, a.stride(0))
 
 
-def _weight_tma(w: torch.Tensor, dtype: torch.dtype, column_offsets: tuple[int, ...] = ()) -> tuple[bool, bool]:
-    """(TMA, K contiguous) for a logical (E, K, N) weight view computed with in ``dtype`` (FP8 weights load as FP8):
-    one 2D descriptor over all experts, rows of (E*N, K) when K is contiguous (transformers' layout for the
-    forward), of (E*K, N) when N is."""
-    if not _tma_wanted(dtype, w.device):
+def _weight_tma(w: torch.Tensor, column_offsets: tuple[int, ...] = ()) -> tuple[bool, bool]:
+    """(TMA, K contiguous) for a logical (E, K, N) weight view: one 2D descriptor over all experts, rows of
+    (E*N, K) when K is contiguous (transformers' layout for the forward), of (E*K, N) when N is."""
+    if not _tma_wanted(w.dtype, w.device):
         return False, False
     num_experts, k_dim, n_dim = w.shape
     if w.stride(1) == 1 and w.stride(0) == n_dim * w.stride(2):
@@ -236,13 +235,9 @@ def _expert_rows(expert_ends_ptr, NUM_EXPERTS, E_POW2: tl.constexpr):
 
 
 @triton.jit
-def _load_weight(w_desc, w_ptrs, w_scale_ptr, expert, K, N_TOTAL, k0, n0, k_mask, col_mask, dtype: tl.constexpr,
-                 W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr, W_SCALED: tl.constexpr, SCALE_ALONG_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The (BLOCK_K, BLOCK_N) tile of W[expert] at (k0, n0) in ``dtype``: through the descriptor, or pointers
-    ``w_ptrs``. W_SCALED: W is FP8 with an fp32 scale per stored row (the view's N if SCALE_ALONG_N, else its K),
-    and the tile is its values times their scales rounded once to ``dtype``, as ``dequantize_rows`` would give
-    them, without a full-precision copy of the weights."""
+def _load_weight(w_desc, w_ptrs, expert, K, N_TOTAL, k0, n0, k_mask, col_mask,
+                 W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr):
+    """The (BLOCK_K, BLOCK_N) tile of W[expert] at (k0, n0): through the descriptor, or pointers ``w_ptrs``."""
     if W_TMA:  # one return, as in _weight_descriptor
         if W_K_CONTIG:
             w = w_desc.load([expert * N_TOTAL + n0, k0]).T
@@ -250,16 +245,7 @@ def _load_weight(w_desc, w_ptrs, w_scale_ptr, expert, K, N_TOTAL, k0, n0, k_mask
             w = w_desc.load([expert * K + k0, n0])
     else:
         w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-    if W_SCALED:
-        if SCALE_ALONG_N:
-            ns = n0 + tl.arange(0, BLOCK_N)
-            scale = tl.load(w_scale_ptr + expert.to(tl.int64) * N_TOTAL + ns, mask=ns < N_TOTAL, other=0.0)
-            w = w.to(tl.float32) * scale[None, :]
-        else:
-            ks = k0 + tl.arange(0, BLOCK_K)
-            scale = tl.load(w_scale_ptr + expert.to(tl.int64) * K + ks, mask=ks < K, other=0.0)
-            w = w.to(tl.float32) * scale[:, None]
-    return w.to(dtype)
+    return w
 
 
 @triton.jit(do_not_specialize=["NUM_ROWS", "NUM_BLOCKS"])  # both follow the token count (as num_rows below)
@@ -294,10 +280,9 @@ def _row_block(schedule_ptr, pid_m):
 
 
 @triton.jit
-def _accumulate(acc, a_ptrs, a_desc, row_start, w_ptrs, w_desc, w_scale_ptr, expert, n0, row_mask, col_mask, K,
-                N_TOTAL, stride_ak, stride_wk, A_TMA: tl.constexpr, W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr,
-                W_SCALED: tl.constexpr, SCALE_ALONG_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                INPUT_PRECISION: tl.constexpr):
+def _accumulate(acc, a_ptrs, a_desc, row_start, w_ptrs, w_desc, expert, n0, row_mask, col_mask, K, N_TOTAL,
+                stride_ak, stride_wk, A_TMA: tl.constexpr, W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr,
+                BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """acc += a @ W[expert] over K in BLOCK_K steps: a's (BLOCK_M, BLOCK_K) tiles from pointers ``a_ptrs`` or, for
     grouped rows, descriptor ``a_desc`` at ``row_start``; W's (BLOCK_K, BLOCK_N) tiles at column ``n0``."""
     ks = tl.arange(0, BLOCK_K)
@@ -307,8 +292,7 @@ def _accumulate(acc, a_ptrs, a_desc, row_start, w_ptrs, w_desc, w_scale_ptr, exp
             a = a_desc.load([row_start, k0])
         else:
             a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = _load_weight(w_desc, w_ptrs, w_scale_ptr, expert, K, N_TOTAL, k0, n0, k_mask, col_mask, a.dtype, W_TMA,
-                         W_K_CONTIG, W_SCALED, SCALE_ALONG_N, BLOCK_K, BLOCK_N)
+        w = _load_weight(w_desc, w_ptrs, expert, K, N_TOTAL, k0, n0, k_mask, col_mask, W_TMA, W_K_CONTIG)
         acc = tl.dot(a, w, acc=acc, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
@@ -316,21 +300,18 @@ def _accumulate(acc, a_ptrs, a_desc, row_start, w_ptrs, w_desc, w_scale_ptr, exp
 
 
 @triton.jit
-def _accumulate_gate_up(acc_gate, acc_up, a_ptrs, w_ptrs, w_desc, w_scale_ptr, expert, n0, up_offset, row_mask,
-                        col_mask, K, N_TOTAL, stride_ak, stride_wk, stride_wn, W_TMA: tl.constexpr,
-                        W_K_CONTIG: tl.constexpr, W_SCALED: tl.constexpr, BLOCK_K: tl.constexpr,
-                        BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+def _accumulate_gate_up(acc_gate, acc_up, a_ptrs, w_ptrs, w_desc, expert, n0, up_offset, row_mask, col_mask, K,
+                        N_TOTAL, stride_ak, stride_wk, stride_wn, W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr,
+                        BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """The gate and up halves of ``_accumulate`` at once, one load of ``a`` feeding both (up columns start
-    ``up_offset`` after gate's). An FP8 W's scales run along N (the stored rows of the forward's weight)."""
+    ``up_offset`` after gate's)."""
     ks = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         k_mask = ks < K - k0
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w_gate = _load_weight(w_desc, w_ptrs, w_scale_ptr, expert, K, N_TOTAL, k0, n0, k_mask, col_mask, a.dtype,
-                              W_TMA, W_K_CONTIG, W_SCALED, True, BLOCK_K, BLOCK_N)
-        w_up = _load_weight(w_desc, w_ptrs + up_offset * stride_wn, w_scale_ptr, expert, K, N_TOTAL, k0,
-                            n0 + up_offset, k_mask, col_mask, a.dtype, W_TMA, W_K_CONTIG, W_SCALED, True, BLOCK_K,
-                            BLOCK_N)
+        w_gate = _load_weight(w_desc, w_ptrs, expert, K, N_TOTAL, k0, n0, k_mask, col_mask, W_TMA, W_K_CONTIG)
+        w_up = _load_weight(w_desc, w_ptrs + up_offset * stride_wn, expert, K, N_TOTAL, k0, n0 + up_offset, k_mask,
+                            col_mask, W_TMA, W_K_CONTIG)
         acc_gate = tl.dot(a, w_gate, acc=acc_gate, input_precision=INPUT_PRECISION)
         acc_up = tl.dot(a, w_up, acc=acc_up, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
@@ -340,11 +321,11 @@ def _accumulate_gate_up(acc_gate, acc_up, a_ptrs, w_ptrs, w_desc, w_scale_ptr, e
 
 @triton.jit
 def _gate_up_tile(
-    expert, row_start, row_end, pid_n, x_ptr, w_ptr, w_desc, w_scale_ptr, a2_ptr, w2_ptr, sorted_pairs_ptr, scale_ptr,
-    gate_up_ptr, h_ptr,
+    expert, row_start, row_end, pid_n, x_ptr, w_ptr, w_desc, a2_ptr, w2_ptr, sorted_pairs_ptr, scale_ptr, gate_up_ptr,
+    h_ptr,
     K, K2, N, TOP_K: tl.constexpr, stride_xm, stride_xk, stride_we, stride_wk, stride_wn,
     stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
-    HAS_A2: tl.constexpr, W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr, W_SCALED: tl.constexpr,
+    HAS_A2: tl.constexpr, W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One (row block, column block) tile of ``_gather_gate_up_swiglu_kernel``."""
@@ -360,15 +341,15 @@ def _gate_up_tile(
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_gate, acc_up = _accumulate_gate_up(acc_gate, acc_up, x_ptrs, w_ptrs, w_desc, w_scale_ptr, expert, n0, N,
-                                           row_mask, col_mask, K, 2 * N, stride_xk, stride_wk, stride_wn, W_TMA,
-                                           W_K_CONTIG, W_SCALED, BLOCK_K, BLOCK_N, INPUT_PRECISION)
+    acc_gate, acc_up = _accumulate_gate_up(acc_gate, acc_up, x_ptrs, w_ptrs, w_desc, expert, n0, N, row_mask,
+                                           col_mask, K, 2 * N, stride_xk, stride_wk, stride_wn, W_TMA, W_K_CONTIG,
+                                           BLOCK_K, INPUT_PRECISION)
     if HAS_A2:
         a2_ptrs = a2_ptr + rows[:, None].to(tl.int64) * stride_a2m + ks[None, :] * stride_a2k
         w2_ptrs = w2_ptr + expert.to(tl.int64) * stride_w2e + ks[:, None] * stride_w2k + cols[None, :] * stride_w2n
-        acc_gate, acc_up = _accumulate_gate_up(acc_gate, acc_up, a2_ptrs, w2_ptrs, w2_ptr, w2_ptr, expert, n0, N,
-                                               row_mask, col_mask, K2, 2 * N, stride_a2k, stride_w2k, stride_w2n,
-                                               False, False, False, BLOCK_K, BLOCK_N, INPUT_PRECISION)
+        acc_gate, acc_up = _accumulate_gate_up(acc_gate, acc_up, a2_ptrs, w2_ptrs, w2_ptr, expert, n0, N, row_mask,
+                                               col_mask, K2, 2 * N, stride_a2k, stride_w2k, stride_w2n, False, False,
+                                               BLOCK_K, INPUT_PRECISION)
     scale = tl.load(scale_ptr + pairs, mask=row_mask, other=0.0).to(tl.float32)
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up * scale[:, None]
     out_mask = row_mask[:, None] & col_mask[None, :]
@@ -379,15 +360,14 @@ def _gate_up_tile(
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.autotune(configs=_GATE_UP_CONFIGS, key=["K", "N", "ROWS_BUCKET", "HAS_A2", "W_TMA", "W_SCALED"])
+@triton.autotune(configs=_GATE_UP_CONFIGS, key=["K", "N", "ROWS_BUCKET", "HAS_A2", "W_TMA"])
 @triton.jit
 def _gather_gate_up_swiglu_kernel(
-    x_ptr, w_ptr, w_scale_ptr, a2_ptr, w2_ptr, sorted_pairs_ptr, schedule_ptr, used_blocks_ptr, scale_ptr, gate_up_ptr,
-    h_ptr,
+    x_ptr, w_ptr, a2_ptr, w2_ptr, sorted_pairs_ptr, schedule_ptr, used_blocks_ptr, scale_ptr, gate_up_ptr, h_ptr,
     NUM_EXPERTS, K, K2, N, ROWS_BUCKET,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn,
     stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
-    TOP_K: tl.constexpr, HAS_A2: tl.constexpr, W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr, W_SCALED: tl.constexpr,
+    TOP_K: tl.constexpr, HAS_A2: tl.constexpr, W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PERSISTENT: tl.constexpr,
 ):
@@ -396,8 +376,7 @@ def _gather_gate_up_swiglu_kernel(
     Writes the pre-activations (for backward) and h = scale[pair] * silu(gate) * up, both in grouped row order.
     Scaling h instead of the down projection's output leaves the down projection and its weight gradient
     plain grouped matmuls. With HAS_A2, grouped rows a2 @ W2[e] join the same accumulators before the
-    activation: LoRA's low-rank path (u @ B^T) without a pre-activation-sized buffer. W_SCALED: W is FP8 with a
-    scale per stored row (``_load_weight``).
+    activation: LoRA's low-rank path (u @ B^T) without a pre-activation-sized buffer.
 
     One tile per program or, with PERSISTENT, a program per SM looping over the tiles of the row blocks in use,
     a loop Triton flattens with the K loop (its trip count is the same for every tile) so that the next tile's loads
@@ -411,28 +390,27 @@ def _gather_gate_up_swiglu_kernel(
         tiles = tl.load(used_blocks_ptr) * num_n_blocks
         for tile in tl.range(pid, tiles, tl.num_programs(0), flatten=True):
             expert, row_start, row_end = _row_block(schedule_ptr, tile // num_n_blocks)
-            _gate_up_tile(expert, row_start, row_end, tile % num_n_blocks, x_ptr, w_ptr, w_desc, w_scale_ptr, a2_ptr,
-                          w2_ptr, sorted_pairs_ptr, scale_ptr, gate_up_ptr, h_ptr, K, K2, N, TOP_K, stride_xm,
-                          stride_xk, stride_we, stride_wk, stride_wn, stride_a2m, stride_a2k, stride_w2e, stride_w2k,
-                          stride_w2n, HAS_A2, W_TMA, W_K_CONTIG, W_SCALED, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+            _gate_up_tile(expert, row_start, row_end, tile % num_n_blocks, x_ptr, w_ptr, w_desc, a2_ptr, w2_ptr,
+                          sorted_pairs_ptr, scale_ptr, gate_up_ptr, h_ptr, K, K2, N, TOP_K, stride_xm, stride_xk,
+                          stride_we, stride_wk, stride_wn, stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
+                          HAS_A2, W_TMA, W_K_CONTIG, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         expert, row_start, row_end = _row_block(schedule_ptr, pid // num_n_blocks)
         if expert >= NUM_EXPERTS:  # past the last row block
             return
-        _gate_up_tile(expert, row_start, row_end, pid % num_n_blocks, x_ptr, w_ptr, w_desc, w_scale_ptr, a2_ptr,
-                      w2_ptr, sorted_pairs_ptr, scale_ptr, gate_up_ptr, h_ptr, K, K2, N, TOP_K, stride_xm, stride_xk,
+        _gate_up_tile(expert, row_start, row_end, pid % num_n_blocks, x_ptr, w_ptr, w_desc, a2_ptr, w2_ptr,
+                      sorted_pairs_ptr, scale_ptr, gate_up_ptr, h_ptr, K, K2, N, TOP_K, stride_xm, stride_xk,
                       stride_we, stride_wk, stride_wn, stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
-                      HAS_A2, W_TMA, W_K_CONTIG, W_SCALED, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                      HAS_A2, W_TMA, W_K_CONTIG, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
 def _scatter_matmul_tile(
-    expert, row_start, row_end, pid_n, a_ptr, a_desc, w_ptr, w_desc, w_scale_ptr, a2_ptr, w2_ptr, sorted_pairs_ptr,
-    y_ptr, K, K2, N, TOP_K: tl.constexpr, stride_am, stride_ak, stride_we, stride_wk, stride_wn,
+    expert, row_start, row_end, pid_n, a_ptr, a_desc, w_ptr, w_desc, a2_ptr, w2_ptr, sorted_pairs_ptr, y_ptr,
+    K, K2, N, TOP_K: tl.constexpr, stride_am, stride_ak, stride_we, stride_wk, stride_wn,
     stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
     A_GATHERED: tl.constexpr, Y_SCATTERED: tl.constexpr, HAS_A2: tl.constexpr, A_TMA: tl.constexpr,
-    W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr, W_SCALED: tl.constexpr, SCALE_ALONG_N: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One (row block, column block) tile of ``_scatter_matmul_kernel``."""
@@ -448,35 +426,32 @@ def _scatter_matmul_tile(
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
     acc = _accumulate(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a_ptrs, a_desc, row_start, w_ptrs, w_desc,
-                      w_scale_ptr, expert, n0, row_mask, col_mask, K, N, stride_ak, stride_wk, A_TMA, W_TMA,
-                      W_K_CONTIG, W_SCALED, SCALE_ALONG_N, BLOCK_K, BLOCK_N, INPUT_PRECISION)
+                      expert, n0, row_mask, col_mask, K, N, stride_ak, stride_wk, A_TMA, W_TMA, W_K_CONTIG, BLOCK_K,
+                      INPUT_PRECISION)
     if HAS_A2:
         a2_ptrs = a2_ptr + rows[:, None].to(tl.int64) * stride_a2m + ks[None, :] * stride_a2k
         w2_ptrs = w2_ptr + expert.to(tl.int64) * stride_w2e + ks[:, None] * stride_w2k + cols[None, :] * stride_w2n
-        acc = _accumulate(acc, a2_ptrs, a2_ptr, row_start, w2_ptrs, w2_ptr, w2_ptr, expert, n0, row_mask, col_mask,
-                          K2, N, stride_a2k, stride_w2k, False, False, False, False, False, BLOCK_K, BLOCK_N,
-                          INPUT_PRECISION)
+        acc = _accumulate(acc, a2_ptrs, a2_ptr, row_start, w2_ptrs, w2_ptr, expert, n0, row_mask, col_mask, K2, N,
+                          stride_a2k, stride_w2k, False, False, False, BLOCK_K, INPUT_PRECISION)
     y_ptrs = y_ptr + y_rows[:, None] * N + cols[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-@triton.autotune(configs=_MATMUL_CONFIGS,
-                 key=["K", "N", "ROWS_BUCKET", "A_GATHERED", "HAS_A2", "A_TMA", "W_TMA", "W_SCALED", "SCALE_ALONG_N"])
+@triton.autotune(configs=_MATMUL_CONFIGS, key=["K", "N", "ROWS_BUCKET", "A_GATHERED", "HAS_A2", "A_TMA", "W_TMA"])
 @triton.jit(do_not_specialize=["NUM_ROWS"])  # a descriptor's extent only: one compile for every row count
 def _scatter_matmul_kernel(
-    a_ptr, w_ptr, w_scale_ptr, a2_ptr, w2_ptr, sorted_pairs_ptr, schedule_ptr, used_blocks_ptr, y_ptr,
+    a_ptr, w_ptr, a2_ptr, w2_ptr, sorted_pairs_ptr, schedule_ptr, used_blocks_ptr, y_ptr,
     NUM_EXPERTS, K, K2, N, ROWS_BUCKET, NUM_ROWS,
     stride_am, stride_ak, stride_we, stride_wk, stride_wn,
     stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
     TOP_K: tl.constexpr, A_GATHERED: tl.constexpr, Y_SCATTERED: tl.constexpr, HAS_A2: tl.constexpr, A_TMA: tl.constexpr,
-    W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr, W_SCALED: tl.constexpr, SCALE_ALONG_N: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     """y = a @ W[e] per expert row block. ``a`` rows are gathered by token or read in grouped order (A_TMA: through
     a descriptor); ``y`` rows are scattered to pair order or written in grouped order. With HAS_A2,
     y += a2 @ W2[e] over grouped rows of a2 in the same accumulator (LoRA's low-rank term, added without a second
-    output buffer). W_SCALED: W is FP8 with a scale per stored row (``_load_weight``).
+    output buffer).
 
     One tile per program or, with PERSISTENT, a program per SM over the tiles of the row blocks in use: a loop that
     Triton flattens with the K loop (the same trip count for every tile), so that the next tile's loads start under
@@ -490,19 +465,19 @@ def _scatter_matmul_kernel(
         for tile in tl.range(pid, tiles, tl.num_programs(0), flatten=True):
             expert, row_start, row_end = _row_block(schedule_ptr, tile // num_n_blocks)
             _scatter_matmul_tile(
-                expert, row_start, row_end, tile % num_n_blocks, a_ptr, a_desc, w_ptr, w_desc, w_scale_ptr, a2_ptr,
-                w2_ptr, sorted_pairs_ptr, y_ptr, K, K2, N, TOP_K, stride_am, stride_ak, stride_we, stride_wk,
-                stride_wn, stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n, A_GATHERED, Y_SCATTERED, HAS_A2,
-                A_TMA, W_TMA, W_K_CONTIG, W_SCALED, SCALE_ALONG_N, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                expert, row_start, row_end, tile % num_n_blocks, a_ptr, a_desc, w_ptr, w_desc, a2_ptr, w2_ptr,
+                sorted_pairs_ptr, y_ptr, K, K2, N, TOP_K, stride_am, stride_ak, stride_we, stride_wk, stride_wn,
+                stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n, A_GATHERED, Y_SCATTERED, HAS_A2, A_TMA,
+                W_TMA, W_K_CONTIG, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         expert, row_start, row_end = _row_block(schedule_ptr, pid // num_n_blocks)
         if expert >= NUM_EXPERTS:  # past the last row block
             return
         _scatter_matmul_tile(
-            expert, row_start, row_end, pid % num_n_blocks, a_ptr, a_desc, w_ptr, w_desc, w_scale_ptr, a2_ptr, w2_ptr,
+            expert, row_start, row_end, pid % num_n_blocks, a_ptr, a_desc, w_ptr, w_desc, a2_ptr, w2_ptr,
             sorted_pairs_ptr, y_ptr, K, K2, N, TOP_K, stride_am, stride_ak, stride_we, stride_wk, stride_wn,
             stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n, A_GATHERED, Y_SCATTERED, HAS_A2, A_TMA,
-            W_TMA, W_K_CONTIG, W_SCALED, SCALE_ALONG_N, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+            W_TMA, W_K_CONTIG, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 # Rows per program and warps: one row of 4 warps was the fixed choice until 2026-12-01; the autotuner now times more.
@@ -757,22 +732,6 @@ def row_block_schedule(expert_ends: torch.Tensor, num_rows: int) -> tuple[torch.
     return schedule, used_blocks
 
 
-def _fp8_scales(w: torch.Tensor, fp8_scale: torch.Tensor | None) -> tuple[torch.Tensor, bool, bool]:
-    """(scales, W_SCALED, SCALE_ALONG_N) for a logical (E, K, N) weight view of an FP8 weight stored as (E, rows,
-    cols) with fp32 scales (E, rows, 1): its rows are the view's N when the view is transposed (K contiguous, as in
-    the forward), else its K. Without scales, ``w`` fills the unused pointer."""
-    if fp8_scale is None:
-        return w, False, False
-    num_experts, k_dim, n_dim = w.shape
-    scale = fp8_scale.reshape(num_experts, -1).float().contiguous()
-    if w.stride(1) == 1 and scale.shape[1] == n_dim:
-        return scale, True, True
-    if w.stride(2) == 1 and scale.shape[1] == k_dim:
-        return scale, True, False
-    raise ValueError(f"FP8 weight view {tuple(w.shape)} with strides {w.stride()}: its scales {tuple(fp8_scale.shape)} "
-                     "match neither its N nor its K as stored rows.")
-
-
 def _second_operand(
     a2: torch.Tensor | None, w2: torch.Tensor | None, fallback: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, int, tuple[int, ...]]:
@@ -789,12 +748,10 @@ def gather_gate_up_swiglu(
     routing: Routing,
     a2: torch.Tensor | None = None,
     w2: torch.Tensor | None = None,
-    fp8_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (T, H), w_gate_up as (E, H, 2I) view -> pre-activations (T*k, 2I) and weighted h (T*k, I), grouped.
 
     ``a2`` (T*k, K2) grouped with ``w2`` as (E, K2, 2I) view adds a2 @ W2[e] to the pre-activations.
-    ``fp8_scale``: w_gate_up is FP8, stored (E, 2I, H) with these (E, 2I, 1) scales (``_fp8_scales``).
     """
     num_experts, hidden, two_inter = w_gate_up.shape
     inter = two_inter // 2
@@ -807,15 +764,12 @@ def gather_gate_up_swiglu(
         return _grid(routing.schedule.shape[0] * triton.cdiv(inter, meta["BLOCK_N"]), meta, x.device)
 
     a2, w2, k2, a2_strides = _second_operand(a2, w2, x)
-    w_tma, w_k_contig = _weight_tma(w_gate_up, x.dtype, column_offsets=(inter,))
-    w_scale, w_scaled, along_n = _fp8_scales(w_gate_up, fp8_scale)
-    if w_scaled and not along_n:
-        raise ValueError("gather_gate_up_swiglu: an FP8 w_gate_up must be the (E, H, 2I) view of its stored rows.")
+    w_tma, w_k_contig = _weight_tma(w_gate_up, column_offsets=(inter,))
     launch(_autotuner(_gather_gate_up_swiglu_kernel, x.dtype, low_rank=k2 > 0), grid, (
-        x, w_gate_up, w_scale, a2, w2, routing.sorted_pairs, routing.schedule, routing.used_blocks, row_scale,
-        gate_up, h, num_experts, hidden, k2, inter, _rows_bucket(num_rows),
+        x, w_gate_up, a2, w2, routing.sorted_pairs, routing.schedule, routing.used_blocks, row_scale, gate_up, h,
+        num_experts, hidden, k2, inter, _rows_bucket(num_rows),
         x.stride(0), x.stride(1), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), *a2_strides,
-    ), dict(TOP_K=routing.top_k, HAS_A2=k2 > 0, W_TMA=w_tma, W_K_CONTIG=w_k_contig, W_SCALED=w_scaled,
+    ), dict(TOP_K=routing.top_k, HAS_A2=k2 > 0, W_TMA=w_tma, W_K_CONTIG=w_k_contig,
             INPUT_PRECISION=_input_precision(x.dtype), BLOCK_M=ROW_BLOCK))
     return gate_up, h
 
@@ -828,11 +782,10 @@ def scatter_matmul(
     y_scattered: bool,
     a2: torch.Tensor | None = None,
     w2: torch.Tensor | None = None,
-    fp8_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """a @ W[e] for w as (E, K, N) view -> (T*k, N); a is (T, K) gathered by token or (T*k, K) grouped, and the
     output is in pair order (scattered) or grouped order. ``a2`` (T*k, K2) grouped with ``w2`` as (E, K2, N)
-    view adds a2 @ W2[e]. ``fp8_scale``: w is FP8 with these scales of its stored rows (``_fp8_scales``)."""
+    view adds a2 @ W2[e]."""
     num_experts, k_dim, n_dim = w.shape
     num_rows = routing.sorted_pairs.numel()
     y = torch.empty(num_rows, n_dim, device=a.device, dtype=a.dtype)
@@ -841,16 +794,14 @@ def scatter_matmul(
         return _grid(routing.schedule.shape[0] * triton.cdiv(n_dim, meta["BLOCK_N"]), meta, a.device)
 
     a2, w2, k2, a2_strides = _second_operand(a2, w2, a)
-    w_tma, w_k_contig = _weight_tma(w, a.dtype)
-    w_scale, w_scaled, along_n = _fp8_scales(w, fp8_scale)
+    w_tma, w_k_contig = _weight_tma(w)
     a_tma = not a_gathered and _grouped_rows_tma(a)
     launch(_autotuner(_scatter_matmul_kernel, a.dtype, low_rank=k2 > 0), grid, (
-        a, w, w_scale, a2, w2, routing.sorted_pairs, routing.schedule, routing.used_blocks, y,
+        a, w, a2, w2, routing.sorted_pairs, routing.schedule, routing.used_blocks, y,
         num_experts, k_dim, k2, n_dim, _rows_bucket(num_rows), a.shape[0],
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), *a2_strides,
     ), dict(TOP_K=routing.top_k, A_GATHERED=a_gathered, Y_SCATTERED=y_scattered, HAS_A2=k2 > 0, A_TMA=a_tma,
-            W_TMA=w_tma, W_K_CONTIG=w_k_contig, W_SCALED=w_scaled, SCALE_ALONG_N=along_n,
-            INPUT_PRECISION=_input_precision(a.dtype), BLOCK_M=ROW_BLOCK))
+            W_TMA=w_tma, W_K_CONTIG=w_k_contig, INPUT_PRECISION=_input_precision(a.dtype), BLOCK_M=ROW_BLOCK))
     return y
 
 
