@@ -18,7 +18,8 @@ recompute inside the layer's compiled backward. ``body`` calls the layer eagerly
 instead (``_CompiledCheckpoint``), for the forward and for its recompute in backward alike; the recompute then goes
 through Python again (the checkpoint's pack hooks for every saved tensor, Dynamo's guards, AOTAutograd's wrappers),
 which cost 2.3 % of the full-depth LoRA step on an H200 (docs/results.md). ``body`` is also what runs with peft's
-own expert LoRA and under ZeRO-3, whose graph breaks a higher-order op cannot take.
+own expert LoRA and under ZeRO-3, whose graph breaks a higher-order op cannot take, and the default under Inductor's
+C++ wrapper, which has no code for the compiled checkpoint's RNG-state op.
 
 Those hooks would still cut every layer into several graphs (the break at a hook inside a submodule splits each
 enclosing frame too: seven graph regions a layer on a GPU profile, each with its guard check and autograd node, in a
@@ -38,6 +39,7 @@ from functools import partial
 
 import torch
 from torch._dynamo.exc import TorchDynamoException
+from torch._inductor import config as inductor_config
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils.output_capturing import maybe_install_capturing_hooks
 
@@ -206,11 +208,19 @@ class _CompiledCheckpoint:
 
 
 def checkpoint_compiled_inside() -> bool:
-    """Whether ``TURBO_TUNE_COMPILE_CHECKPOINT`` asks for the whole layer compiled, its checkpoint included."""
-    choice = os.environ.get(CHECKPOINT_ENV, "layer")
+    """Whether ``TURBO_TUNE_COMPILE_CHECKPOINT`` asks for the whole layer compiled, its checkpoint included: by
+    default yes, unless Inductor's C++ wrapper is on (``TORCHINDUCTOR_CPP_WRAPPER=1``), which has no code for the
+    RNG-state op a compiled checkpoint carries in torch 2.11 (its layers would all fall back to eager)."""
+    cpp_wrapper = bool(inductor_config.cpp_wrapper)
+    choice = os.environ.get(CHECKPOINT_ENV, "body" if cpp_wrapper else "layer")
     if choice not in ("body", "layer"):
         raise ConfigError(f"{CHECKPOINT_ENV}={choice}: use layer (compile the whole layer, its checkpoint included; "
                           "the default) or body (compile the checkpointed body, the checkpoint around it).")
+    if choice == "layer" and cpp_wrapper:
+        raise ConfigError(f"{CHECKPOINT_ENV}=layer cannot compile under Inductor's C++ wrapper "
+                          "(TORCHINDUCTOR_CPP_WRAPPER=1): it has no code for the compiled checkpoint's RNG-state op, "
+                          f"so every layer would run eagerly. Unset {CHECKPOINT_ENV} (body is then the default) or "
+                          "the C++ wrapper.")
     return choice == "layer"
 
 

@@ -22,6 +22,7 @@ from monkey_patch.fast_moe import IMPLEMENTATION_NAME, apply_fast_moe_block
 from monkey_patch.sft_trainer import TurboSFTTrainer
 from monkey_patch.torch_compile import (
     _CompiledCheckpoint,
+    checkpoint_compiled_inside,
     compile_decoder_layers,
     compile_fell_back,
     is_compiled_per_layer,
@@ -322,6 +323,20 @@ def test_a_misspelt_compile_checkpoint_choice_is_refused_before_the_model_loads(
     monkeypatch.setenv("TURBO_TUNE_COMPILE_CHECKPOINT", "inside")
     with pytest.raises(ConfigError, match="TURBO_TUNE_COMPILE_CHECKPOINT=inside: use layer"):
         preflight(TurboTuneConfig(output_dir="unused", report_to="none", torch_compile=True))
+
+
+def test_under_the_cpp_wrapper_the_checkpointed_body_compiles_and_a_layer_choice_is_refused_before_loading(
+        monkeypatch):
+    """Inductor's C++ wrapper has no code for a compiled checkpoint's RNG-state op (every layer fell back to eager
+    on an H200): with it the default is ``body``, and asking for ``layer`` is a configuration error."""
+    with torch._inductor.config.patch(cpp_wrapper=True):
+        assert not checkpoint_compiled_inside()
+        monkeypatch.setenv("TURBO_TUNE_COMPILE_CHECKPOINT", "layer")
+        with pytest.raises(ConfigError, match=r"=layer cannot compile under Inductor's C\+\+ wrapper"):
+            preflight(TurboTuneConfig(output_dir="unused", report_to="none", torch_compile=True))
+    assert checkpoint_compiled_inside()
+    monkeypatch.delenv("TURBO_TUNE_COMPILE_CHECKPOINT")
+    assert checkpoint_compiled_inside()  # the default without the wrapper
 
 
 @pytest.mark.parametrize("setting", ["peft_expert_lora", "zero3"])
