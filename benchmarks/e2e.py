@@ -130,7 +130,8 @@ VARIANTS = {
     "all_lora_compile_fp8": ["use_fast_moe_block", "use_packing", "use_lora", "torch_compile", "fp8_frozen_experts"],
     # and with Inductor's C++ wrapper around each compiled graph (an environment setting, as the upper-case name says):
     # its kernels launch from C++ instead of a Python wrapper, for a step bound by the host (varlen attention then
-    # calls aten's flash op directly: monkey_patch/attention.py)
+    # calls aten's flash op directly: monkey_patch/attention.py); the checkpointed body is compiled, the wrapper having
+    # no code for a checkpoint compiled into the layer (monkey_patch/torch_compile.py)
     "all_lora_compile_fp8_cpp_wrapper": ["TORCHINDUCTOR_CPP_WRAPPER=1", "use_fast_moe_block", "use_packing", "use_lora",
                                          "torch_compile", "fp8_frozen_experts"],
     # and with the checkpointed body compiled, the checkpoint around it (the default until 2026-12-03, when the whole

@@ -6,8 +6,8 @@ Two tables, one run:
   (kernels.dequantize_rows), and whether the kernel's result is bit-identical to torch's fp32 product rounded once
   to bf16.
 - The expert block under LoRA (frozen weights, rank-16 factors on both projections, top-8 routing), forward and
-  forward+backward, on ``bf16`` weights and on ``fp8`` ones (which the op dequantizes to bf16 for its kernels, once
-  in the forward and once in the backward here; a checkpointed layer's backward takes its recompute's copy).
+  forward+backward, on ``bf16`` weights and on ``fp8`` ones, which the op dequantizes to bf16 for its kernels once
+  per forward (its backward takes that copy, as a checkpointed layer's backward takes its recompute's).
 
     python benchmarks/fp8_dequantize.py [--shape 128,1536,2048] [--tokens 8192]    # Qwen3-30B-A3B's experts
 """
