@@ -299,40 +299,6 @@ def _row_block(schedule_ptr, pid_m):
     return tl.load(entry), tl.load(entry + 1), tl.load(entry + 2)
 
 
-# Whether FP8 tiles convert to bf16 with ``_fp8_to_bf16``'s PTX; the interpreter, which cannot run PTX, casts them
-_PTX_FP8_TO_BF16 = tl.constexpr(not INTERPRET)
-
-
-@triton.jit
-def _fp8_to_bf16(w):
-    """FP8 e4m3 values as bf16, exactly, four values a 32-bit register in integer ops: each byte's sign and its
-    exponent and mantissa bits, moved to their bf16 places, make a bf16 2^-120 times the value (subnormals included,
-    as bf16 subnormals), and a bf16 multiply by 2^120 restores it. Triton's cast goes through fp16 with three
-    ``cvt`` a pair of values, which run at a quarter of the ALU's rate: with the weight tiles read in FP8, those
-    conversions, not the tensor cores, set the matmuls' pace (the 0x7f/0xff NaN codes, which quantized weights never
-    hold, come out as 480)."""
-    return tl.inline_asm_elementwise(
-        asm="""
-        {
-        .reg .b32 lo, hi, bits, two_pow_120, minus_zero;
-        mov.b32 two_pow_120, 0x7B807B80;
-        mov.b32 minus_zero, 0x80008000;
-        prmt.b32 lo, $2, 0, 0x1404;
-        prmt.b32 hi, $2, 0, 0x3424;
-        shr.b32 bits, lo, 4;
-        and.b32 bits, bits, 0x07F007F0;
-        lop3.b32 lo, lo, 0x80008000, bits, 0xEA;
-        fma.rn.bf16x2 $0, lo, two_pow_120, minus_zero;
-        shr.b32 bits, hi, 4;
-        and.b32 bits, bits, 0x07F007F0;
-        lop3.b32 hi, hi, 0x80008000, bits, 0xEA;
-        fma.rn.bf16x2 $1, hi, two_pow_120, minus_zero;
-        }
-        """,
-        constraints="=r,=r,r", args=[w.to(tl.uint8, bitcast=True)], dtype=tl.bfloat16, is_pure=True, pack=4,
-    )
-
-
 @triton.jit
 def _product(acc, a, w, w_scale_ptr, expert, K, k0, TRANSPOSED: tl.constexpr, W_SCALE: tl.constexpr,
              BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
@@ -341,8 +307,6 @@ def _product(acc, a, w, w_scale_ptr, expert, K, k0, TRANSPOSED: tl.constexpr, W_
     through shared memory first: 1.41x slower, docs/history.md). w is cast to a's dtype, times its fp32 scales
     per K row first with SCALE_ALONG_K (rounded once, as ``dequantize_rows`` rounds); scales along N are the
     caller's, on the sum."""
-    if W_SCALE and _PTX_FP8_TO_BF16 and a.dtype == tl.bfloat16:
-        w = _fp8_to_bf16(w)
     if W_SCALE == SCALE_ALONG_K:
         ks = k0 + tl.arange(0, BLOCK_K)
         scale = tl.load(w_scale_ptr + expert.to(tl.int64) * K + ks, mask=ks < K, other=0.0)

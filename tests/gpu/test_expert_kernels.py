@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 from gate import (
     GRAD_NAMES,
     QWEN3_30B_A3B,
@@ -192,24 +190,6 @@ def test_lora_factors_are_as_close_as_peft_fold_on_grouped_mm(shape, tokens, fp8
     grouped_mm = lora_outputs(problem, factors, scale, BF16, "grouped_mm", shape, fp8=fp8)
     ours = lora_outputs(problem, factors, scale, BF16, "scattermoe", shape, fp8=fp8)
     assert_as_close_as_grouped_mm(f"lora {'fp8 ' if fp8 else ''}{shape.name} {tokens}", ours, grouped_mm, reference)
-
-
-@triton.jit
-def _fp8_codes_to_bf16_kernel(codes_ptr, out_ptr, BLOCK: tl.constexpr):
-    offsets = tl.arange(0, BLOCK)
-    tl.store(out_ptr + offsets, kernels._fp8_to_bf16(tl.load(codes_ptr + offsets)))
-
-
-def test_fp8_weight_tiles_convert_to_bf16_exactly_for_every_finite_e4m3_value():
-    """The FP8 matmuls' PTX conversion (integer moves and a multiply by 2^120) against torch's cast, bit for bit,
-    signed zeros and subnormals included."""
-    codes = torch.arange(256, device="cuda", dtype=torch.int32).to(torch.uint8)
-    converted = torch.empty(256, device="cuda", dtype=BF16)
-    _fp8_codes_to_bf16_kernel[(1,)](codes, converted, BLOCK=256)
-    expected = codes.view(torch.float8_e4m3fn).to(BF16)
-    finite = expected.isfinite()
-    assert finite.sum() == 254  # all but the two NaN codes
-    assert torch.equal(converted[finite].view(torch.int16), expected[finite].view(torch.int16))
 
 
 def test_fp32_lora_matches_the_fp32_fold():
