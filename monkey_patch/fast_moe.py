@@ -129,7 +129,7 @@ def scattermoe_experts_forward(
     w_gate_up, gate_up_lora = _weight_and_lora(self, "gate_up_proj")
     w_down, down_lora = _weight_and_lora(self, "down_proj")
     gate_up_scale, down_scale = fp8_scale(self, "gate_up_proj"), fp8_scale(self, "down_proj")
-    if gate_up_scale is not None:  # FP8 weights: the kernels convert their tiles to the activations' dtype
+    if gate_up_scale is not None:  # FP8 weights: the op dequantizes them to the activations' dtype
         x = hidden_states
     elif torch.is_autocast_enabled(hidden_states.device.type):
         # As nn.Linear under autocast: fp32 master weights compute in the autocast dtype (casts that autograd undoes).

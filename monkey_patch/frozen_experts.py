@@ -2,11 +2,12 @@
 
 Under LoRA the experts' ``gate_up_proj`` and ``down_proj`` never change, and they are most of a Qwen3-MoE model
 (~54 of Qwen3-30B-A3B's 57 GiB). Each is stored as float8 e4m3 with one fp32 scale per expert row (amax / 448), as
-a frozen ``Parameter`` of that dtype, and the scale as a buffer ``<name>_fp8_scale`` beside it. ScatterMoE's
-matmul kernels read the FP8 tiles and convert them in registers, forward and backward, so no full-precision copy
-of any layer's experts is made and autograd keeps only the FP8 tensors. peft's adapters are created first, in the
-weights' original dtype (quantize after ``get_peft_model``), and train as usual; saved adapters are ordinary peft
-adapters for the original full-precision model.
+a frozen ``Parameter`` of that dtype, and the scale as a buffer ``<name>_fp8_scale`` beside it. The ScatterMoE op
+dequantizes a layer's weights to the compute dtype when the layer runs, forward and backward (a checkpointed
+layer's backward takes its recompute's copy), and autograd keeps only the FP8 tensors, so at most one layer's bf16
+copy exists at a time. peft's adapters are created first, in the weights' original dtype (quantize after
+``get_peft_model``), and train as usual; saved adapters are ordinary peft adapters for the original full-precision
+model.
 
 peft would fold the adapters into FP8 weights (a full fp32 delta per forward, rounded into FP8); ScatterMoE takes
 them as factors instead (``fast_moe.hand_expert_lora_to_scattermoe``), which must be in place first.
@@ -18,7 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .model_parts import expert_lora_wrappers, experts_modules
-from .scattermoe import kernels
+from .scattermoe.compilable_ops import dequantize
 
 logger = logging.getLogger(__name__)
 
@@ -32,16 +33,6 @@ def quantize_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = weight.detach().abs().amax(dim=-1, keepdim=True).float()
     scale = torch.where(amax > 0, amax / torch.finfo(FP8).max, torch.ones_like(amax))
     return (weight.detach().float() / scale).to(FP8), scale
-
-
-def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """A weight in ``dtype``: as it is without a scale, else FP8 values times their fp32 per-row scales, rounded
-    once to ``dtype`` (one fused Triton pass where Triton runs, the same arithmetic in torch elsewhere)."""
-    if scale is None:
-        return weight
-    if weight.is_cuda or kernels.INTERPRET:
-        return kernels.dequantize_rows(weight, scale, dtype)
-    return (weight.float() * scale.float()).to(dtype)
 
 
 def fp8_scale(experts: torch.nn.Module, name: str) -> torch.Tensor | None:

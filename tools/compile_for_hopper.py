@@ -3,10 +3,9 @@
 Triton's interpreter runs the kernels' arithmetic but never their compiler: a kernel that is correct there can still
 fail to compile (the compiler's typing of constexpr branches, descriptor layouts, register and shared-memory
 limits). This drives the expert block's forward and backward on the CPU, in bf16 with TMA loads on, with LoRA on
-both projections (on bf16 and on FP8 frozen weights), and in fp32, replacing each launch by a compilation to a
-Hopper cubin (ptxas included) of the kernel with the arguments and constexprs it was given, under each autotune
-config (``--configs first``: the first of each kind in each list only). Nothing runs, so outputs are garbage;
-only the compilations count.
+both projections, and in fp32, replacing each launch by a compilation to a Hopper cubin (ptxas included) of the
+kernel with the arguments and constexprs it was given, under each autotune config (``--configs first``: the first
+of each kind in each list only). Nothing runs, so outputs are garbage; only the compilations count.
 
     TRITON_INTERPRET=0 python tools/compile_for_hopper.py [--configs first|all] [--ptx DIR]
 
@@ -111,19 +110,13 @@ def compile_only(which: str, compiled: list[str], ptx_dir: Path | None = None):
     return launch
 
 
-def drive(dtype: torch.dtype, lora: bool, fp8: bool = False) -> None:
-    """One forward and backward of the expert block: every launcher the block uses at ``dtype``; ``fp8``: on
-    frozen FP8 expert weights (``--fp8_frozen_experts``)."""
+def drive(dtype: torch.dtype, lora: bool) -> None:
+    """One forward and backward of the expert block: every launcher the block uses at ``dtype``."""
     torch.manual_seed(0)
     tokens, hidden, inter, num_experts, top_k, rank = 64, 256, 128, 8, 2, 16
     x = torch.randn(tokens, hidden, dtype=dtype, requires_grad=True)
-    w_gate_up = torch.randn(num_experts, 2 * inter, hidden, dtype=dtype, requires_grad=not fp8)
-    w_down = torch.randn(num_experts, hidden, inter, dtype=dtype, requires_grad=not fp8)
-    scales = {}
-    if fp8:
-        scales = {"w_gate_up_scale": torch.rand(num_experts, 2 * inter, 1),
-                  "w_down_scale": torch.rand(num_experts, hidden, 1)}
-        w_gate_up, w_down = w_gate_up.to(torch.float8_e4m3fn), w_down.to(torch.float8_e4m3fn)
+    w_gate_up = torch.randn(num_experts, 2 * inter, hidden, dtype=dtype, requires_grad=True)
+    w_down = torch.randn(num_experts, hidden, inter, dtype=dtype, requires_grad=True)
     weights, index = torch.randn(tokens, num_experts).softmax(-1).topk(top_k, -1)
     weights = weights.to(dtype).requires_grad_()
     low_rank = {}
@@ -135,7 +128,7 @@ def drive(dtype: torch.dtype, lora: bool, fp8: bool = False) -> None:
             "down_lora": ops.LowRank(torch.randn(num_experts, rank, inter, dtype=dtype, requires_grad=True),
                                      torch.randn(num_experts, hidden, rank, dtype=dtype, requires_grad=True), 2.0),
         }
-    scattermoe_experts(x, w_gate_up, w_down, weights, index, **low_rank, **scales).float().sum().backward()
+    scattermoe_experts(x, w_gate_up, w_down, weights, index, **low_rank).float().sum().backward()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,8 +145,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[kernels.PERSISTENT_ENV] = "1"  # the persistent configs too (their autotuners have the rest)
     for dtype, lora in ((torch.bfloat16, False), (torch.bfloat16, True), (torch.float32, False)):
         drive(dtype, lora)
-    for lora in (True, False):
-        drive(torch.bfloat16, lora, fp8=True)
     kernels.dequantize_rows(torch.randn(8, 64).to(torch.float8_e4m3fn), torch.rand(8, 1), torch.bfloat16)
     routing = kernels.Routing.of(*ops.compute_routing(torch.randint(0, 8, (64, 2)), 8), 2)
     kernels.gather_token_rows(torch.randn(64, 256, dtype=torch.bfloat16), routing)  # the grouped GEMM's row copy

@@ -121,7 +121,7 @@ class TurboTuneConfig(SFTConfig):
     fp8_frozen_experts: bool = field(
         default=False,
         metadata={"help": "With --use_lora and --use_fast_moe_block: store the frozen expert weights in FP8 (e4m3, "
-                  "one scale per expert row), half their bf16 memory; the expert kernels read them in FP8."},
+                  "one scale per expert row), half their bf16 memory; each layer dequantizes them when it runs."},
     )
     deepspeed_config: str | None = field(
         default=None, metadata={"help": "DeepSpeed JSON config (see config/zero*.json). Same as --deepspeed."}

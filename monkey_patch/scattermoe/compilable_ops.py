@@ -4,8 +4,10 @@ Forward and backward are opaque ops with fake (meta) implementations over ops.ex
 routing metadata is plain torch and traces normally, except the row-block schedule, which the forward op computes
 and hands to the backward op as two more outputs. LoRA factors are optional inputs; custom ops cannot
 return None, so an absent result (no adapter, frozen weights) travels as an empty tensor. Frozen weights may come
-in FP8 with per-row scales (``--fp8_frozen_experts``): the kernels read them as they are, and backward keeps the FP8
-tensors.
+in FP8 with per-row scales (``--fp8_frozen_experts``): both ops dequantize them on entry, so backward keeps the FP8
+tensors, not a full-precision copy. Under gradient checkpointing a layer's recompute and its backward run back to
+back and would dequantize the same weights twice: the forward op leaves its dequantized pair behind
+(``_DequantizedPair``) and the backward op takes it when it is of the same, unchanged tensors.
 
 Under gradient checkpointing the forward runs again in backward for what it saves, and in a Qwen3-MoE decoder
 layer nothing that backward reads depends on the block's output (a residual add follows, which saves nothing).
@@ -13,6 +15,8 @@ With ``skip_recomputed_output`` the forward op, when it runs inside a backward p
 (a third of its matmul work) and returns the output filled with NaN: a model that did read it would get NaN
 gradients, which the run guard stops on, never silently wrong ones.
 """
+
+import threading
 
 import torch
 
@@ -26,6 +30,50 @@ def _or_empty(tensor: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 def _low_rank(a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> LowRank | None:
     return None if a is None else LowRank(a, b, scale)
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """A weight in ``dtype``: as it is without a scale, else FP8 values times their fp32 per-row scales, rounded
+    once to ``dtype`` (one fused Triton pass where Triton runs, the same arithmetic in torch elsewhere)."""
+    if scale is None:
+        return weight
+    if weight.is_cuda or kernels.INTERPRET:
+        return kernels.dequantize_rows(weight, scale, dtype)
+    return (weight.float() * scale.float()).to(dtype)
+
+
+class _DequantizedPair:
+    """The last expert pair the forward op dequantized, for the backward op that follows it. At most one pair is
+    held (one layer's experts in full precision, ~1.2 GB at Qwen3-30B-A3B's shape): it is dropped before the next
+    pair is dequantized and when a backward takes it. Its key is the FP8 tensors' and scales' addresses and
+    version counters: a backward finds it only if its weights are those tensors, unchanged, which autograd keeps
+    alive from the forward to the backward. Forward and backward run on different threads (and DataParallel
+    replicas on several), so a lock keeps key and pair together."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.pair: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.lock = threading.Lock()
+
+    def get(self, weights: tuple, scales: tuple, dtype: torch.dtype, for_backward: bool):
+        """The weights in ``dtype``, dequantized now or, for a backward, taken from the forward before it."""
+        if all(scale is None for scale in scales):
+            return weights
+        key = (dtype, *((t.data_ptr(), t._version) for t in (*weights, *scales) if t is not None))
+        with self.lock:
+            held, pair = self.key, self.pair
+            self.key = self.pair = None
+        if for_backward and held == key:
+            return pair
+        del pair  # before dequantizing: never two layers' full-precision experts at once
+        pair = tuple(dequantize(weight, scale, dtype) for weight, scale in zip(weights, scales, strict=True))
+        if not for_backward:
+            with self.lock:
+                self.key, self.pair = key, pair
+        return pair
+
+
+DEQUANTIZED = _DequantizedPair()
 
 
 @torch.library.custom_op("turbo_tune::scattermoe_experts_forward", mutates_args=())
@@ -49,9 +97,9 @@ def _forward_op(
     routing = kernels.Routing.of(sorted_pairs, expert_ends, routing_weights.shape[1])
     recomputing = skip_recomputed_output and torch._C._current_graph_task_id() != -1
     out, gate_up, su, sv = experts_forward(
-        x, w_gate_up, w_down, routing_weights, routing,
+        x, *DEQUANTIZED.get((w_gate_up, w_down), (w_gate_up_scale, w_down_scale), x.dtype, for_backward=False),
+        routing_weights, routing,
         _low_rank(a_gate_up, b_gate_up, scale_gate_up), _low_rank(a_down, b_down, scale_down), output=not recomputing,
-        w_gate_up_scale=w_gate_up_scale, w_down_scale=w_down_scale,
     )
     if out is None:
         out = torch.full_like(x, float("nan"))
@@ -105,9 +153,9 @@ def _backward_op(
            torch.Tensor]:
     routing = kernels.Routing(sorted_pairs, expert_ends, schedule, used_blocks, routing_weights.shape[1])
     grads = experts_backward(
-        grad_out, x, w_gate_up, w_down, routing_weights, routing, gate_up, needs_weight_grads,
+        grad_out, x, *DEQUANTIZED.get((w_gate_up, w_down), (w_gate_up_scale, w_down_scale), x.dtype, for_backward=True),
+        routing_weights, routing, gate_up, needs_weight_grads,
         _low_rank(a_gate_up, b_gate_up, scale_gate_up), _low_rank(a_down, b_down, scale_down), su, sv,
-        w_gate_up_scale, w_down_scale,
     )
     return tuple(_or_empty(grad, x) for grad in grads)
 

@@ -182,30 +182,10 @@ def _grouped_rows_tma(a: torch.Tensor) -> bool:
     return _tma_wanted(a.dtype, a.device) and a.stride(1) == 1 and _tma_rows(a, a.stride(0))
 
 
-# How an FP8 weight's fp32 row scales apply (``_fp8_scaling``); constexpr, so the kernels can name them too
-SCALE_ALONG_N, SCALE_ALONG_K = tl.constexpr(1), tl.constexpr(2)
-
-
-def _fp8_scaling(w: torch.Tensor, scale: torch.Tensor | None) -> int:
-    """How a kernel scales the logical (E, K, N) weight view ``w``: 0 when it is in the compute dtype; for FP8 with
-    fp32 scales (E, rows, 1) per stored row, SCALE_ALONG_N when the stored rows are the view's N (K contiguous: the
-    forward) or SCALE_ALONG_K when they are its K (N contiguous: the input gradients)."""
-    if scale is None:
-        return 0
-    num_experts, k_dim, n_dim = w.shape
-    if scale.shape == (num_experts, n_dim, 1) and w.stride(1) == 1:
-        return SCALE_ALONG_N.value
-    if scale.shape == (num_experts, k_dim, 1) and w.stride(2) == 1:
-        return SCALE_ALONG_K.value
-    raise ValueError(f"FP8 weight view {tuple(w.shape)} with strides {w.stride()}: its scales {tuple(scale.shape)} "
-                     "match neither its N (K contiguous) nor its K (N contiguous).")
-
-
-def _weight_tma(w: torch.Tensor, dtype: torch.dtype, column_offsets: tuple[int, ...] = ()) -> tuple[bool, bool]:
-    """(TMA, K contiguous) for a logical (E, K, N) weight view computed with in ``dtype`` (an FP8 weight loads as
-    FP8): one 2D descriptor over all experts, rows of (E*N, K) when K is contiguous (transformers' layout for the
-    forward), of (E*K, N) when N is."""
-    if not _tma_wanted(dtype, w.device):
+def _weight_tma(w: torch.Tensor, column_offsets: tuple[int, ...] = ()) -> tuple[bool, bool]:
+    """(TMA, K contiguous) for a logical (E, K, N) weight view: one 2D descriptor over all experts, rows of
+    (E*N, K) when K is contiguous (transformers' layout for the forward), of (E*K, N) when N is."""
+    if not _tma_wanted(w.dtype, w.device):
         return False, False
     num_experts, k_dim, n_dim = w.shape
     if w.stride(1) == 1 and w.stride(0) == n_dim * w.stride(2):
@@ -300,32 +280,11 @@ def _row_block(schedule_ptr, pid_m):
 
 
 @triton.jit
-def _product(acc, a, w, w_scale_ptr, expert, K, k0, TRANSPOSED: tl.constexpr, W_SCALE: tl.constexpr,
-             BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """acc + a @ w or, with TRANSPOSED, accᵀ + wᵀ aᵀ: the weight tile as ``wgmma``'s A operand, which Hopper reads
-    from registers, so an FP8 tile converted there goes straight to the tensor cores (as operand B it would go back
-    through shared memory first: 1.41x slower, docs/history.md). w is cast to a's dtype, times its fp32 scales
-    per K row first with SCALE_ALONG_K (rounded once, as ``dequantize_rows`` rounds); scales along N are the
-    caller's, on the sum."""
-    if W_SCALE == SCALE_ALONG_K:
-        ks = k0 + tl.arange(0, BLOCK_K)
-        scale = tl.load(w_scale_ptr + expert.to(tl.int64) * K + ks, mask=ks < K, other=0.0)
-        w = w.to(tl.float32) * scale[:, None]
-    w = w.to(a.dtype)
-    if TRANSPOSED:
-        acc = tl.dot(w.T, a.T, acc=acc, input_precision=INPUT_PRECISION)
-    else:
-        acc = tl.dot(a, w, acc=acc, input_precision=INPUT_PRECISION)
-    return acc
-
-
-@triton.jit
-def _accumulate(acc, a_ptrs, a_desc, row_start, w_ptrs, w_desc, w_scale_ptr, expert, n0, row_mask, col_mask, K,
-                N_TOTAL, stride_ak, stride_wk, A_TMA: tl.constexpr, W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr,
-                TRANSPOSED: tl.constexpr, W_SCALE: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """acc += a @ W[expert] over K in BLOCK_K steps (``_product``): a's (BLOCK_M, BLOCK_K) tiles from pointers
-    ``a_ptrs`` or, for grouped rows, descriptor ``a_desc`` at ``row_start``; W's (BLOCK_K, BLOCK_N) tiles at column
-    ``n0``."""
+def _accumulate(acc, a_ptrs, a_desc, row_start, w_ptrs, w_desc, expert, n0, row_mask, col_mask, K, N_TOTAL,
+                stride_ak, stride_wk, A_TMA: tl.constexpr, W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr,
+                BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc += a @ W[expert] over K in BLOCK_K steps: a's (BLOCK_M, BLOCK_K) tiles from pointers ``a_ptrs`` or, for
+    grouped rows, descriptor ``a_desc`` at ``row_start``; W's (BLOCK_K, BLOCK_N) tiles at column ``n0``."""
     ks = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         k_mask = ks < K - k0
@@ -334,16 +293,15 @@ def _accumulate(acc, a_ptrs, a_desc, row_start, w_ptrs, w_desc, w_scale_ptr, exp
         else:
             a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w = _load_weight(w_desc, w_ptrs, expert, K, N_TOTAL, k0, n0, k_mask, col_mask, W_TMA, W_K_CONTIG)
-        acc = _product(acc, a, w, w_scale_ptr, expert, K, k0, TRANSPOSED, W_SCALE, BLOCK_K, INPUT_PRECISION)
+        acc = tl.dot(a, w, acc=acc, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
     return acc
 
 
 @triton.jit
-def _accumulate_gate_up(acc_gate, acc_up, a_ptrs, w_ptrs, w_desc, w_scale_ptr, expert, n0, up_offset, row_mask,
-                        col_mask, K, N_TOTAL, stride_ak, stride_wk, stride_wn, W_TMA: tl.constexpr,
-                        W_K_CONTIG: tl.constexpr, TRANSPOSED: tl.constexpr, W_SCALE: tl.constexpr,
+def _accumulate_gate_up(acc_gate, acc_up, a_ptrs, w_ptrs, w_desc, expert, n0, up_offset, row_mask, col_mask, K,
+                        N_TOTAL, stride_ak, stride_wk, stride_wn, W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr,
                         BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """The gate and up halves of ``_accumulate`` at once, one load of ``a`` feeding both (up columns start
     ``up_offset`` after gate's)."""
@@ -354,49 +312,20 @@ def _accumulate_gate_up(acc_gate, acc_up, a_ptrs, w_ptrs, w_desc, w_scale_ptr, e
         w_gate = _load_weight(w_desc, w_ptrs, expert, K, N_TOTAL, k0, n0, k_mask, col_mask, W_TMA, W_K_CONTIG)
         w_up = _load_weight(w_desc, w_ptrs + up_offset * stride_wn, expert, K, N_TOTAL, k0, n0 + up_offset, k_mask,
                             col_mask, W_TMA, W_K_CONTIG)
-        acc_gate = _product(acc_gate, a, w_gate, w_scale_ptr, expert, K, k0, TRANSPOSED, W_SCALE, BLOCK_K,
-                            INPUT_PRECISION)
-        acc_up = _product(acc_up, a, w_up, w_scale_ptr, expert, K, k0, TRANSPOSED, W_SCALE, BLOCK_K, INPUT_PRECISION)
+        acc_gate = tl.dot(a, w_gate, acc=acc_gate, input_precision=INPUT_PRECISION)
+        acc_up = tl.dot(a, w_up, acc=acc_up, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
     return acc_gate, acc_up
 
 
 @triton.jit
-def _accumulator(W_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A tile's fp32 zeros: (BLOCK_M, BLOCK_N), or transposed for an FP8 weight (``_product``)."""
-    if W_SCALE:  # one return, as in _weight_descriptor
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    return acc
-
-
-@triton.jit
-def _scaled_along_n(acc, w_scale_ptr, expert, cols, col_mask, N_TOTAL, W_SCALE: tl.constexpr):
-    """A transposed FP8 sum (BLOCK_N, BLOCK_M) times the scales of its weight columns ``cols`` with SCALE_ALONG_N:
-    one multiply per output instead of one per weight value."""
-    if W_SCALE == SCALE_ALONG_N:
-        scale = tl.load(w_scale_ptr + expert.to(tl.int64) * N_TOTAL + cols, mask=col_mask, other=0.0)
-        acc = acc * scale[:, None]
-    return acc
-
-
-@triton.jit
-def _untransposed(acc, W_SCALE: tl.constexpr):
-    """A finished tile as (BLOCK_M, BLOCK_N), whichever way ``_accumulator`` laid it out."""
-    if W_SCALE:
-        acc = acc.T
-    return acc
-
-
-@triton.jit
 def _gate_up_tile(
-    expert, row_start, row_end, pid_n, x_ptr, w_ptr, w_desc, w_scale_ptr, a2_ptr, w2_ptr, sorted_pairs_ptr, scale_ptr,
-    gate_up_ptr, h_ptr,
+    expert, row_start, row_end, pid_n, x_ptr, w_ptr, w_desc, a2_ptr, w2_ptr, sorted_pairs_ptr, scale_ptr, gate_up_ptr,
+    h_ptr,
     K, K2, N, TOP_K: tl.constexpr, stride_xm, stride_xk, stride_we, stride_wk, stride_wn,
     stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
-    HAS_A2: tl.constexpr, W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr, W_SCALE: tl.constexpr,
+    HAS_A2: tl.constexpr, W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One (row block, column block) tile of ``_gather_gate_up_swiglu_kernel``."""
@@ -410,20 +339,17 @@ def _gate_up_tile(
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tokens[:, None] * stride_xm + ks[None, :] * stride_xk
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
-    acc_gate = _accumulator(W_SCALE, BLOCK_M, BLOCK_N)
-    acc_up = _accumulator(W_SCALE, BLOCK_M, BLOCK_N)
-    acc_gate, acc_up = _accumulate_gate_up(acc_gate, acc_up, x_ptrs, w_ptrs, w_desc, w_scale_ptr, expert, n0, N,
-                                           row_mask, col_mask, K, 2 * N, stride_xk, stride_wk, stride_wn, W_TMA,
-                                           W_K_CONTIG, W_SCALE != 0, W_SCALE, BLOCK_K, INPUT_PRECISION)
-    acc_gate = _scaled_along_n(acc_gate, w_scale_ptr, expert, cols, col_mask, 2 * N, W_SCALE)
-    acc_up = _scaled_along_n(acc_up, w_scale_ptr, expert, cols + N, col_mask, 2 * N, W_SCALE)
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_gate, acc_up = _accumulate_gate_up(acc_gate, acc_up, x_ptrs, w_ptrs, w_desc, expert, n0, N, row_mask,
+                                           col_mask, K, 2 * N, stride_xk, stride_wk, stride_wn, W_TMA, W_K_CONTIG,
+                                           BLOCK_K, INPUT_PRECISION)
     if HAS_A2:
         a2_ptrs = a2_ptr + rows[:, None].to(tl.int64) * stride_a2m + ks[None, :] * stride_a2k
         w2_ptrs = w2_ptr + expert.to(tl.int64) * stride_w2e + ks[:, None] * stride_w2k + cols[None, :] * stride_w2n
-        acc_gate, acc_up = _accumulate_gate_up(acc_gate, acc_up, a2_ptrs, w2_ptrs, w2_ptr, w2_ptr, expert, n0, N,
-                                               row_mask, col_mask, K2, 2 * N, stride_a2k, stride_w2k, stride_w2n,
-                                               False, False, W_SCALE != 0, 0, BLOCK_K, INPUT_PRECISION)
-    acc_gate, acc_up = _untransposed(acc_gate, W_SCALE), _untransposed(acc_up, W_SCALE)
+        acc_gate, acc_up = _accumulate_gate_up(acc_gate, acc_up, a2_ptrs, w2_ptrs, w2_ptr, expert, n0, N, row_mask,
+                                               col_mask, K2, 2 * N, stride_a2k, stride_w2k, stride_w2n, False, False,
+                                               BLOCK_K, INPUT_PRECISION)
     scale = tl.load(scale_ptr + pairs, mask=row_mask, other=0.0).to(tl.float32)
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up * scale[:, None]
     out_mask = row_mask[:, None] & col_mask[None, :]
@@ -434,15 +360,14 @@ def _gate_up_tile(
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.autotune(configs=_GATE_UP_CONFIGS, key=["K", "N", "ROWS_BUCKET", "HAS_A2", "W_TMA", "W_SCALE"])
+@triton.autotune(configs=_GATE_UP_CONFIGS, key=["K", "N", "ROWS_BUCKET", "HAS_A2", "W_TMA"])
 @triton.jit
 def _gather_gate_up_swiglu_kernel(
-    x_ptr, w_ptr, w_scale_ptr, a2_ptr, w2_ptr, sorted_pairs_ptr, schedule_ptr, used_blocks_ptr, scale_ptr, gate_up_ptr,
-    h_ptr,
+    x_ptr, w_ptr, a2_ptr, w2_ptr, sorted_pairs_ptr, schedule_ptr, used_blocks_ptr, scale_ptr, gate_up_ptr, h_ptr,
     NUM_EXPERTS, K, K2, N, ROWS_BUCKET,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn,
     stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
-    TOP_K: tl.constexpr, HAS_A2: tl.constexpr, W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr, W_SCALE: tl.constexpr,
+    TOP_K: tl.constexpr, HAS_A2: tl.constexpr, W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PERSISTENT: tl.constexpr,
 ):
@@ -451,8 +376,7 @@ def _gather_gate_up_swiglu_kernel(
     Writes the pre-activations (for backward) and h = scale[pair] * silu(gate) * up, both in grouped row order.
     Scaling h instead of the down projection's output leaves the down projection and its weight gradient
     plain grouped matmuls. With HAS_A2, grouped rows a2 @ W2[e] join the same accumulators before the
-    activation: LoRA's low-rank path (u @ B^T) without a pre-activation-sized buffer. With W_SCALE, W is FP8 with
-    fp32 scales per stored row (``_fp8_scaling``), read as it is: no full-precision copy of the experts is made.
+    activation: LoRA's low-rank path (u @ B^T) without a pre-activation-sized buffer.
 
     One tile per program or, with PERSISTENT, a program per SM looping over the tiles of the row blocks in use,
     a loop Triton flattens with the K loop (its trip count is the same for every tile) so that the next tile's loads
@@ -466,27 +390,27 @@ def _gather_gate_up_swiglu_kernel(
         tiles = tl.load(used_blocks_ptr) * num_n_blocks
         for tile in tl.range(pid, tiles, tl.num_programs(0), flatten=True):
             expert, row_start, row_end = _row_block(schedule_ptr, tile // num_n_blocks)
-            _gate_up_tile(expert, row_start, row_end, tile % num_n_blocks, x_ptr, w_ptr, w_desc, w_scale_ptr, a2_ptr,
-                          w2_ptr, sorted_pairs_ptr, scale_ptr, gate_up_ptr, h_ptr, K, K2, N, TOP_K, stride_xm,
-                          stride_xk, stride_we, stride_wk, stride_wn, stride_a2m, stride_a2k, stride_w2e, stride_w2k,
-                          stride_w2n, HAS_A2, W_TMA, W_K_CONTIG, W_SCALE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+            _gate_up_tile(expert, row_start, row_end, tile % num_n_blocks, x_ptr, w_ptr, w_desc, a2_ptr, w2_ptr,
+                          sorted_pairs_ptr, scale_ptr, gate_up_ptr, h_ptr, K, K2, N, TOP_K, stride_xm, stride_xk,
+                          stride_we, stride_wk, stride_wn, stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
+                          HAS_A2, W_TMA, W_K_CONTIG, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         expert, row_start, row_end = _row_block(schedule_ptr, pid // num_n_blocks)
         if expert >= NUM_EXPERTS:  # past the last row block
             return
-        _gate_up_tile(expert, row_start, row_end, pid % num_n_blocks, x_ptr, w_ptr, w_desc, w_scale_ptr, a2_ptr,
-                      w2_ptr, sorted_pairs_ptr, scale_ptr, gate_up_ptr, h_ptr, K, K2, N, TOP_K, stride_xm, stride_xk,
+        _gate_up_tile(expert, row_start, row_end, pid % num_n_blocks, x_ptr, w_ptr, w_desc, a2_ptr, w2_ptr,
+                      sorted_pairs_ptr, scale_ptr, gate_up_ptr, h_ptr, K, K2, N, TOP_K, stride_xm, stride_xk,
                       stride_we, stride_wk, stride_wn, stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
-                      HAS_A2, W_TMA, W_K_CONTIG, W_SCALE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                      HAS_A2, W_TMA, W_K_CONTIG, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
 def _scatter_matmul_tile(
-    expert, row_start, row_end, pid_n, a_ptr, a_desc, w_ptr, w_desc, w_scale_ptr, a2_ptr, w2_ptr, sorted_pairs_ptr,
-    y_ptr, K, K2, N, TOP_K: tl.constexpr, stride_am, stride_ak, stride_we, stride_wk, stride_wn,
+    expert, row_start, row_end, pid_n, a_ptr, a_desc, w_ptr, w_desc, a2_ptr, w2_ptr, sorted_pairs_ptr, y_ptr,
+    K, K2, N, TOP_K: tl.constexpr, stride_am, stride_ak, stride_we, stride_wk, stride_wn,
     stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
     A_GATHERED: tl.constexpr, Y_SCATTERED: tl.constexpr, HAS_A2: tl.constexpr, A_TMA: tl.constexpr,
-    W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr, W_SCALE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One (row block, column block) tile of ``_scatter_matmul_kernel``."""
@@ -501,37 +425,33 @@ def _scatter_matmul_tile(
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
-    acc = _accumulate(_accumulator(W_SCALE, BLOCK_M, BLOCK_N), a_ptrs, a_desc, row_start, w_ptrs, w_desc, w_scale_ptr,
-                      expert, n0, row_mask, col_mask, K, N, stride_ak, stride_wk, A_TMA, W_TMA, W_K_CONTIG,
-                      W_SCALE != 0, W_SCALE, BLOCK_K, INPUT_PRECISION)
-    acc = _scaled_along_n(acc, w_scale_ptr, expert, cols, col_mask, N, W_SCALE)
+    acc = _accumulate(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a_ptrs, a_desc, row_start, w_ptrs, w_desc,
+                      expert, n0, row_mask, col_mask, K, N, stride_ak, stride_wk, A_TMA, W_TMA, W_K_CONTIG, BLOCK_K,
+                      INPUT_PRECISION)
     if HAS_A2:
         a2_ptrs = a2_ptr + rows[:, None].to(tl.int64) * stride_a2m + ks[None, :] * stride_a2k
         w2_ptrs = w2_ptr + expert.to(tl.int64) * stride_w2e + ks[:, None] * stride_w2k + cols[None, :] * stride_w2n
-        acc = _accumulate(acc, a2_ptrs, a2_ptr, row_start, w2_ptrs, w2_ptr, w2_ptr, expert, n0, row_mask, col_mask,
-                          K2, N, stride_a2k, stride_w2k, False, False, False, W_SCALE != 0, 0, BLOCK_K,
-                          INPUT_PRECISION)
-    acc = _untransposed(acc, W_SCALE)
+        acc = _accumulate(acc, a2_ptrs, a2_ptr, row_start, w2_ptrs, w2_ptr, expert, n0, row_mask, col_mask, K2, N,
+                          stride_a2k, stride_w2k, False, False, False, BLOCK_K, INPUT_PRECISION)
     y_ptrs = y_ptr + y_rows[:, None] * N + cols[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-@triton.autotune(configs=_MATMUL_CONFIGS,
-                 key=["K", "N", "ROWS_BUCKET", "A_GATHERED", "HAS_A2", "A_TMA", "W_TMA", "W_SCALE"])
+@triton.autotune(configs=_MATMUL_CONFIGS, key=["K", "N", "ROWS_BUCKET", "A_GATHERED", "HAS_A2", "A_TMA", "W_TMA"])
 @triton.jit(do_not_specialize=["NUM_ROWS"])  # a descriptor's extent only: one compile for every row count
 def _scatter_matmul_kernel(
-    a_ptr, w_ptr, w_scale_ptr, a2_ptr, w2_ptr, sorted_pairs_ptr, schedule_ptr, used_blocks_ptr, y_ptr,
+    a_ptr, w_ptr, a2_ptr, w2_ptr, sorted_pairs_ptr, schedule_ptr, used_blocks_ptr, y_ptr,
     NUM_EXPERTS, K, K2, N, ROWS_BUCKET, NUM_ROWS,
     stride_am, stride_ak, stride_we, stride_wk, stride_wn,
     stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
     TOP_K: tl.constexpr, A_GATHERED: tl.constexpr, Y_SCATTERED: tl.constexpr, HAS_A2: tl.constexpr, A_TMA: tl.constexpr,
-    W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr, W_SCALE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     """y = a @ W[e] per expert row block. ``a`` rows are gathered by token or read in grouped order (A_TMA: through
     a descriptor); ``y`` rows are scattered to pair order or written in grouped order. With HAS_A2,
     y += a2 @ W2[e] over grouped rows of a2 in the same accumulator (LoRA's low-rank term, added without a second
-    output buffer). With W_SCALE, W is FP8 with fp32 scales per stored row (``_fp8_scaling``), read as it is.
+    output buffer).
 
     One tile per program or, with PERSISTENT, a program per SM over the tiles of the row blocks in use: a loop that
     Triton flattens with the K loop (the same trip count for every tile), so that the next tile's loads start under
@@ -545,19 +465,19 @@ def _scatter_matmul_kernel(
         for tile in tl.range(pid, tiles, tl.num_programs(0), flatten=True):
             expert, row_start, row_end = _row_block(schedule_ptr, tile // num_n_blocks)
             _scatter_matmul_tile(
-                expert, row_start, row_end, tile % num_n_blocks, a_ptr, a_desc, w_ptr, w_desc, w_scale_ptr, a2_ptr,
-                w2_ptr, sorted_pairs_ptr, y_ptr, K, K2, N, TOP_K, stride_am, stride_ak, stride_we, stride_wk,
-                stride_wn, stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n, A_GATHERED, Y_SCATTERED, HAS_A2,
-                A_TMA, W_TMA, W_K_CONTIG, W_SCALE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                expert, row_start, row_end, tile % num_n_blocks, a_ptr, a_desc, w_ptr, w_desc, a2_ptr, w2_ptr,
+                sorted_pairs_ptr, y_ptr, K, K2, N, TOP_K, stride_am, stride_ak, stride_we, stride_wk, stride_wn,
+                stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n, A_GATHERED, Y_SCATTERED, HAS_A2, A_TMA,
+                W_TMA, W_K_CONTIG, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         expert, row_start, row_end = _row_block(schedule_ptr, pid // num_n_blocks)
         if expert >= NUM_EXPERTS:  # past the last row block
             return
         _scatter_matmul_tile(
-            expert, row_start, row_end, pid % num_n_blocks, a_ptr, a_desc, w_ptr, w_desc, w_scale_ptr, a2_ptr, w2_ptr,
+            expert, row_start, row_end, pid % num_n_blocks, a_ptr, a_desc, w_ptr, w_desc, a2_ptr, w2_ptr,
             sorted_pairs_ptr, y_ptr, K, K2, N, TOP_K, stride_am, stride_ak, stride_we, stride_wk, stride_wn,
             stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n, A_GATHERED, Y_SCATTERED, HAS_A2, A_TMA,
-            W_TMA, W_K_CONTIG, W_SCALE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+            W_TMA, W_K_CONTIG, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 # Rows per program and warps: one row of 4 warps was the fixed choice until 2026-12-01; the autotuner now times more.
@@ -828,12 +748,10 @@ def gather_gate_up_swiglu(
     routing: Routing,
     a2: torch.Tensor | None = None,
     w2: torch.Tensor | None = None,
-    fp8_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (T, H), w_gate_up as (E, H, 2I) view -> pre-activations (T*k, 2I) and weighted h (T*k, I), grouped.
 
     ``a2`` (T*k, K2) grouped with ``w2`` as (E, K2, 2I) view adds a2 @ W2[e] to the pre-activations.
-    ``fp8_scale``: w_gate_up is FP8 with these fp32 scales (E, 2I, 1), one per stored row.
     """
     num_experts, hidden, two_inter = w_gate_up.shape
     inter = two_inter // 2
@@ -846,14 +764,12 @@ def gather_gate_up_swiglu(
         return _grid(routing.schedule.shape[0] * triton.cdiv(inter, meta["BLOCK_N"]), meta, x.device)
 
     a2, w2, k2, a2_strides = _second_operand(a2, w2, x)
-    w_scale = _fp8_scaling(w_gate_up, fp8_scale)
-    w_tma, w_k_contig = _weight_tma(w_gate_up, x.dtype, column_offsets=(inter,))
+    w_tma, w_k_contig = _weight_tma(w_gate_up, column_offsets=(inter,))
     launch(_autotuner(_gather_gate_up_swiglu_kernel, x.dtype, low_rank=k2 > 0), grid, (
-        x, w_gate_up, x if fp8_scale is None else fp8_scale.contiguous(), a2, w2, routing.sorted_pairs,
-        routing.schedule, routing.used_blocks, row_scale, gate_up, h,
+        x, w_gate_up, a2, w2, routing.sorted_pairs, routing.schedule, routing.used_blocks, row_scale, gate_up, h,
         num_experts, hidden, k2, inter, _rows_bucket(num_rows),
         x.stride(0), x.stride(1), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), *a2_strides,
-    ), dict(TOP_K=routing.top_k, HAS_A2=k2 > 0, W_TMA=w_tma, W_K_CONTIG=w_k_contig, W_SCALE=w_scale,
+    ), dict(TOP_K=routing.top_k, HAS_A2=k2 > 0, W_TMA=w_tma, W_K_CONTIG=w_k_contig,
             INPUT_PRECISION=_input_precision(x.dtype), BLOCK_M=ROW_BLOCK))
     return gate_up, h
 
@@ -866,11 +782,10 @@ def scatter_matmul(
     y_scattered: bool,
     a2: torch.Tensor | None = None,
     w2: torch.Tensor | None = None,
-    fp8_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """a @ W[e] for w as (E, K, N) view -> (T*k, N); a is (T, K) gathered by token or (T*k, K) grouped, and the
     output is in pair order (scattered) or grouped order. ``a2`` (T*k, K2) grouped with ``w2`` as (E, K2, N)
-    view adds a2 @ W2[e]. ``fp8_scale``: w is FP8 with these fp32 scales, one per stored row (``_fp8_scaling``)."""
+    view adds a2 @ W2[e]."""
     num_experts, k_dim, n_dim = w.shape
     num_rows = routing.sorted_pairs.numel()
     y = torch.empty(num_rows, n_dim, device=a.device, dtype=a.dtype)
@@ -879,17 +794,14 @@ def scatter_matmul(
         return _grid(routing.schedule.shape[0] * triton.cdiv(n_dim, meta["BLOCK_N"]), meta, a.device)
 
     a2, w2, k2, a2_strides = _second_operand(a2, w2, a)
-    w_scale = _fp8_scaling(w, fp8_scale)
-    w_tma, w_k_contig = _weight_tma(w, a.dtype)
+    w_tma, w_k_contig = _weight_tma(w)
     a_tma = not a_gathered and _grouped_rows_tma(a)
     launch(_autotuner(_scatter_matmul_kernel, a.dtype, low_rank=k2 > 0), grid, (
-        a, w, a if fp8_scale is None else fp8_scale.contiguous(), a2, w2, routing.sorted_pairs, routing.schedule,
-        routing.used_blocks, y,
+        a, w, a2, w2, routing.sorted_pairs, routing.schedule, routing.used_blocks, y,
         num_experts, k_dim, k2, n_dim, _rows_bucket(num_rows), a.shape[0],
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), *a2_strides,
     ), dict(TOP_K=routing.top_k, A_GATHERED=a_gathered, Y_SCATTERED=y_scattered, HAS_A2=k2 > 0, A_TMA=a_tma,
-            W_TMA=w_tma, W_K_CONTIG=w_k_contig, W_SCALE=w_scale, INPUT_PRECISION=_input_precision(a.dtype),
-            BLOCK_M=ROW_BLOCK))
+            W_TMA=w_tma, W_K_CONTIG=w_k_contig, INPUT_PRECISION=_input_precision(a.dtype), BLOCK_M=ROW_BLOCK))
     return y
 
 

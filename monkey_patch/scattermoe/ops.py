@@ -13,9 +13,6 @@ issue exactly the base kernel calls.
 
 Factors use peft's per-expert layout (see ``ParamWrapper.get_delta_factors``): for a weight (E, N, K),
 ``a`` is (E, r, K) and ``b`` is (E, N, r), so the delta is ``scale * b @ a``.
-
-Frozen weights may be FP8 with fp32 scales per stored row (``--fp8_frozen_experts``, scales (E, out, 1)): the
-matmul kernels read them as they are, so no full-precision copy of a layer's experts is ever made.
 """
 
 import os
@@ -59,14 +56,12 @@ def experts_forward(
     gate_up_lora: LowRank | None = None,
     down_lora: LowRank | None = None,
     output: bool = True,
-    w_gate_up_scale: torch.Tensor | None = None,
-    w_down_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Returns the block output (T, H) and what backward needs: pre-activations (T*k, 2I) and the scaled rank-r
     inputs of B, su = s·x·A_guᵀ and sv = s·h·A_downᵀ (T*k, r), all grouped by expert (su, sv None without that
     adapter). The routing-weighted activations h (T*k, I) are not kept: backward recomputes them from the
     pre-activations in the pass it reads those anyway. Without ``output``, only what backward needs: no down
-    projection, and None for the block output. ``w_*_scale``: that weight is FP8 with these scales."""
+    projection, and None for the block output."""
     top_k = routing.top_k
     su = sv = None
     if gate_up_lora is not None:
@@ -75,7 +70,7 @@ def experts_forward(
         ).mul_(gate_up_lora.scale)
     gate_up, h = kernels.gather_gate_up_swiglu(
         x, w_gate_up.transpose(1, 2), routing_weights.reshape(-1), routing,
-        a2=su, w2=None if su is None else gate_up_lora.b.transpose(1, 2), fp8_scale=w_gate_up_scale,
+        a2=su, w2=None if su is None else gate_up_lora.b.transpose(1, 2),
     )
     if down_lora is not None:
         sv = kernels.scatter_matmul(
@@ -85,7 +80,7 @@ def experts_forward(
         return None, gate_up, su, sv
     out_pairs = kernels.scatter_matmul(
         h, w_down.transpose(1, 2), routing, a_gathered=False, y_scattered=True,
-        a2=sv, w2=None if sv is None else down_lora.b.transpose(1, 2), fp8_scale=w_down_scale,
+        a2=sv, w2=None if sv is None else down_lora.b.transpose(1, 2),
     )
     return kernels.sum_top_k(out_pairs, top_k), gate_up, su, sv
 
@@ -219,12 +214,9 @@ def experts_backward(
     down_lora: LowRank | None = None,
     su: torch.Tensor | None = None,
     sv: torch.Tensor | None = None,
-    w_gate_up_scale: torch.Tensor | None = None,
-    w_down_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients of x, w_gate_up, w_down (None unless needs_weight_grads, e.g. frozen under LoRA),
     routing_weights, and of the factors a_gate_up, b_gate_up, a_down, b_down (None without that adapter).
-    ``w_*_scale``: that weight is FP8 (frozen) with these scales.
 
     With P = x·Wᵀ + s·(x·Aᵀ)·Bᵀ: dB = dPᵀ·su, ds_u = s·dP·B, dA = ds_uᵀ·x and dx = dP·W + ds_u·A, per expert.
     """
@@ -236,8 +228,7 @@ def experts_backward(
     if down_lora is not None:
         a_down = down_lora.a
         dsv, grad_b_down = _low_rank_grads(grad_out, True, down_lora, sv, routing)
-    grad_h = kernels.scatter_matmul(grad_out, w_down, routing, a_gathered=True, y_scattered=False, a2=dsv, w2=a_down,
-                                    fp8_scale=w_down_scale)
+    grad_h = kernels.scatter_matmul(grad_out, w_down, routing, a_gathered=True, y_scattered=False, a2=dsv, w2=a_down)
     grad_gate_up, grad_scale, h = kernels.swiglu_backward(
         grad_h, gate_up, routing.sorted_pairs, routing_weights.reshape(-1), want_h=needs_weight_grads or dsv is not None
     )
@@ -252,7 +243,7 @@ def experts_backward(
         dsu, grad_b_gu = _low_rank_grads(grad_gate_up, False, gate_up_lora, su, routing)
         grad_a_gu = _grad_a(dsu, x, True, gate_up_lora, routing)
     grad_x = kernels.scatter_matmul(grad_gate_up, w_gate_up, routing, a_gathered=False, y_scattered=True,
-                                    a2=dsu, w2=a_gate_up, fp8_scale=w_gate_up_scale)
+                                    a2=dsu, w2=a_gate_up)
     del dsu
     grad_x = kernels.sum_top_k(grad_x, top_k)
     if needs_weight_grads:
