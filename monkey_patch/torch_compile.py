@@ -19,7 +19,8 @@ instead (``_CompiledCheckpoint``), for the forward and for its recompute in back
 through Python again (the checkpoint's pack hooks for every saved tensor, Dynamo's guards, AOTAutograd's wrappers),
 which cost 2.3 % of the full-depth LoRA step on an H200 (docs/results.md). ``body`` is also what runs with peft's
 own expert LoRA and under ZeRO-3, whose graph breaks a higher-order op cannot take, and the default under Inductor's
-C++ wrapper, which has no code for the compiled checkpoint's RNG-state op.
+C++ wrapper, which has no code for the compiled checkpoint's RNG-state op. Should compiling a whole layer with its
+checkpoint fail anyway, the layers go on in ``body`` mode (one warning), and only if that fails too, eagerly.
 
 Those hooks would still cut every layer into several graphs (the break at a hook inside a submodule splits each
 enclosing frame too: seven graph regions a layer on a GPU profile, each with its guard check and autograd node, in a
@@ -186,7 +187,18 @@ class _Fallback:
 
     def guard(self, layer: torch.nn.Module, compiled):
         def call(*args, **kwargs):
-            if layer.gradient_checkpointing and layer.training and not self.checkpoint_inside:
+            checkpointed = layer.gradient_checkpointing and layer.training
+            if checkpointed and self.checkpoint_inside and not self.failed:
+                _mark_varying_sizes(args, kwargs)
+                try:
+                    return compiled(*args, **kwargs)
+                except TorchDynamoException as error:
+                    self.checkpoint_inside = False
+                    logger.warning(
+                        "--torch_compile: compiling each decoder layer with its checkpoint failed (%s); compiling the "
+                        "checkpointed layer bodies instead, as %s=body does.", root_cause(error), CHECKPOINT_ENV,
+                    )
+            if checkpointed and not self.checkpoint_inside:
                 checkpoint = layer._gradient_checkpointing_func  # set anew by each gradient_checkpointing_enable()
                 if not isinstance(checkpoint, _CompiledCheckpoint):
                     layer._gradient_checkpointing_func = _CompiledCheckpoint(checkpoint, self)

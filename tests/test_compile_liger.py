@@ -11,6 +11,7 @@ import pytest
 import torch
 from accelerate.utils import DynamoBackend
 from liger_kernel.transformers.rms_norm import LigerRMSNorm
+from torch._dynamo.backends.registry import lookup_backend
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.integrations.liger import apply_liger_kernel
 from transformers.models.qwen3_moe import modeling_qwen3_moe
@@ -257,6 +258,35 @@ def test_compiled_packed_scattermoe_run_with_gradient_checkpointing(tmp_path, ca
     assert sorted(load) == [1, 2] and min(load.values()) >= 1  # the health hook ran in every step too
 
 
+def train_step(model: torch.nn.Module) -> tuple:
+    """Loss, load-balancing loss, parameter gradients and the elements of the floating-point activations autograd
+    keeps for backward (weights aside) of one step on fixed tokens."""
+    tokens = torch.randint(3, 300, (1, 64), generator=torch.Generator().manual_seed(0))
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.is_floating_point() and tensor.untyped_storage().data_ptr() not in parameters:
+            saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = model(tokens, labels=tokens, use_cache=False, output_router_logits=True)
+    out.loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    return out.loss.detach(), out.aux_loss.detach(), grads, sum(saved)
+
+
+def fast_moe_model(checkpointing: bool) -> torch.nn.Module:
+    model = tiny_model()
+    apply_fast_moe_block(model)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
 @torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=False)  # monkeypatch would delete it
 def test_whole_layer_compile_recomputes_the_checkpointed_layer_inside_its_compiled_backward(monkeypatch):
     """TURBO_TUNE_COMPILE_CHECKPOINT=layer (the default): the checkpoint is traced into the layer's graph, so the
@@ -264,31 +294,6 @@ def test_whole_layer_compile_recomputes_the_checkpointed_layer_inside_its_compil
     keeps a fraction of the activations an uncheckpointed model keeps; loss, load-balancing loss and gradients stay
     those of eager checkpointed layers, in one graph a layer."""
     from monkey_patch.scattermoe import kernels
-
-    def train_step(model: torch.nn.Module) -> tuple:
-        tokens = torch.randint(3, 300, (1, 64), generator=torch.Generator().manual_seed(0))
-        parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        saved = []  # elements of the floating-point activations autograd keeps for backward (weights aside)
-
-        def pack(tensor: torch.Tensor) -> torch.Tensor:
-            if tensor.is_floating_point() and tensor.untyped_storage().data_ptr() not in parameters:
-                saved.append(tensor.numel())
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            out = model(tokens, labels=tokens, use_cache=False, output_router_logits=True)
-        out.loss.backward()
-        grads = [p.grad.clone() for p in model.parameters()]
-        model.zero_grad()
-        return out.loss.detach(), out.aux_loss.detach(), grads, sum(saved)
-
-    def fast_moe_model(checkpointing: bool) -> torch.nn.Module:
-        model = tiny_model()
-        apply_fast_moe_block(model)
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
-        return model
 
     *_, uncheckpointed_saved = train_step(fast_moe_model(checkpointing=False))
     want_loss, want_aux, want_grads, _ = train_step(fast_moe_model(checkpointing=True))
@@ -317,6 +322,39 @@ def test_whole_layer_compile_recomputes_the_checkpointed_layer_inside_its_compil
     assert max(rel_err(g, w) for g, w in zip(grads, want_grads, strict=True) if w.norm() > 0) < 1e-4
     revert_patches(model)
     assert not torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint  # restored
+
+
+@torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=False)
+def test_a_whole_layer_compile_that_fails_goes_on_compiling_the_checkpointed_bodies_not_eagerly(monkeypatch, caplog):
+    """A backend that cannot take the checkpoint's higher-order op: one warning, then every layer checkpoints its
+    compiled body (body mode), with the losses and gradients of eager checkpointed layers."""
+    compiled_graphs = []
+
+    def backend_without_checkpoints(graph_module, example_inputs):
+        if any("checkpoint" in str(node.target) for node in graph_module.graph.nodes if node.op == "call_function"):
+            raise RuntimeError("no checkpoint in a graph, on purpose")
+        compiled_graphs.append(graph_module)
+        return lookup_backend("aot_eager")(graph_module, example_inputs)
+
+    want_loss, want_aux, want_grads, _ = train_step(fast_moe_model(checkpointing=True))
+    monkeypatch.setenv("TURBO_TUNE_COMPILE_CHECKPOINT", "layer")
+    model = fast_moe_model(checkpointing=True)
+    torch._dynamo.reset()
+    config = TurboTuneConfig(output_dir="unused", report_to="none")
+    config.torch_compile_backend = backend_without_checkpoints
+    compile_decoder_layers(model, config)
+    with caplog.at_level(logging.WARNING, logger="monkey_patch.torch_compile"):
+        loss, aux, grads, _ = train_step(model)
+        train_step(model)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "monkey_patch.torch_compile"]
+    assert len(warnings) == 1 and "compiling the checkpointed layer bodies instead" in warnings[0]
+    assert "no checkpoint in a graph, on purpose" in warnings[0]
+    assert compiled_graphs and not compile_fell_back(model)
+    assert all(isinstance(layer.__dict__.get("_gradient_checkpointing_func"), _CompiledCheckpoint)
+               for layer in model.model.layers)
+    assert rel_err(loss, want_loss) < 1e-6 and rel_err(aux, want_aux) < 1e-6
+    assert max(rel_err(g, w) for g, w in zip(grads, want_grads, strict=True) if w.norm() > 0) < 1e-4
+    revert_patches(model)
 
 
 def test_a_misspelt_compile_checkpoint_choice_is_refused_before_the_model_loads(monkeypatch):
