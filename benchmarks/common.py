@@ -207,8 +207,7 @@ def timeline(trace_events: list[dict]) -> str:
     start = min(e["ts"] for e in spans)
     span_us = max(e["ts"] + e["dur"] for e in spans) - start
     busy_us, busy_until = 0.0, None
-    gpu_work = (e for e in spans if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
-    for e in sorted(gpu_work, key=lambda e: e["ts"]):
+    for e in _gpu_work(spans):
         begin, end = e["ts"], e["ts"] + e["dur"]
         if busy_until is None or begin >= busy_until:
             busy_us, busy_until = busy_us + e["dur"], end
@@ -225,3 +224,109 @@ def timeline(trace_events: list[dict]) -> str:
         lines.append(f"| {tid} | {total / 1e3:.1f} |")
     return "\n".join(lines) + "\n"
 
+
+
+def _gpu_work(trace_events: list[dict]) -> list[dict]:
+    """The kernels, copies and memsets of a profiler's chrome trace, by start time."""
+    work = (e for e in trace_events if e.get("ph") == "X" and "dur" in e
+            and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    return sorted(work, key=lambda e: e["ts"])
+
+
+GAP_BUCKETS_US = (10.0, 100.0, 1000.0)  # upper ends: a launch's own gap, a slow launch, a wait on the host
+
+
+def gpu_gaps(trace_events: list[dict], rows: int = 10) -> str:
+    """Markdown: the GPU's idle time between its first and last piece of work, by length of gap, and the longest
+    gaps with the kernels either side of them. Thousands of gaps of a few microseconds are the kernels' own
+    boundaries; a few long ones are the GPU waiting for the host (a sync, a slow launch), and name where."""
+    gaps, busy_until, last = [], None, None
+    for event in _gpu_work(trace_events):
+        if busy_until is not None and event["ts"] > busy_until:
+            gaps.append((event["ts"] - busy_until, last["name"], event["name"]))
+        if busy_until is None or event["ts"] + event["dur"] > busy_until:
+            busy_until, last = event["ts"] + event["dur"], event
+    if not gaps:
+        return "No gaps between the GPU's work.\n"
+    lines = ["| GPU idle gaps | count | ms |", "|---|---|---|"]
+    lower = 0.0
+    for upper in (*GAP_BUCKETS_US, float("inf")):
+        inside = [gap for gap, _, _ in gaps if lower <= gap < upper]
+        label = f"≥ {lower:g} µs" if upper == float("inf") else f"{lower:g}–{upper:g} µs"
+        lines.append(f"| {label} | {len(inside)} | {sum(inside) / 1e3:.2f} |")
+        lower = upper
+    lines += ["", "| longest gaps, µs | after | before |", "|---|---|---|"]
+    for gap, before, after in sorted(gaps, key=lambda item: -item[0])[:rows]:
+        lines.append(f"| {gap:.0f} | `{before[:70]}` | `{after[:70]}` |")
+    return "\n".join(lines) + "\n"
+
+
+def kernels_by_grid(trace_events: list[dict], names: Collection[str]) -> str:
+    """Markdown: the kernels named in ``names`` (Turbo-Tune's), per launch grid: which calls of one kernel (its
+    LoRA-rank products against its full-width ones, say) take the time, where the kernel table sums them all."""
+    calls: dict[tuple, list[float]] = {}
+    for event in _gpu_work(trace_events):
+        if event["name"] in names:
+            grid = tuple(event.get("args", {}).get("grid", ()))
+            calls.setdefault((event["name"], grid), []).append(event["dur"])
+    if not calls:
+        return "None of these kernels ran.\n"
+    lines = ["| kernel | grid | calls | ms | µs a call |", "|---|---|---|---|---|"]
+    for (name, grid), durations in sorted(calls.items(), key=lambda item: -sum(item[1])):
+        total = sum(durations)
+        lines.append(f"| `{name}` | {grid} | {len(durations)} | {total / 1e3:.2f} | {total / len(durations):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+TORCH_DIR = f"{os.sep}torch{os.sep}"
+
+
+def _allocation_site(frames: list[dict]) -> str:
+    """Where an allocation came from, in two frames outside torch's own Python (an Inductor graph's generated code
+    counts: it names the graph): the innermost such frame and the next one in another file."""
+    site = []
+    for frame in frames:
+        filename = frame.get("filename", "")
+        if TORCH_DIR in filename and "torchinductor" not in filename:
+            continue
+        if site and site[-1][0] == filename:
+            continue
+        site.append((filename, f"{Path(filename).name}:{frame.get('line')} {frame.get('name')}"))
+        if len(site) == 2:
+            break
+    return " ← ".join(label for _, label in site) or "(no Python frame: torch's C++, e.g. autograd)"
+
+
+def memory_at_peak(trace: list[dict], baseline_bytes: int, rows: int = 25) -> str:
+    """Markdown from a CUDA allocator trace (``torch.cuda.memory._snapshot()["device_traces"][i]``, recorded with
+    Python stacks from a moment when ``baseline_bytes`` were allocated): the allocated bytes' peak within the trace,
+    the allocations made since the baseline and still live at that peak, by where they were made, and the last
+    allocations before it (what pushed it up)."""
+    allocated, peak, peak_at = baseline_bytes, baseline_bytes, -1
+    for index, entry in enumerate(trace):
+        if entry["action"] == "alloc":
+            allocated += entry["size"]
+            if allocated > peak:
+                peak, peak_at = allocated, index
+        elif entry["action"] == "free_completed":
+            allocated -= entry["size"]
+    live: dict[int, dict] = {}
+    for entry in trace[:peak_at + 1]:
+        if entry["action"] == "alloc":
+            live[entry["addr"]] = entry
+        elif entry["action"] == "free_completed":
+            live.pop(entry["addr"], None)
+    by_site: dict[str, list[int]] = {}
+    for entry in live.values():
+        by_site.setdefault(_allocation_site(entry.get("frames", [])), []).append(entry["size"])
+    gib = 2**30
+    lines = [f"Peak {peak / gib:.2f} GiB: {baseline_bytes / gib:.2f} GiB allocated before the recording (weights, "
+             f"optimizer state, ...) and {(peak - baseline_bytes) / gib:.2f} GiB net since, of which "
+             f"{sum(sum(sizes) for sizes in by_site.values()) / gib:.2f} GiB made since and live at the peak.", "",
+             "| live at the peak, made at | blocks | GiB |", "|---|---|---|"]
+    for site, sizes in sorted(by_site.items(), key=lambda item: -sum(item[1]))[:rows]:
+        lines.append(f"| `{site}` | {len(sizes)} | {sum(sizes) / gib:.3f} |")
+    lines += ["", "| the last allocations up to the peak | MiB |", "|---|---|"]
+    for entry in [e for e in trace[:peak_at + 1] if e["action"] == "alloc"][-8:]:
+        lines.append(f"| `{_allocation_site(entry.get('frames', []))}` | {entry['size'] / 2**20:.1f} |")
+    return "\n".join(lines) + "\n"

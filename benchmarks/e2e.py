@@ -30,7 +30,9 @@ part of it a step that is slow only now and then spends longer in. --host_profil
 with cProfile instead (OUT/<variant>.host.txt): which Python functions a step bound by the host spends its time in.
 From Python 3.12 (the GPU image's) cProfile follows every thread on one call stack, the main thread and autograd's
 backward threads alike, so a function's own time there can hold time another thread ran; cumulative times and call
-counts are the figures to read.
+counts are the figures to read. --memory_snapshot records the CUDA allocator over one extra step instead
+(OUT/<variant>.memory.md): that step's peak, what is live at it by the code that allocated it, and what came last
+before it; each row's peak_step says in which step the run's peak was first reached.
 The expert-load metrics (turbo_tune/moe_health.py) are on in every variant, as in a run; the two *_no_moe_health
 variants switch them off, so their step time against `defaults` and `compile_fast_moe` is the metrics' overhead.
 --hidden small shrinks every dimension so that the whole path runs on a CPU in seconds (a smoke test, not a benchmark).
@@ -74,8 +76,11 @@ from common import (  # noqa: E402
     QWEN3_30B_A3B_LAYERS,
     child_env,
     fmt,
+    gpu_gaps,
     is_oom,
     kernel_kinds,
+    kernels_by_grid,
+    memory_at_peak,
     relative_error,
     run_logged,
     step_profile,
@@ -187,6 +192,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="profile extra steps: OUT/<variant>.profile.md")
     parser.add_argument("--profile_steps", type=int, default=1,
                         help="steps profiled with --profile (each on its own) or --host_profile (together)")
+    parser.add_argument("--memory_snapshot", action="store_true",
+                        help="record the CUDA allocator over one extra step: OUT/<variant>.memory.md")
     parser.add_argument("--host_profile", action="store_true",
                         help="instead of --profile: cProfile over extra steps, for a step bound by the host "
                         "(OUT/<variant>.host.txt; every thread from Python 3.12, the main thread before)")
@@ -208,8 +215,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, defaults[args.max_seq_search])
     args.gradient_checkpointing = args.gradient_checkpointing or args.max_seq_search
-    if args.profile and args.host_profile:
-        parser.error("--profile and --host_profile profile the same extra steps: give one of them")
+    if sum((args.profile, args.host_profile, args.memory_snapshot)) > 1:
+        parser.error("--profile, --host_profile and --memory_snapshot profile the same extra steps: give one of them")
     if args.variants is None:
         args.variants = list(SEARCH_VARIANTS) if args.max_seq_search else [
             v for v, flags in VARIANTS.items() if not set(flags) & set(OPT_IN_FLAGS)]
@@ -259,7 +266,8 @@ def command_line(name: str) -> str:
 
 
 def total_steps(args: argparse.Namespace) -> int:
-    return args.warmup + args.steps + (args.profile_steps if args.profile or args.host_profile else 0)
+    return args.warmup + args.steps + (args.profile_steps if args.profile or args.host_profile else
+                                       int(args.memory_snapshot))
 
 
 def make_dataset(args: argparse.Namespace, packing: bool, vocab: int):
@@ -331,6 +339,8 @@ def run_child(args: argparse.Namespace) -> dict:
     if args.host_profile:
         trainer.add_callback(HostProfile(args.warmup + args.steps, args.out / f"{args.child}.host.txt",
                                          args.profile_steps))
+    if args.memory_snapshot and torch.cuda.is_available():
+        trainer.add_callback(MemorySnapshot(args.warmup + args.steps, args.out / f"{args.child}.memory.md"))
     trainer.train()
     notes = [f"attention {model.config._attn_implementation}"]
     if model.config._attn_implementation == "varlen_sdpa":
@@ -390,6 +400,7 @@ class StepRecorder(EfficiencyCallback):
         self._sync()
         self.steps[-1]["time"] = time.perf_counter() - self.steps[-1]["start"]
         self.steps[-1]["gc"] = self.gc_timer.seconds - self.steps[-1]["gc_start"]
+        self.steps[-1]["peak"] = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
 
     def on_log(self, args, state, control, logs=None, **kwargs) -> None:
         if logs and "loss" in logs and self.steps:
@@ -415,6 +426,8 @@ class StepRecorder(EfficiencyCallback):
                             for s in timed],
             "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+            # the first step (counted from 0, warm-up included) after which the peak stood at its final value
+            "peak_step": next(i for i, s in enumerate(self.steps) if s["peak"] == self.steps[-1]["peak"]),
             "first_loss": self.steps[0].get("loss"), "last_loss": self.steps[-1].get("loss"),
             "first_accuracy": self.steps[0].get("accuracy"), "last_accuracy": self.steps[-1].get("accuracy"),
         }
@@ -449,10 +462,36 @@ class StepProfile(TrainerCallback):
         with gzip.open(trace, "rt") as file:
             events = json.load(file)["traceEvents"]
         report = step_profile(self.profiler.key_averages(), torch.cuda.is_available(), self.rows)
-        kinds = kernel_kinds(events, turbo_tune_kernel_names()) + "\n" if torch.cuda.is_available() else ""
+        kinds = ""
+        if torch.cuda.is_available():
+            ours = turbo_tune_kernel_names()
+            kinds = f"{kernel_kinds(events, ours)}\n{gpu_gaps(events)}\n{kernels_by_grid(events, ours)}\n"
         self.reports.append(f"## Step {state.global_step}\n\n{timeline(events)}\n{kinds}{report}")
         self.path.write_text("\n\n".join(self.reports))
         self.profiler = None
+
+
+class MemorySnapshot(TrainerCallback):
+    """Records the CUDA allocator, with Python stacks, over the optimizer step that starts after ``step`` completed
+    ones, and writes where that step's peak comes from (common.memory_at_peak) to ``path``."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        self.step, self.path, self.baseline = step, path, None
+
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        if state.global_step == self.step:
+            torch.cuda.synchronize()
+            self.baseline = torch.cuda.memory_allocated()
+            torch.cuda.memory._record_memory_history(max_entries=2_000_000, context="alloc", stacks="python")
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        if self.baseline is None:
+            return
+        torch.cuda.synchronize()
+        trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+        torch.cuda.memory._record_memory_history(enabled=None)
+        self.path.write_text(f"## Step {state.global_step}\n\n{memory_at_peak(trace, self.baseline)}")
+        self.baseline = None
 
 
 class HostProfile(TrainerCallback):
@@ -489,7 +528,7 @@ def child_argv(args: argparse.Namespace, name: str) -> list[str]:
             "--child", name]
     if args.max_tokens_cap is not None:
         argv += ["--max_tokens_cap", args.max_tokens_cap]
-    flags = [flag for flag in ("gradient_checkpointing", "max_seq_search", "profile", "host_profile")
+    flags = [flag for flag in ("gradient_checkpointing", "max_seq_search", "profile", "host_profile", "memory_snapshot")
              if getattr(args, flag)]
     return [str(a) for a in argv] + [f"--{flag}" for flag in flags]
 

@@ -79,10 +79,11 @@ def test_host_profile_writes_the_python_functions_of_its_steps_alone(tmp_path):
     assert "(in_a_profiled_step)" in report and "(before_the_profiled_steps)" not in report
 
 
-def test_profile_and_host_profile_are_refused_together(capsys):
+@pytest.mark.parametrize("pair", [("--profile", "--host_profile"), ("--memory_snapshot", "--profile")])
+def test_two_ways_of_profiling_the_same_extra_steps_are_refused_together(capsys, pair):
     with pytest.raises(SystemExit):
-        e2e.parse_args(["--profile", "--host_profile"])
-    assert "--profile and --host_profile" in capsys.readouterr().err
+        e2e.parse_args(list(pair))
+    assert "--profile, --host_profile and --memory_snapshot profile the same extra steps" in capsys.readouterr().err
 
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -248,6 +249,58 @@ def test_timeline_unions_overlapping_gpu_work_and_counts_each_threads_outermost_
     assert report.index("| 1 |") < report.index("| 2 |")
     assert common.timeline([]) == "No timed events in the trace.\n"
 
+
+
+def test_gpu_gaps_sorts_the_idle_time_between_kernels_by_length_and_names_the_longest():
+    def kernel(name, ts, dur):
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur}
+
+    events = [kernel("a", 0, 10), kernel("b", 12, 10), kernel("c", 15, 3),  # c overlaps b: no gap
+              kernel("d", 72, 8), kernel("e", 2080, 20), {"ph": "X", "cat": "cpu_op", "name": "x", "ts": 30, "dur": 1}]
+    report = common.gpu_gaps(events, rows=2)
+    assert "| 0–10 µs | 1 | 0.00 |" in report  # a -> b, 2 us
+    assert "| 10–100 µs | 1 | 0.05 |" in report  # b -> d, 50 us
+    assert "| 100–1000 µs | 0 | 0.00 |" in report and "| ≥ 1000 µs | 1 | 2.00 |" in report
+    longest = report.split("| longest gaps, µs | after | before |")[1].splitlines()[2:]
+    assert longest == ["| 2000 | `d` | `e` |", "| 50 | `b` | `d` |"]
+    assert common.gpu_gaps([kernel("a", 0, 10)]) == "No gaps between the GPU's work.\n"
+
+
+def test_kernels_by_grid_splits_one_kernels_time_by_its_launch_grid():
+    def kernel(name, grid, dur):
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": 0, "dur": dur, "args": {"grid": grid}}
+
+    events = [kernel("_scatter_matmul_kernel", [512, 1, 1], 300), kernel("_scatter_matmul_kernel", [64, 1, 1], 40),
+              kernel("_scatter_matmul_kernel", [512, 1, 1], 500), kernel("nvjet_gemm", [9, 1, 1], 9000)]
+    rows = common.kernels_by_grid(events, {"_scatter_matmul_kernel"}).splitlines()[2:]
+    assert rows == ["| `_scatter_matmul_kernel` | (512, 1, 1) | 2 | 0.80 | 400.0 |",
+                    "| `_scatter_matmul_kernel` | (64, 1, 1) | 1 | 0.04 | 40.0 |"]
+
+
+def test_memory_at_peak_lists_what_is_live_at_the_traces_peak_by_where_it_was_allocated():
+    mib = 2**20
+
+    def frames(*names):
+        return [{"filename": f"/site-packages/torch/{n}.py" if n.startswith("torch") else f"/repo/{n}.py",
+                 "line": 1, "name": n} for n in names]
+
+    def alloc(addr, size, *names):
+        return {"action": "alloc", "addr": addr, "size": size * mib, "frames": frames(*names)}
+
+    def free(addr, size):
+        return {"action": "free_completed", "addr": addr, "size": size * mib}
+
+    trace = [alloc(1, 100, "torch_mm", "ops", "layer"), alloc(2, 50, "ops", "layer"), free(2, 50),
+             {"action": "segment_alloc", "addr": 9, "size": 999 * mib},  # the allocator's own: not counted
+             alloc(3, 40, "loss"), alloc(4, 20, "ops", "layer"), free(1, 100), alloc(5, 10, "loss")]
+    report = common.memory_at_peak(trace, baseline_bytes=1024 * mib)
+    # 1024 + 100 + 50 - 50 + 40 + 20 = 1184 MiB after the fourth allocation (1174 after the second), then down
+    assert report.startswith("Peak 1.16 GiB: 1.00 GiB allocated before the recording")
+    sites = [line.split(" | ")[0].strip("| `") for line in report.split("| live at the peak")[1].splitlines()[2:5]]
+    assert sites == ["ops.py:1 ops ← layer.py:1 layer", "loss.py:1 loss", ""]  # torch's own frames skipped
+    assert "| `ops.py:1 ops ← layer.py:1 layer` | 2 | 0.117 |" in report  # 100 + 20 MiB
+    assert report.rstrip().endswith("| `ops.py:1 ops ← layer.py:1 layer` | 20.0 |")
+    assert "(no Python frame" in common.memory_at_peak([{"action": "alloc", "addr": 1, "size": 1}], 0)
 
 
 def test_short_packed_rows_are_left_out_of_the_timed_steps():

@@ -107,10 +107,11 @@ def fp8_layers(count: int, num_experts: int = 6, hidden: int = 32, inter: int = 
 
 
 @pytest.mark.parametrize("checkpointed", [True, False], ids=["checkpointed", "plain"])
-def test_backward_reuses_the_pair_its_own_forward_dequantized_and_nothing_else(monkeypatch, checkpointed):
+def test_backward_reuses_the_pair_its_recompute_dequantized_and_a_plain_forward_holds_none(monkeypatch, checkpointed):
     """Under checkpointing each layer's recompute hands its dequantized experts to the backward right after it (two
-    dequantizations a weight per step, not three); without, only the last layer's forward is followed by its own
-    backward. Gradients stay those of the full-precision block, and nothing is held after backward."""
+    dequantizations a weight per step, not three). A forward outside backward holds no pair: it would wait through
+    the later layers and the loss for a backward that is only the last layer's. Gradients stay those of the
+    full-precision block, and nothing is held after backward."""
     layers = fp8_layers(3)
     weights, index = routing(19, 6, 2, "skewed")
     x = torch.randn(19, 32, device=DEVICE, requires_grad=True)
@@ -130,6 +131,7 @@ def test_backward_reuses_the_pair_its_own_forward_dequantized_and_nothing_else(m
                 def layer(h, full=full):
                     return h + scattermoe_experts(h, *full, weights, index)
             hidden = checkpoint(layer, hidden, use_reentrant=False) if checkpointed and quantized else layer(hidden)
+        assert compilable_ops.DEQUANTIZED.pair is None
         return torch.autograd.grad(hidden.square().sum(), x)[0]
 
     expected = run(quantized=False)
@@ -137,9 +139,38 @@ def test_backward_reuses_the_pair_its_own_forward_dequantized_and_nothing_else(m
     actual = run(quantized=True)
     assert relative_error(actual, expected) <= 1e-6
     # checkpointed: each weight dequantized in the forward and the recompute, the backward takes the recompute's;
-    # plain: in each forward, and again in the backward of all but the last layer
-    assert len(calls) == (3 * 2 * 2 if checkpointed else 3 * 2 + 2 * 2)
+    # plain: in each forward and each backward
+    assert len(calls) == 3 * 2 * 2
     assert compilable_ops.DEQUANTIZED.pair is None
+
+
+def test_backward_frees_the_dequantized_down_projection_before_the_input_gradient(monkeypatch):
+    """The frozen down projection's full-precision copy (0.4 GB a layer at Qwen3-30B-A3B's shape) is gone by the time
+    the backward computes dx, its largest buffer; the gate/up copy is gone when the backward returns."""
+    import weakref
+
+    (gate_up, gate_up_scale, down, down_scale), = fp8_layers(1)
+    weights, index = routing(19, 6, 2, "skewed")
+    x = torch.randn(19, 32, device=DEVICE, requires_grad=True)
+    copies, alive_at_dx = [], []
+    real_dequantize, real_matmul = compilable_ops.dequantize, kernels.scatter_matmul
+
+    def dequantize_spy(*args):
+        copy = real_dequantize(*args)
+        copies.append(weakref.ref(copy))
+        return copy
+
+    def matmul_spy(a, w, routing, a_gathered, y_scattered, **kwargs):
+        if len(copies) == 4 and y_scattered and w.shape[1] == gate_up.shape[1]:
+            alive_at_dx.append(copies[3]() is not None)  # the backward's own down copy (the forward made two)
+        return real_matmul(a, w, routing, a_gathered=a_gathered, y_scattered=y_scattered, **kwargs)
+
+    monkeypatch.setattr(compilable_ops, "dequantize", dequantize_spy)
+    monkeypatch.setattr(kernels, "scatter_matmul", matmul_spy)
+    out = scattermoe_experts(x, gate_up, down, weights, index, None, None, gate_up_scale, down_scale)
+    out.square().sum().backward()
+    assert len(copies) == 4 and alive_at_dx == [False]
+    assert all(copy() is None for copy in copies)
 
 
 def test_lora_model_with_fp8_experts_equals_the_model_on_their_dequantized_values_without_folding(monkeypatch):

@@ -6,8 +6,9 @@ and hands to the backward op as two more outputs. LoRA factors are optional inpu
 return None, so an absent result (no adapter, frozen weights) travels as an empty tensor. Frozen weights may come
 in FP8 with per-row scales (``--fp8_frozen_experts``): both ops dequantize them on entry, so backward keeps the FP8
 tensors, not a full-precision copy. Under gradient checkpointing a layer's recompute and its backward run back to
-back and would dequantize the same weights twice: the forward op leaves its dequantized pair behind
-(``_DequantizedPair``) and the backward op takes it when it is of the same, unchanged tensors.
+back and would dequantize the same weights twice: a forward op that runs inside a backward pass (the recompute)
+leaves its dequantized pair behind (``_DequantizedPair``) and the backward op takes it when it is of the same,
+unchanged tensors. A forward outside backward keeps nothing: what it would hold is not its backward's next.
 
 Under gradient checkpointing the forward runs again in backward for what it saves, and in a Qwen3-MoE decoder
 layer nothing that backward reads depends on the block's output (a residual add follows, which saves nothing).
@@ -43,34 +44,36 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dt
 
 
 class _DequantizedPair:
-    """The last expert pair the forward op dequantized, for the backward op that follows it. At most one pair is
-    held (one layer's experts in full precision, ~1.2 GB at Qwen3-30B-A3B's shape): it is dropped before the next
-    pair is dequantized and when a backward takes it. Its key is the FP8 tensors' and scales' addresses and
-    version counters: a backward finds it only if its weights are those tensors, unchanged, which autograd keeps
-    alive from the forward to the backward. Forward and backward run on different threads (and DataParallel
-    replicas on several), so a lock keeps key and pair together."""
+    """The expert pair a recompute dequantized, for the backward op that follows it. At most one pair is held (one
+    layer's experts in full precision, 1.2 GB at Qwen3-30B-A3B's shape): it is dropped before the next pair is
+    dequantized and when a backward takes it. Only a forward inside a backward pass keeps its pair: a plain
+    forward's pair would wait, through every later layer and the loss, for a backward that is the last layer's
+    alone. Its key is the FP8 tensors' and scales' addresses and version counters: a backward finds it only if its
+    weights are those tensors, unchanged, which autograd keeps alive from the forward to the backward. Forward and
+    backward run on different threads (and DataParallel replicas on several), so a lock keeps key and pair
+    together."""
 
     def __init__(self) -> None:
         self.key: tuple | None = None
         self.pair: tuple[torch.Tensor, torch.Tensor] | None = None
         self.lock = threading.Lock()
 
-    def get(self, weights: tuple, scales: tuple, dtype: torch.dtype, for_backward: bool):
-        """The weights in ``dtype``, dequantized now or, for a backward, taken from the forward before it."""
+    def get(self, weights: tuple, scales: tuple, dtype: torch.dtype, for_backward: bool) -> list[torch.Tensor]:
+        """The weights in ``dtype``, dequantized now or, for a backward, taken from the recompute before it."""
         if all(scale is None for scale in scales):
-            return weights
+            return list(weights)
         key = (dtype, *((t.data_ptr(), t._version) for t in (*weights, *scales) if t is not None))
         with self.lock:
             held, pair = self.key, self.pair
             self.key = self.pair = None
         if for_backward and held == key:
-            return pair
+            return list(pair)
         del pair  # before dequantizing: never two layers' full-precision experts at once
         pair = tuple(dequantize(weight, scale, dtype) for weight, scale in zip(weights, scales, strict=True))
-        if not for_backward:
+        if not for_backward and torch._C._current_graph_task_id() != -1:
             with self.lock:
                 self.key, self.pair = key, pair
-        return pair
+        return list(pair)
 
 
 DEQUANTIZED = _DequantizedPair()
@@ -153,7 +156,7 @@ def _backward_op(
            torch.Tensor]:
     routing = kernels.Routing(sorted_pairs, expert_ends, schedule, used_blocks, routing_weights.shape[1])
     grads = experts_backward(
-        grad_out, x, *DEQUANTIZED.get((w_gate_up, w_down), (w_gate_up_scale, w_down_scale), x.dtype, for_backward=True),
+        grad_out, x, DEQUANTIZED.get((w_gate_up, w_down), (w_gate_up_scale, w_down_scale), x.dtype, for_backward=True),
         routing_weights, routing, gate_up, needs_weight_grads,
         _low_rank(a_gate_up, b_gate_up, scale_gate_up), _low_rank(a_down, b_down, scale_down), su, sv,
     )
