@@ -1,0 +1,140 @@
+"""Causal attention over packed rows (padding-free SFT), per kernel PyTorch can run it with: forward and forward +
+backward time, TFLOP/s, and the error of output and input gradients against an fp32 reference, per sequence.
+
+    python benchmarks/varlen_attention.py [--tokens 8192] [--seq 4096] [--heads 32] [--kv_heads 4] [--repeats 20]
+
+Kernels: ``flash``, PyTorch's ``varlen_attn`` (its FlashAttention-2 build, what ``varlen_sdpa`` runs on a GPU);
+``cudnn``, cuDNN's fused attention over the same ragged rows (``aten._cudnn_attention_forward`` with cumulative
+sequence lengths, whose backward autograd already knows), with the key/value heads as they are (GQA) and, where
+cuDNN refuses those, repeated to the query heads. Sequence lengths follow e2e.py's SFT mix (log-normal around 600
+tokens, packed into rows of --seq). The table is printed last; --json writes its rows.
+"""
+
+import argparse
+import itertools
+import json
+import sys
+from itertools import pairwise
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import fmt, median_ms, relative_error  # noqa: E402
+from e2e import packed_lengths  # noqa: E402
+
+
+def cu_seqlens_of(tokens: int, seq: int, seed: int) -> torch.Tensor:
+    """Boundaries of ``tokens`` tokens of SFT-like sequences in rows of ``seq`` tokens: a sequence that crosses a row's
+    end is cut there, as packing into fixed rows cuts it."""
+    ends = list(itertools.accumulate(packed_lengths(tokens, seq, seed)))
+    bounds = sorted({0, tokens, *(end for end in ends if end < tokens), *range(seq, tokens, seq)})
+    return torch.tensor(bounds, dtype=torch.int32)
+
+
+def causal_flops(cu_seqlens: torch.Tensor, heads: int, head_dim: int) -> float:
+    """Forward FLOPs of causal attention: two matmuls over half of each sequence's square."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).double()
+    return float(2 * 2 * heads * head_dim * (lengths * (lengths + 1) / 2).sum())
+
+
+def reference(q, k, v, cu_seqlens) -> torch.Tensor:
+    """fp32 causal attention per sequence."""
+    out = []
+    for start, end in pairwise(cu_seqlens.tolist()):
+        seq = [t[start:end].float().transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
+        out.append(F.scaled_dot_product_attention(*seq, is_causal=True, enable_gqa=True).squeeze(0).transpose(0, 1))
+    return torch.cat(out)
+
+
+def flash(q, k, v, cu_seqlens, max_len):
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, window_size=(-1, 0))
+
+
+def cudnn(q, k, v, cu_seqlens, max_len):
+    return torch.ops.aten._cudnn_attention_forward(
+        q, k, v, None, cu_seqlens, cu_seqlens, max_len, max_len, True, 0.0, True, False)[0]
+
+
+def cudnn_repeated_kv(q, k, v, cu_seqlens, max_len):
+    groups = q.shape[1] // k.shape[1]
+    return cudnn(q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), cu_seqlens, max_len)
+
+
+KERNELS = {"flash": flash, "cudnn": cudnn, "cudnn_repeated_kv": cudnn_repeated_kv}
+
+
+def measure(name: str, inputs: tuple, cu_seqlens: torch.Tensor, max_len: int, expected: tuple, flops: float,
+            repeats: int) -> dict:
+    kernel = KERNELS[name]
+    q, k, v = inputs
+    grad_out = expected[-1]
+    try:
+        out = kernel(q, k, v, cu_seqlens, max_len)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    except Exception as error:  # a kernel that refuses these inputs is a row, not a crash
+        return {"kernel": name, "ok": False, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+    errors = [relative_error(got, want) for got, want in zip((out, *grads), expected[:4], strict=True)]
+
+    def forward():
+        return kernel(q, k, v, cu_seqlens, max_len)
+
+    def forward_backward():
+        return torch.autograd.grad(kernel(q, k, v, cu_seqlens, max_len), (q, k, v), grad_out)
+
+    fwd_ms = median_ms(forward, 3, repeats)
+    fwd_bwd_ms = median_ms(forward_backward, 3, repeats)
+    return {"kernel": name, "ok": True, "fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms,
+            "fwd_tflops": flops / fwd_ms / 1e9, "fwd_bwd_tflops": 3.5 * flops / fwd_bwd_ms / 1e9,
+            "out_err": errors[0], "dq_err": errors[1], "dk_err": errors[2], "dv_err": errors[3]}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv_heads", type=int, default=4)
+    parser.add_argument("--head_dim", type=int, default=128)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--kernels", nargs="+", choices=list(KERNELS), default=list(KERNELS))
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    rows = []
+    for seed in args.seeds:
+        cu_seqlens = cu_seqlens_of(args.tokens, args.seq, seed).cuda()
+        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        torch.manual_seed(seed)
+        shapes = ((args.heads,), (args.kv_heads,), (args.kv_heads,))
+        inputs = tuple(torch.randn(args.tokens, h, args.head_dim, device="cuda", dtype=torch.bfloat16)
+                       .requires_grad_(True) for (h,) in shapes)
+        grad_out = torch.randn(args.tokens, args.heads, args.head_dim, device="cuda", dtype=torch.bfloat16)
+        fp32 = tuple(t.detach().float().requires_grad_(True) for t in inputs)
+        ref_out = reference(*fp32, cu_seqlens)
+        expected = (ref_out, *torch.autograd.grad(ref_out, fp32, grad_out.float()), grad_out)
+        flops = causal_flops(cu_seqlens, args.heads, args.head_dim)
+        for name in args.kernels:
+            row = measure(name, inputs, cu_seqlens, max_len, expected, flops, args.repeats)
+            rows.append({"seed": seed, "sequences": len(cu_seqlens) - 1, "max_len": max_len, **row})
+            print(json.dumps(rows[-1]), flush=True)
+    lines = ["| seed | sequences | kernel | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s "
+             "| error out / dq / dk / dv (vs fp32) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if not r["ok"]:
+            lines.append(f"| {r['seed']} | {r['sequences']} | {r['kernel']} | failed: {r['error']} | | | | |")
+            continue
+        errors = " / ".join(fmt(r[key], ".1e") for key in ("out_err", "dq_err", "dk_err", "dv_err"))
+        lines.append(f"| {r['seed']} | {r['sequences']} | {r['kernel']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
+                     f"{r['fwd_tflops']:.0f} | {r['fwd_bwd_tflops']:.0f} | {errors} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    print("\n".join(lines))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
