@@ -4,10 +4,11 @@ backward time, TFLOP/s, and the error of output and input gradients against an f
     python benchmarks/varlen_attention.py [--tokens 8192] [--seq 4096] [--heads 32] [--kv_heads 4] [--repeats 20]
 
 Kernels: ``flash``, PyTorch's ``varlen_attn`` (its FlashAttention-2 build, what ``varlen_sdpa`` runs on a GPU);
-``cudnn``, cuDNN's fused attention over the same ragged rows (``aten._cudnn_attention_forward`` with cumulative
-sequence lengths, whose backward autograd already knows), with the key/value heads as they are (GQA) and, where
-cuDNN refuses those, repeated to the query heads. Sequence lengths follow e2e.py's SFT mix (log-normal around 600
-tokens, packed into rows of --seq). The table is printed last; --json writes its rows.
+``flex``, FlexAttention with a causal document mask (Triton kernels from torch.compile); ``cudnn``, cuDNN's fused
+attention over the same ragged rows (``aten._cudnn_attention_forward`` with cumulative sequence lengths, whose
+backward autograd already knows), with the key/value heads as they are (GQA) and repeated to the query heads.
+Sequence lengths follow e2e.py's SFT mix (log-normal around 600 tokens, packed into rows of --seq). The table is
+printed last; --json writes its rows.
 """
 
 import argparse
@@ -64,7 +65,29 @@ def cudnn_repeated_kv(q, k, v, cu_seqlens, max_len):
     return cudnn(q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), cu_seqlens, max_len)
 
 
-KERNELS = {"flash": flash, "cudnn": cudnn, "cudnn_repeated_kv": cudnn_repeated_kv}
+_BLOCK_MASKS: dict[tuple, object] = {}
+
+
+def flex(q, k, v, cu_seqlens, max_len):
+    """FlexAttention (Triton kernels made by torch.compile) with a causal document mask; the mask is built once per
+    set of boundaries, as a model builds it once per batch for all its layers."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    tokens = q.shape[0]
+    key = (tokens, tuple(cu_seqlens.tolist()))
+    if key not in _BLOCK_MASKS:
+        document = torch.bucketize(torch.arange(tokens, device=q.device), cu_seqlens[1:], right=True)
+
+        def causal_document(b, h, q_idx, kv_idx):
+            return (document[q_idx] == document[kv_idx]) & (q_idx >= kv_idx)
+
+        _BLOCK_MASKS[key] = create_block_mask(causal_document, 1, 1, tokens, tokens, device=q.device)
+    compiled = _BLOCK_MASKS.setdefault("kernel", torch.compile(flex_attention, dynamic=False))
+    heads_first = [t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
+    return compiled(*heads_first, block_mask=_BLOCK_MASKS[key], enable_gqa=True).squeeze(0).transpose(0, 1)
+
+
+KERNELS = {"flash": flash, "flex": flex, "cudnn": cudnn, "cudnn_repeated_kv": cudnn_repeated_kv}
 
 
 def measure(name: str, inputs: tuple, cu_seqlens: torch.Tensor, max_len: int, expected: tuple, flops: float,
