@@ -144,33 +144,46 @@ def test_backward_reuses_the_pair_its_recompute_dequantized_and_a_plain_forward_
     assert compilable_ops.DEQUANTIZED.pair is None
 
 
-def test_backward_frees_the_dequantized_down_projection_before_the_input_gradient(monkeypatch):
-    """The frozen down projection's full-precision copy (0.4 GB a layer at Qwen3-30B-A3B's shape) is gone by the time
-    the backward computes dx, its largest buffer; the gate/up copy is gone when the backward returns."""
+def test_backward_frees_the_dequantized_down_projection_and_h_before_the_input_gradient(monkeypatch):
+    """The frozen down projection's full-precision copy (0.4 GB a layer at Qwen3-30B-A3B's shape) and the activations
+    h, which only the down LoRA's gradient reads, are gone by the time the backward computes dx, its largest buffer;
+    the gate/up copy is gone when the backward returns."""
     import weakref
 
     (gate_up, gate_up_scale, down, down_scale), = fp8_layers(1)
     weights, index = routing(19, 6, 2, "skewed")
     x = torch.randn(19, 32, device=DEVICE, requires_grad=True)
-    copies, alive_at_dx = [], []
+    factors = [(torch.randn(6, *shape, device=DEVICE) * 0.3).requires_grad_(True)
+               for shape in ((4, 32), (48, 4), (4, 24), (32, 4))]
+    lora = LowRank(*factors[:2], 2.0), LowRank(*factors[2:], 0.5)
+    copies, activations, alive_at_dx = [], [], []
     real_dequantize, real_matmul = compilable_ops.dequantize, kernels.scatter_matmul
+    real_swiglu = kernels.swiglu_backward
 
     def dequantize_spy(*args):
         copy = real_dequantize(*args)
         copies.append(weakref.ref(copy))
         return copy
 
+    def swiglu_spy(*args, **kwargs):
+        grad_gate_up, grad_scale, h = real_swiglu(*args, **kwargs)
+        activations.append(weakref.ref(h))
+        return grad_gate_up, grad_scale, h
+
     def matmul_spy(a, w, routing, a_gathered, y_scattered, **kwargs):
         if len(copies) == 4 and y_scattered and w.shape[1] == gate_up.shape[1]:
-            alive_at_dx.append(copies[3]() is not None)  # the backward's own down copy (the forward made two)
+            # the backward's own down copy (the forward made two) and its h
+            alive_at_dx.append((copies[3]() is not None, activations[0]() is not None))
         return real_matmul(a, w, routing, a_gathered=a_gathered, y_scattered=y_scattered, **kwargs)
 
     monkeypatch.setattr(compilable_ops, "dequantize", dequantize_spy)
     monkeypatch.setattr(kernels, "scatter_matmul", matmul_spy)
-    out = scattermoe_experts(x, gate_up, down, weights, index, None, None, gate_up_scale, down_scale)
+    monkeypatch.setattr(kernels, "swiglu_backward", swiglu_spy)
+    out = scattermoe_experts(x, gate_up, down, weights, index, *lora, gate_up_scale, down_scale)
     out.square().sum().backward()
-    assert len(copies) == 4 and alive_at_dx == [False]
+    assert len(copies) == 4 and len(activations) == 1 and alive_at_dx == [(False, False)]
     assert all(copy() is None for copy in copies)
+    assert all(factor.grad is not None and factor.grad.norm() > 0 for factor in factors)
 
 
 def test_lora_model_with_fp8_experts_equals_the_model_on_their_dequantized_values_without_folding(monkeypatch):
