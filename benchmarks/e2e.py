@@ -143,9 +143,6 @@ VARIANTS = {
     # layer compiled with its checkpoint timed 2.3 % faster: monkey_patch/torch_compile.py)
     "all_lora_compile_fp8_body_checkpoint": ["TURBO_TUNE_COMPILE_CHECKPOINT=body", "use_fast_moe_block",
                                              "use_packing", "use_lora", "torch_compile", "fp8_frozen_experts"],
-    # and with transformers' FlexAttention (Triton kernels, a causal mask per packed sequence) instead of varlen_sdpa
-    "all_lora_compile_fp8_flex": ["use_fast_moe_block", "use_packing", "use_lora", "torch_compile",
-                                  "fp8_frozen_experts", "attn_implementation=flex_attention"],
     # and with TRL's activation offloading: the checkpointed hidden states wait in pinned CPU memory for backward
     "lora_offload": ["use_lora", "activation_offloading"],
     "all_lora_offload": ["use_fast_moe_block", "use_liger_kernel", "use_packing", "use_lora", "activation_offloading"],

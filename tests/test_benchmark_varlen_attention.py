@@ -1,0 +1,32 @@
+"""benchmarks/varlen_attention.py's CPU-checkable parts: the packed rows it times and the FLOPs it counts (the
+kernels themselves need a GPU)."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import varlen_attention  # noqa: E402
+
+
+def test_packed_rows_cut_sequences_at_each_rows_end_and_cover_every_token():
+    bounds = varlen_attention.cu_seqlens_of(8192, 4096, seed=0).tolist()
+    assert bounds[0] == 0 and bounds[-1] == 8192 and 4096 in bounds
+    lengths = [end - start for start, end in zip(bounds, bounds[1:], strict=False)]
+    assert min(lengths) > 0 and max(lengths) <= 4096
+    assert len(lengths) > 4  # SFT-like: many sequences a row, not one
+
+
+def test_causal_flops_count_two_matmuls_over_the_lower_triangle_of_each_sequence():
+    bounds = torch.tensor([0, 2, 5], dtype=torch.int32)  # sequences of 2 and 3 tokens: 3 + 6 query-key pairs
+    assert varlen_attention.causal_flops(bounds, heads=4, head_dim=8) == 2 * 2 * 4 * 8 * 9
+
+
+def test_reference_attends_within_each_sequence_only():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(5, 2, 4) for _ in range(3))
+    bounds = torch.tensor([0, 2, 5], dtype=torch.int32)
+    out = varlen_attention.reference(q, k, v, bounds)
+    alone = varlen_attention.reference(q[2:], k[2:], v[2:], torch.tensor([0, 3], dtype=torch.int32))
+    assert torch.allclose(out[2:], alone) and torch.allclose(out[0], v[0])  # the first token sees only itself
