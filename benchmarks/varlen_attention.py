@@ -111,6 +111,7 @@ def measure(name: str, inputs: tuple, cu_seqlens: torch.Tensor, max_len: int, ex
     fwd_ms = median_ms(forward, 3, repeats)
     fwd_bwd_ms = median_ms(forward_backward, 3, repeats)
     return {"kernel": name, "ok": True, "fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms,
+            # a backward is 2.5 forwards (two matmuls recomputed or re-read, three for the gradients)
             "fwd_tflops": flops / fwd_ms / 1e9, "fwd_bwd_tflops": 3.5 * flops / fwd_bwd_ms / 1e9,
             "out_err": errors[0], "dq_err": errors[1], "dk_err": errors[2], "dv_err": errors[3]}
 
