@@ -36,6 +36,7 @@ from turbo_tune.run_dir import honour_umask
 from turbo_tune.run_guard import RunGuard
 from turbo_tune.run_pictures import RunPicturesCallback
 from turbo_tune.tracking import ResilientMLflowCallback
+from turbo_tune.train_mode import TrainingModules, train_call_skipped
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class TurboSFTTrainer(SFTTrainer):
         self._staging_checkpoint = False
         self.expert_load = None
         self._counted_model, self._parameter_count = None, 0  # floating_point_ops's count, per model
+        self._training_modules = TrainingModules()
         if getattr(args, "moe_health_metrics", False) and routers(model):
             self.expert_load = ExpertLoadMonitor(model, args.moe_load_warn_ratio)
         ours = [callback for callback in (efficiency, guard) if callback is not None]
@@ -134,7 +136,8 @@ class TurboSFTTrainer(SFTTrainer):
     def training_step(self, model: torch.nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
         if self.efficiency is not None:
             self.efficiency.observe_batch(inputs)
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        with train_call_skipped(model, self._training_modules):
+            loss = super().training_step(model, inputs, num_items_in_batch)
         if self.guard is not None:
             self.guard.observe_loss(loss)
         return loss
