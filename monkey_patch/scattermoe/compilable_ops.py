@@ -8,7 +8,8 @@ in FP8 with per-row scales (``--fp8_frozen_experts``): both ops dequantize them 
 tensors, not a full-precision copy. Under gradient checkpointing a layer's recompute and its backward run back to
 back and would dequantize the same weights twice: a forward op that runs inside a backward pass (the recompute)
 leaves its dequantized pair behind (``_DequantizedPair``) and the backward op takes it when it is of the same,
-unchanged tensors. A forward outside backward keeps nothing: what it would hold is not its backward's next.
+unchanged tensors. A forward outside a backward pass keeps nothing: its own backward comes next only for the
+last layer, after the loss, and the copy would sit through both.
 
 Under gradient checkpointing the forward runs again in backward for what it saves, and in a Qwen3-MoE decoder
 layer nothing that backward reads depends on the block's output (a residual add follows, which saves nothing).
