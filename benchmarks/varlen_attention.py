@@ -12,6 +12,7 @@ printed last; --json writes its rows.
 """
 
 import argparse
+import functools
 import itertools
 import json
 import sys
@@ -65,26 +66,32 @@ def cudnn_repeated_kv(q, k, v, cu_seqlens, max_len):
     return cudnn(q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), cu_seqlens, max_len)
 
 
-_BLOCK_MASKS: dict[tuple, object] = {}
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.cache
+def _causal_document_mask(tokens: int, bounds: tuple[int, ...], device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    ends = torch.tensor(bounds[1:], device=device)
+    document = torch.bucketize(torch.arange(tokens, device=device), ends, right=True)
+
+    def causal_document(b, h, q_idx, kv_idx):
+        return (document[q_idx] == document[kv_idx]) & (q_idx >= kv_idx)
+
+    return create_block_mask(causal_document, 1, 1, tokens, tokens, device=device)
 
 
 def flex(q, k, v, cu_seqlens, max_len):
-    """FlexAttention (Triton kernels made by torch.compile) with a causal document mask; the mask is built once per
-    set of boundaries, as a model builds it once per batch for all its layers."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    tokens = q.shape[0]
-    key = (tokens, tuple(cu_seqlens.tolist()))
-    if key not in _BLOCK_MASKS:
-        document = torch.bucketize(torch.arange(tokens, device=q.device), cu_seqlens[1:], right=True)
-
-        def causal_document(b, h, q_idx, kv_idx):
-            return (document[q_idx] == document[kv_idx]) & (q_idx >= kv_idx)
-
-        _BLOCK_MASKS[key] = create_block_mask(causal_document, 1, 1, tokens, tokens, device=q.device)
-    compiled = _BLOCK_MASKS.setdefault("kernel", torch.compile(flex_attention, dynamic=False))
+    """FlexAttention (Triton kernels made by torch.compile) with a causal document mask, built once per set of
+    boundaries, as a model builds it once per batch for all its layers."""
+    mask = _causal_document_mask(q.shape[0], tuple(cu_seqlens.tolist()), str(q.device))
     heads_first = [t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
-    return compiled(*heads_first, block_mask=_BLOCK_MASKS[key], enable_gqa=True).squeeze(0).transpose(0, 1)
+    return _compiled_flex_attention()(*heads_first, block_mask=mask, enable_gqa=True).squeeze(0).transpose(0, 1)
 
 
 KERNELS = {"flash": flash, "flex": flex, "cudnn": cudnn, "cudnn_repeated_kv": cudnn_repeated_kv}

@@ -30,3 +30,14 @@ def test_reference_attends_within_each_sequence_only():
     out = varlen_attention.reference(q, k, v, bounds)
     alone = varlen_attention.reference(q[2:], k[2:], v[2:], torch.tensor([0, 3], dtype=torch.int32))
     assert torch.allclose(out[2:], alone) and torch.allclose(out[0], v[0])  # the first token sees only itself
+
+
+def test_flex_kernel_masks_each_packed_sequence_like_the_reference():
+    """FlexAttention's document mask, forward only (its backward has no CPU kernel)."""
+    torch.manual_seed(0)
+    bounds = varlen_attention.cu_seqlens_of(256, 128, seed=0)
+    q, k, v = torch.randn(256, 4, 16), torch.randn(256, 2, 16), torch.randn(256, 2, 16)
+    out = varlen_attention.flex(q, k, v, bounds, 0)
+    assert varlen_attention.relative_error(out, varlen_attention.reference(q, k, v, bounds)) < 1e-5
+    whole = torch.tensor([0, 256], dtype=torch.int32)  # one sequence: a different answer
+    assert varlen_attention.relative_error(out, varlen_attention.reference(q, k, v, whole)) > 0.1
