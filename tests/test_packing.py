@@ -142,6 +142,25 @@ def test_packing_chooses_the_padding_free_attention(tmp_path, flags, expected):
     assert attention_implementation(config) == expected
 
 
+@pytest.mark.parametrize("flash_attn_2", [True, False])
+def test_flash_attention_2_is_chosen_by_its_distribution_not_by_the_flash_attn_package(monkeypatch, tmp_path,
+                                                                                        flash_attn_2):
+    """flash-attn-4 installs a `flash_attn` package too (its `flash_attn.cute`), without FlashAttention-2's kernels:
+    the choice asks transformers' check of the flash-attn distribution."""
+    import importlib.util
+
+    import turbo_tune.modeling as modeling
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: object() if name == "flash_attn" else real_find_spec(name, *args))
+    config = TurboTuneConfig(output_dir=str(tmp_path), report_to="none", use_packing=True)
+    monkeypatch.setattr(modeling, "is_flash_attn_2_available", lambda: flash_attn_2)
+    monkeypatch.setattr(modeling, "register_varlen_sdpa", lambda: VARLEN_SDPA)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, as far as the choice can tell
+    assert attention_implementation(config) == ("flash_attention_2" if flash_attn_2 else VARLEN_SDPA)
+
+
 @pytest.mark.parametrize("cpp_wrapper", [False, True])
 def test_cuda_varlen_calls_aten_flash_directly_only_under_inductors_cpp_wrapper(monkeypatch, cpp_wrapper):
     monkeypatch.setattr(attention, "_CUDA_VARLEN_KWARGS", {})

@@ -1,12 +1,12 @@
 """Model and tokenizer: a local Qwen3-MoE checkpoint, or the embedded tiny one built from the config in assets/."""
 
-import importlib.util
 import logging
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import is_flash_attn_2_available
 
 from monkey_patch.attention import VARLEN_SDPA, register_varlen_sdpa, torch_varlen_available
 from turbo_tune.arguments import TurboTuneConfig, comma_list
@@ -81,7 +81,7 @@ def attention_implementation(config: TurboTuneConfig) -> str:
         return register_varlen_sdpa()
     if config.attn_implementation != "auto":
         return config.attn_implementation
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+    if is_flash_attn_2_available():  # its distribution, not the `flash_attn` package flash-attn-4 installs too
         return "flash_attention_2"
     if config.use_packing and (not torch.cuda.is_available() or torch_varlen_available()):
         return register_varlen_sdpa()
