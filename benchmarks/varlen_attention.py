@@ -1,12 +1,15 @@
-"""Causal attention over packed rows (padding-free SFT), per kernel PyTorch can run it with: forward and forward +
-backward time, TFLOP/s, and the error of output and input gradients against an fp32 reference, per sequence.
+"""Causal attention over packed rows (padding-free SFT), per kernel that can run it: forward and forward + backward
+time, TFLOP/s, and the error of output and input gradients against an fp32 reference, per sequence.
 
     python benchmarks/varlen_attention.py [--tokens 8192] [--seq 4096] [--heads 32] [--kv_heads 4] [--repeats 20]
+        [--kernels flash flex fa4]
 
 Kernels: ``flash``, PyTorch's ``varlen_attn`` (its FlashAttention-2 build, what ``varlen_sdpa`` runs on a GPU);
-``flex``, FlexAttention with a causal document mask (Triton kernels from torch.compile); ``cudnn``, cuDNN's fused
+``flex``, FlexAttention with a causal document mask (Triton kernels from torch.compile); ``fa4``, flash-attn-4's
+varlen kernel where that package is installed (a failed row where not). Only when named: ``cudnn``, cuDNN's fused
 attention over the same ragged rows (``aten._cudnn_attention_forward`` with cumulative sequence lengths, whose
-backward autograd already knows), with the key/value heads as they are (GQA) and repeated to the query heads.
+backward autograd already knows), with the key/value heads as they are (GQA), and ``cudnn_repeated_kv``, with them
+repeated to the query heads (on torch 2.11 both took ~60 ms a call with wrong gradients: docs/results.md).
 Sequence lengths follow e2e.py's SFT mix (log-normal around 600 tokens, packed into rows of --seq). The table is
 printed last; --json writes its rows.
 """
@@ -94,7 +97,16 @@ def flex(q, k, v, cu_seqlens, max_len):
     return _compiled_flex_attention()(*heads_first, block_mask=mask, enable_gqa=True).squeeze(0).transpose(0, 1)
 
 
-KERNELS = {"flash": flash, "flex": flex, "cudnn": cudnn, "cudnn_repeated_kv": cudnn_repeated_kv}
+def fa4(q, k, v, cu_seqlens, max_len):
+    """flash-attn-4's varlen kernel (CuTe DSL; Hopper and Blackwell), where it is installed: a failed row otherwise."""
+    from flash_attn.cute import flash_attn_varlen_func
+
+    out = flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_len,
+                                 max_seqlen_k=max_len, causal=True)
+    return out[0] if isinstance(out, tuple) else out
+
+
+KERNELS = {"flash": flash, "flex": flex, "fa4": fa4, "cudnn": cudnn, "cudnn_repeated_kv": cudnn_repeated_kv}
 
 
 def measure(name: str, inputs: tuple, cu_seqlens: torch.Tensor, max_len: int, expected: tuple, flops: float,
@@ -132,7 +144,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--head_dim", type=int, default=128)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--kernels", nargs="+", choices=list(KERNELS), default=list(KERNELS))
+    parser.add_argument("--kernels", nargs="+", choices=list(KERNELS), default=["flash", "flex", "fa4"])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     rows = []
