@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Collection
 from pathlib import Path
 
@@ -206,13 +207,7 @@ def timeline(trace_events: list[dict]) -> str:
         return "No timed events in the trace.\n"
     start = min(e["ts"] for e in spans)
     span_us = max(e["ts"] + e["dur"] for e in spans) - start
-    busy_us, busy_until = 0.0, None
-    for e in _gpu_work(spans):
-        begin, end = e["ts"], e["ts"] + e["dur"]
-        if busy_until is None or begin >= busy_until:
-            busy_us, busy_until = busy_us + e["dur"], end
-        elif end > busy_until:
-            busy_us, busy_until = busy_us + end - busy_until, end
+    busy_us = sum(end - begin for begin, end, _, _ in _gpu_busy(spans))
     outermost: dict = {}
     for e in sorted((e for e in spans if e.get("cat") == "cpu_op"), key=lambda e: (e["ts"], -e["dur"])):
         total, until = outermost.get(e["tid"], (0.0, None))
@@ -225,12 +220,25 @@ def timeline(trace_events: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-
 def _gpu_work(trace_events: list[dict]) -> list[dict]:
     """The kernels, copies and memsets of a profiler's chrome trace, by start time."""
     work = (e for e in trace_events if e.get("ph") == "X" and "dur" in e
             and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
     return sorted(work, key=lambda e: e["ts"])
+
+
+def _gpu_busy(trace_events: list[dict]) -> list[list]:
+    """The GPU's busy intervals, its work merged where it overlaps or touches: [begin, end, the name of the piece
+    that opens the interval, the name of the one that ends it], in order."""
+    busy: list[list] = []
+    for event in _gpu_work(trace_events):
+        end = event["ts"] + event["dur"]
+        if busy and event["ts"] <= busy[-1][1]:
+            if end > busy[-1][1]:
+                busy[-1][1], busy[-1][3] = end, event["name"]
+        else:
+            busy.append([event["ts"], end, event["name"], event["name"]])
+    return busy
 
 
 GAP_BUCKETS_US = (10.0, 100.0, 1000.0)  # upper ends: a launch's own gap, a slow launch, a wait on the host
@@ -240,12 +248,8 @@ def gpu_gaps(trace_events: list[dict], rows: int = 10) -> str:
     """Markdown: the GPU's idle time between its first and last piece of work, by length of gap, and the longest
     gaps with the kernels either side of them. Thousands of gaps of a few microseconds are the kernels' own
     boundaries; a few long ones are the GPU waiting for the host (a sync, a slow launch), and name where."""
-    gaps, busy_until, last = [], None, None
-    for event in _gpu_work(trace_events):
-        if busy_until is not None and event["ts"] > busy_until:
-            gaps.append((event["ts"] - busy_until, last["name"], event["name"]))
-        if busy_until is None or event["ts"] + event["dur"] > busy_until:
-            busy_until, last = event["ts"] + event["dur"], event
+    busy = _gpu_busy(trace_events)
+    gaps = [(after[0] - before[1], before[3], after[2]) for before, after in zip(busy, busy[1:], strict=False)]
     if not gaps:
         return "No gaps between the GPU's work.\n"
     lines = ["| GPU idle gaps | count | ms |", "|---|---|---|"]
@@ -311,9 +315,11 @@ def memory_at_peak(trace: list[dict], baseline_bytes: int, rows: int = 25) -> st
         elif entry["action"] == "free_completed":
             allocated -= entry["size"]
     live: dict[int, dict] = {}
+    last_allocations: deque[dict] = deque(maxlen=8)
     for entry in trace[:peak_at + 1]:
         if entry["action"] == "alloc":
             live[entry["addr"]] = entry
+            last_allocations.append(entry)
         elif entry["action"] == "free_completed":
             live.pop(entry["addr"], None)
     by_site: dict[str, list[int]] = {}
@@ -327,6 +333,6 @@ def memory_at_peak(trace: list[dict], baseline_bytes: int, rows: int = 25) -> st
     for site, sizes in sorted(by_site.items(), key=lambda item: -sum(item[1]))[:rows]:
         lines.append(f"| `{site}` | {len(sizes)} | {sum(sizes) / gib:.3f} |")
     lines += ["", "| the last allocations up to the peak | MiB |", "|---|---|"]
-    for entry in [e for e in trace[:peak_at + 1] if e["action"] == "alloc"][-8:]:
+    for entry in last_allocations:
         lines.append(f"| `{_allocation_site(entry.get('frames', []))}` | {entry['size'] / 2**20:.1f} |")
     return "\n".join(lines) + "\n"
