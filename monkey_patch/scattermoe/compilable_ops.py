@@ -44,6 +44,11 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dt
     return (weight.float() * scale.float()).to(dtype)
 
 
+def _inside_backward() -> bool:
+    """Whether this runs within a backward pass: a checkpointed layer's recompute, not a plain forward."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class _DequantizedPair:
     """The expert pair a recompute dequantized, for the backward op that follows it. At most one pair is held (one
     layer's experts in full precision, 1.2 GB at Qwen3-30B-A3B's shape): it is dropped before the next pair is
@@ -71,7 +76,7 @@ class _DequantizedPair:
             return list(pair)
         del pair  # before dequantizing: never two layers' full-precision experts at once
         pair = tuple(dequantize(weight, scale, dtype) for weight, scale in zip(weights, scales, strict=True))
-        if not for_backward and torch._C._current_graph_task_id() != -1:
+        if not for_backward and _inside_backward():
             with self.lock:
                 self.key, self.pair = key, pair
         return list(pair)
@@ -99,7 +104,7 @@ def _forward_op(
     skip_recomputed_output: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     routing = kernels.Routing.of(sorted_pairs, expert_ends, routing_weights.shape[1])
-    recomputing = skip_recomputed_output and torch._C._current_graph_task_id() != -1
+    recomputing = skip_recomputed_output and _inside_backward()
     out, gate_up, su, sv = experts_forward(
         x, *DEQUANTIZED.get((w_gate_up, w_down), (w_gate_up_scale, w_down_scale), x.dtype, for_backward=False),
         routing_weights, routing,
