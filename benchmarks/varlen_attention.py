@@ -109,23 +109,23 @@ def fa4(q, k, v, cu_seqlens, max_len):
 KERNELS = {"flash": flash, "flex": flex, "fa4": fa4, "cudnn": cudnn, "cudnn_repeated_kv": cudnn_repeated_kv}
 
 
-def measure(name: str, inputs: tuple, cu_seqlens: torch.Tensor, max_len: int, expected: tuple, flops: float,
-            repeats: int) -> dict:
+def measure(name: str, inputs: tuple, grad_out: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
+            expected: tuple, flops: float, repeats: int) -> dict:
+    """One kernel's row: its times and its errors on output and input gradients against ``expected``."""
     kernel = KERNELS[name]
-    q, k, v = inputs
-    grad_out = expected[-1]
-    try:
-        out = kernel(q, k, v, cu_seqlens, max_len)
-        grads = torch.autograd.grad(out, (q, k, v), grad_out)
-    except Exception as error:  # a kernel that refuses these inputs is a row, not a crash
-        return {"kernel": name, "ok": False, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
-    errors = [relative_error(got, want) for got, want in zip((out, *grads), expected[:4], strict=True)]
 
     def forward():
-        return kernel(q, k, v, cu_seqlens, max_len)
+        return kernel(*inputs, cu_seqlens, max_len)
 
     def forward_backward():
-        return torch.autograd.grad(kernel(q, k, v, cu_seqlens, max_len), (q, k, v), grad_out)
+        out = forward()
+        return out, *torch.autograd.grad(out, inputs, grad_out)
+
+    try:
+        results = forward_backward()
+    except Exception as error:  # a kernel that refuses these inputs is a row, not a crash
+        return {"kernel": name, "ok": False, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+    errors = [relative_error(got, want) for got, want in zip(results, expected, strict=True)]
 
     fwd_ms = median_ms(forward, 3, repeats)
     fwd_bwd_ms = median_ms(forward_backward, 3, repeats)
@@ -152,16 +152,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         cu_seqlens = cu_seqlens_of(args.tokens, args.seq, seed).cuda()
         max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         torch.manual_seed(seed)
-        shapes = ((args.heads,), (args.kv_heads,), (args.kv_heads,))
-        inputs = tuple(torch.randn(args.tokens, h, args.head_dim, device="cuda", dtype=torch.bfloat16)
-                       .requires_grad_(True) for (h,) in shapes)
+        inputs = tuple(torch.randn(args.tokens, heads, args.head_dim, device="cuda", dtype=torch.bfloat16)
+                       .requires_grad_(True) for heads in (args.heads, args.kv_heads, args.kv_heads))
         grad_out = torch.randn(args.tokens, args.heads, args.head_dim, device="cuda", dtype=torch.bfloat16)
         fp32 = tuple(t.detach().float().requires_grad_(True) for t in inputs)
         ref_out = reference(*fp32, cu_seqlens)
-        expected = (ref_out, *torch.autograd.grad(ref_out, fp32, grad_out.float()), grad_out)
+        expected = (ref_out, *torch.autograd.grad(ref_out, fp32, grad_out.float()))
         flops = causal_flops(cu_seqlens, args.heads, args.head_dim)
         for name in args.kernels:
-            row = measure(name, inputs, cu_seqlens, max_len, expected, flops, args.repeats)
+            row = measure(name, inputs, grad_out, cu_seqlens, max_len, expected, flops, args.repeats)
             rows.append({"seed": seed, "sequences": len(cu_seqlens) - 1, "max_len": max_len, **row})
             print(json.dumps(rows[-1]), flush=True)
     lines = ["| seed | sequences | kernel | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s "

@@ -41,3 +41,24 @@ def test_flex_kernel_masks_each_packed_sequence_like_the_reference():
     assert varlen_attention.relative_error(out, varlen_attention.reference(q, k, v, bounds)) < 1e-5
     whole = torch.tensor([0, 256], dtype=torch.int32)  # one sequence: a different answer
     assert varlen_attention.relative_error(out, varlen_attention.reference(q, k, v, whole)) > 0.1
+
+
+def test_a_kernels_row_has_its_times_and_errors_and_a_kernel_that_raises_is_a_failed_row(monkeypatch):
+    torch.manual_seed(0)
+    bounds = torch.tensor([0, 5, 12], dtype=torch.int32)
+    inputs = tuple(torch.randn(12, heads, 8, requires_grad=True) for heads in (4, 2, 2))
+    grad_out = torch.randn(12, 4, 8)
+    reference_out = varlen_attention.reference(*inputs, bounds)
+    expected = (reference_out, *torch.autograd.grad(reference_out, inputs, grad_out))
+
+    def refuses(*args):
+        raise RuntimeError("no kernel for these inputs\nsecond line")
+
+    monkeypatch.setitem(varlen_attention.KERNELS, "flash", lambda q, k, v, cu, max_len: varlen_attention.reference(
+        q, k, v, cu))
+    monkeypatch.setitem(varlen_attention.KERNELS, "fa4", refuses)
+    row = varlen_attention.measure("flash", inputs, grad_out, bounds, 7, expected, flops=1e6, repeats=1)
+    assert row["ok"] and row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0
+    assert max(row[key] for key in ("out_err", "dq_err", "dk_err", "dv_err")) < 1e-6
+    failed = varlen_attention.measure("fa4", inputs, grad_out, bounds, 7, expected, flops=1e6, repeats=1)
+    assert failed == {"kernel": "fa4", "ok": False, "error": "RuntimeError: no kernel for these inputs"}
