@@ -90,6 +90,7 @@ from common import (  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from callback import EfficiencyCallback, ModelFlops, device_peak_tflops, token_counts  # noqa: E402
+from monkey_patch.attention import varlen_kernel  # noqa: E402
 from turbo_tune.arguments import comma_list  # noqa: E402
 
 VARIANTS = {
@@ -143,6 +144,9 @@ VARIANTS = {
     # layer compiled with its checkpoint timed 2.3 % faster: monkey_patch/torch_compile.py)
     "all_lora_compile_fp8_body_checkpoint": ["TURBO_TUNE_COMPILE_CHECKPOINT=body", "use_fast_moe_block",
                                              "use_packing", "use_lora", "torch_compile", "fp8_frozen_experts"],
+    # and with PyTorch's flash varlen kernel where flash-attn-4 would run (auto takes flash-attn-4 where installed)
+    "all_lora_compile_fp8_torch_flash": ["TURBO_TUNE_VARLEN_KERNEL=flash", "use_fast_moe_block", "use_packing",
+                                         "use_lora", "torch_compile", "fp8_frozen_experts"],
     # and with TRL's activation offloading: the checkpointed hidden states wait in pinned CPU memory for backward
     "lora_offload": ["use_lora", "activation_offloading"],
     "all_lora_offload": ["use_fast_moe_block", "use_liger_kernel", "use_packing", "use_lora", "activation_offloading"],
@@ -344,6 +348,7 @@ def run_child(args: argparse.Namespace) -> dict:
     trainer.train()
     notes = [f"attention {model.config._attn_implementation}"]
     if model.config._attn_implementation == "varlen_sdpa":
+        notes.append(f"varlen kernel {varlen_kernel() if torch.cuda.is_available() else 'per-sequence sdpa'}")
         notes.append(f"varlen vs masked SDPA rel err out/grad {varlen_check(model_config, weight_dtype(config))}")
     if config.use_liger_kernel:
         liger = [k for k in ("rms_norm", "rope", "swiglu") if config.liger_kernel_config.get(k) is not False]

@@ -2,11 +2,12 @@
 time, TFLOP/s, and the error of output and input gradients against an fp32 reference, per sequence.
 
     python benchmarks/varlen_attention.py [--tokens 8192] [--seq 4096] [--heads 32] [--kv_heads 4] [--repeats 20]
-        [--kernels flash flex fa4]
+        [--kernels flash flex fa4 fa4_compiled]
 
 Kernels: ``flash``, PyTorch's ``varlen_attn`` (its FlashAttention-2 build, what ``varlen_sdpa`` runs on a GPU);
 ``flex``, FlexAttention with a causal document mask (Triton kernels from torch.compile); ``fa4``, flash-attn-4's
-varlen kernel where that package is installed (a failed row where not). Only when named: ``cudnn``, cuDNN's fused
+varlen kernels through our op pair where that package is installed (a failed row where not), and ``fa4_compiled``,
+the same inside a torch.compile graph. Only when named: ``cudnn``, cuDNN's fused
 attention over the same ragged rows (``aten._cudnn_attention_forward`` with cumulative sequence lengths, whose
 backward autograd already knows), with the key/value heads as they are (GQA), and ``cudnn_repeated_kv``, with them
 repeated to the query heads (on torch 2.11 both took ~60 ms a call with wrong gradients: docs/results.md).
@@ -98,15 +99,27 @@ def flex(q, k, v, cu_seqlens, max_len):
 
 
 def fa4(q, k, v, cu_seqlens, max_len):
-    """flash-attn-4's varlen kernel (CuTe DSL; Hopper and Blackwell), where it is installed: a failed row otherwise."""
-    from flash_attn.cute import flash_attn_varlen_func
+    """flash-attn-4's varlen kernels (CuTe DSL; Hopper and Blackwell) through our op pair, as ``varlen_sdpa`` runs
+    them (monkey_patch/fa4_attention.py); a failed row where flash-attn-4 is not installed."""
+    from monkey_patch.fa4_attention import fa4_varlen
 
-    out = flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_len,
-                                 max_seqlen_k=max_len, causal=True)
-    return out[0] if isinstance(out, tuple) else out
+    return fa4_varlen(q, k, v, cu_seqlens, max_len, None)
 
 
-KERNELS = {"flash": flash, "flex": flex, "fa4": fa4, "cudnn": cudnn, "cudnn_repeated_kv": cudnn_repeated_kv}
+@functools.cache
+def _compiled_fa4():
+    from monkey_patch.fa4_attention import fa4_varlen
+
+    return torch.compile(fa4_varlen, fullgraph=True, dynamic=False)
+
+
+def fa4_compiled(q, k, v, cu_seqlens, max_len):
+    """The same op pair inside one torch.compile graph (fullgraph): its fake implementations at work."""
+    return _compiled_fa4()(q, k, v, cu_seqlens, max_len, None)
+
+
+KERNELS = {"flash": flash, "flex": flex, "fa4": fa4, "fa4_compiled": fa4_compiled, "cudnn": cudnn,
+           "cudnn_repeated_kv": cudnn_repeated_kv}
 
 
 def measure(name: str, inputs: tuple, grad_out: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
@@ -144,7 +157,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--head_dim", type=int, default=128)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--kernels", nargs="+", choices=list(KERNELS), default=["flash", "flex", "fa4"])
+    parser.add_argument("--kernels", nargs="+", choices=list(KERNELS), default=["flash", "flex", "fa4", "fa4_compiled"])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     rows = []

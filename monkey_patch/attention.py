@@ -1,4 +1,4 @@
-"""``varlen_sdpa``: padding-free attention for packed rows without the flash-attn package.
+"""``varlen_sdpa``: padding-free attention for packed rows without FlashAttention-2's package.
 
 Registered in transformers' ``AttentionInterface`` (and, with transformers' flash-attention mask function, in its
 mask interface), so the model never builds the dense (tokens × tokens) block-diagonal mask that ``sdpa`` needs for
@@ -6,15 +6,18 @@ packed rows. Sequence boundaries come the way flash_attention_2 gets them: TRL's
 ``cu_seq_lens_q``/``max_length_q``; otherwise they are derived from ``position_ids`` (or unpadded from a 2D
 padding mask) with transformers' own helpers.
 
-On a GPU each sequence runs through PyTorch's ``torch.nn.attention.varlen.varlen_attn`` (flash kernels, torch >=
-2.10); on the CPU, where that op has no kernel, each sequence goes through ``scaled_dot_product_attention`` with
-``is_causal`` on its own rows — exact, and linear rather than quadratic in the packed row length. A batch whose
-rows each hold one whole sequence has nothing to split and goes to transformers' own causal ``sdpa`` (cuDNN's
-attention on Hopper ran 1.7x varlen_attn's TFLOP/s at 131k-token rows; docs/history.md).
+On a GPU the packed sequences run through flash-attn-4's kernels where it is installed (sm90 and later;
+monkey_patch/fa4_attention.py), else through PyTorch's ``torch.nn.attention.varlen.varlen_attn`` (flash kernels,
+torch >= 2.10); ``TURBO_TUNE_VARLEN_KERNEL=flash`` or ``fa4`` picks one. On the CPU, where neither has a kernel,
+each sequence goes through ``scaled_dot_product_attention`` with ``is_causal`` on its own rows — exact, and linear
+rather than quadratic in the packed row length. A batch whose rows each hold one whole sequence has nothing to
+split and goes to transformers' own causal ``sdpa`` (cuDNN's attention on Hopper ran 1.7x varlen_attn's TFLOP/s at
+131k-token rows; docs/history.md).
 """
 
 import inspect
 import logging
+import os
 from itertools import pairwise
 
 import torch
@@ -30,9 +33,13 @@ from transformers.modeling_flash_attention_utils import (
     prepare_fa_kwargs_from_position_ids,
 )
 
+from monkey_patch.fa4_attention import fa4_available, fa4_varlen
+from turbo_tune.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 VARLEN_SDPA = "varlen_sdpa"
+VARLEN_KERNEL_ENV = "TURBO_TUNE_VARLEN_KERNEL"  # auto (the default), fa4 or flash
 
 
 def torch_varlen_available() -> bool:
@@ -51,7 +58,8 @@ def _varlen_kwargs() -> dict:
     """Keyword arguments of ``varlen_attn`` for causal GQA attention, read once from its signature (they changed
     between torch 2.10 and 2.13), outside the traced code so torch.compile sees plain constants. Also whether
     Inductor's C++ wrapper is on (``TORCHINDUCTOR_CPP_WRAPPER=1``): it calls a Python custom op back through a
-    wrapper that cannot pass a list argument, and ``varlen_attn``'s op takes its window as one."""
+    wrapper that cannot pass a list argument, and ``varlen_attn``'s op takes its window as one. And the kernel
+    ``varlen_kernel`` picks."""
     if not _CUDA_VARLEN_KWARGS:
         from torch.nn.attention.varlen import varlen_attn
 
@@ -62,31 +70,51 @@ def _varlen_kwargs() -> dict:
             enable_gqa=True if "enable_gqa" in params else None,
             takes_scale="scale" in params,  # without it the kernel uses 1/sqrt(head_dim), as Qwen3-MoE does
             aten_flash=bool(torch._inductor.config.cpp_wrapper),
+            kernel=varlen_kernel(),
         )
     return {name: value for name, value in _CUDA_VARLEN_KWARGS.items()
-            if value is not None and name not in ("takes_scale", "aten_flash")}
+            if value is not None and name not in ("takes_scale", "aten_flash", "kernel")}
 
 
-def _cuda_varlen(q, k, v, cu_seqlens, max_len: int, scale: float | None) -> torch.Tensor:
-    """PyTorch's flash varlen kernel, in half precision (the only one it takes); under Inductor's C++ wrapper the
-    aten op that ``varlen_attn`` wraps, called directly (the same flash kernels on Hopper, list-free arguments)."""
+def varlen_kernel() -> str:
+    """The GPU kernel ``varlen_sdpa`` runs, from ``TURBO_TUNE_VARLEN_KERNEL``: ``fa4`` (flash-attn-4) or ``flash``
+    (PyTorch's); ``auto`` takes flash-attn-4 where it is installed and has kernels for this GPU."""
+    choice = os.environ.get(VARLEN_KERNEL_ENV, "auto")
+    if choice not in ("auto", "fa4", "flash"):
+        raise ConfigError(f"{VARLEN_KERNEL_ENV}={choice}: use auto (the default), fa4 (flash-attn-4) or flash "
+                          "(PyTorch's varlen_attn).")
+    if choice == "fa4" and not fa4_available():
+        raise ConfigError(f"{VARLEN_KERNEL_ENV}=fa4 needs the flash-attn-4 package and an sm90 or newer GPU; "
+                          f"install flash-attn-4 or unset {VARLEN_KERNEL_ENV}.")
+    return "fa4" if choice == "fa4" or (choice == "auto" and fa4_available()) else "flash"
+
+
+def _torch_flash_varlen(q, k, v, cu_seqlens, max_len: int, scale: float | None) -> torch.Tensor:
+    """PyTorch's flash varlen kernel; under Inductor's C++ wrapper the aten op that ``varlen_attn`` wraps, called
+    directly (the same flash kernels on Hopper, list-free arguments)."""
     from torch.nn.attention.varlen import varlen_attn
 
     kwargs = _varlen_kwargs()
-    dtype = q.dtype
-    if dtype == torch.float32:
-        half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
-        q, k, v = q.to(half), k.to(half), v.to(half)
-    cu_seqlens = cu_seqlens.to(torch.int32)
     if _CUDA_VARLEN_KWARGS["aten_flash"]:
         return torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, False, scale=scale)[0].to(dtype)
+            q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, False, scale=scale)[0]
     if _CUDA_VARLEN_KWARGS["takes_scale"]:
         kwargs["scale"] = scale
     if q.shape[1] != k.shape[1] and "enable_gqa" not in kwargs:
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **kwargs).to(dtype)
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **kwargs)
+
+
+def _cuda_varlen(q, k, v, cu_seqlens, max_len: int, scale: float | None) -> torch.Tensor:
+    """The chosen GPU kernel, in half precision (the only one either takes)."""
+    dtype = q.dtype
+    if dtype == torch.float32:
+        half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
+        q, k, v = q.to(half), k.to(half), v.to(half)
+    _varlen_kwargs()
+    kernel = fa4_varlen if _CUDA_VARLEN_KWARGS["kernel"] == "fa4" else _torch_flash_varlen
+    return kernel(q, k, v, cu_seqlens.to(torch.int32), max_len, scale).to(dtype)
 
 
 def _per_sequence_sdpa(q, k, v, cu_seqlens, scale: float | None) -> torch.Tensor:
@@ -146,6 +174,7 @@ def register_varlen_sdpa() -> str:
     if AttentionInterface._global_mapping.get(VARLEN_SDPA) is not varlen_sdpa_attention:
         AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
         ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_SDPA, flash_attention_mask)
+    varlen_kernel()  # a misspelt or unusable TURBO_TUNE_VARLEN_KERNEL, named before the model loads
     if torch.cuda.is_available() and torch_varlen_available():
         _varlen_kwargs()
     return VARLEN_SDPA
