@@ -407,7 +407,7 @@ def _gather_gate_up_swiglu_kernel(
 @triton.jit
 def _scatter_matmul_tile(
     expert, row_start, row_end, pid_n, a_ptr, a_desc, w_ptr, w_desc, a2_ptr, w2_ptr, sorted_pairs_ptr, y_ptr,
-    K, K2, N, TOP_K: tl.constexpr, stride_am, stride_ak, stride_we, stride_wk, stride_wn,
+    y_scale, K, K2, N, TOP_K: tl.constexpr, stride_am, stride_ak, stride_we, stride_wk, stride_wn,
     stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
     A_GATHERED: tl.constexpr, Y_SCATTERED: tl.constexpr, HAS_A2: tl.constexpr, A_TMA: tl.constexpr,
     W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -434,13 +434,13 @@ def _scatter_matmul_tile(
         acc = _accumulate(acc, a2_ptrs, a2_ptr, row_start, w2_ptrs, w2_ptr, expert, n0, row_mask, col_mask, K2, N,
                           stride_a2k, stride_w2k, False, False, False, BLOCK_K, INPUT_PRECISION)
     y_ptrs = y_ptr + y_rows[:, None] * N + cols[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+    tl.store(y_ptrs, (acc * y_scale).to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
 @triton.autotune(configs=_MATMUL_CONFIGS, key=["K", "N", "ROWS_BUCKET", "A_GATHERED", "HAS_A2", "A_TMA", "W_TMA"])
 @triton.jit(do_not_specialize=["NUM_ROWS"])  # a descriptor's extent only: one compile for every row count
 def _scatter_matmul_kernel(
-    a_ptr, w_ptr, a2_ptr, w2_ptr, sorted_pairs_ptr, schedule_ptr, used_blocks_ptr, y_ptr,
+    a_ptr, w_ptr, a2_ptr, w2_ptr, sorted_pairs_ptr, schedule_ptr, used_blocks_ptr, y_ptr, y_scale,
     NUM_EXPERTS, K, K2, N, ROWS_BUCKET, NUM_ROWS,
     stride_am, stride_ak, stride_we, stride_wk, stride_wn,
     stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n,
@@ -448,10 +448,11 @@ def _scatter_matmul_kernel(
     W_TMA: tl.constexpr, W_K_CONTIG: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
-    """y = a @ W[e] per expert row block. ``a`` rows are gathered by token or read in grouped order (A_TMA: through
-    a descriptor); ``y`` rows are scattered to pair order or written in grouped order. With HAS_A2,
+    """y = y_scale · a @ W[e] per expert row block. ``a`` rows are gathered by token or read in grouped order (A_TMA:
+    through a descriptor); ``y`` rows are scattered to pair order or written in grouped order. With HAS_A2,
     y += a2 @ W2[e] over grouped rows of a2 in the same accumulator (LoRA's low-rank term, added without a second
-    output buffer).
+    output buffer). ``y_scale`` is LoRA's scale on its rank-r products, applied in fp32 before the store instead of
+    by a kernel of its own.
 
     One tile per program or, with PERSISTENT, a program per SM over the tiles of the row blocks in use: a loop that
     Triton flattens with the K loop (the same trip count for every tile), so that the next tile's loads start under
@@ -466,16 +467,16 @@ def _scatter_matmul_kernel(
             expert, row_start, row_end = _row_block(schedule_ptr, tile // num_n_blocks)
             _scatter_matmul_tile(
                 expert, row_start, row_end, tile % num_n_blocks, a_ptr, a_desc, w_ptr, w_desc, a2_ptr, w2_ptr,
-                sorted_pairs_ptr, y_ptr, K, K2, N, TOP_K, stride_am, stride_ak, stride_we, stride_wk, stride_wn,
-                stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n, A_GATHERED, Y_SCATTERED, HAS_A2, A_TMA,
-                W_TMA, W_K_CONTIG, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                sorted_pairs_ptr, y_ptr, y_scale, K, K2, N, TOP_K, stride_am, stride_ak, stride_we, stride_wk,
+                stride_wn, stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n, A_GATHERED, Y_SCATTERED, HAS_A2,
+                A_TMA, W_TMA, W_K_CONTIG, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         expert, row_start, row_end = _row_block(schedule_ptr, pid // num_n_blocks)
         if expert >= NUM_EXPERTS:  # past the last row block
             return
         _scatter_matmul_tile(
             expert, row_start, row_end, pid % num_n_blocks, a_ptr, a_desc, w_ptr, w_desc, a2_ptr, w2_ptr,
-            sorted_pairs_ptr, y_ptr, K, K2, N, TOP_K, stride_am, stride_ak, stride_we, stride_wk, stride_wn,
+            sorted_pairs_ptr, y_ptr, y_scale, K, K2, N, TOP_K, stride_am, stride_ak, stride_we, stride_wk, stride_wn,
             stride_a2m, stride_a2k, stride_w2e, stride_w2k, stride_w2n, A_GATHERED, Y_SCATTERED, HAS_A2, A_TMA,
             W_TMA, W_K_CONTIG, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
@@ -782,9 +783,10 @@ def scatter_matmul(
     y_scattered: bool,
     a2: torch.Tensor | None = None,
     w2: torch.Tensor | None = None,
+    scale: float = 1.0,
 ) -> torch.Tensor:
-    """a @ W[e] for w as (E, K, N) view -> (T*k, N); a is (T, K) gathered by token or (T*k, K) grouped, and the
-    output is in pair order (scattered) or grouped order. ``a2`` (T*k, K2) grouped with ``w2`` as (E, K2, N)
+    """scale · a @ W[e] for w as (E, K, N) view -> (T*k, N); a is (T, K) gathered by token or (T*k, K) grouped, and
+    the output is in pair order (scattered) or grouped order. ``a2`` (T*k, K2) grouped with ``w2`` as (E, K2, N)
     view adds a2 @ W2[e]."""
     num_experts, k_dim, n_dim = w.shape
     num_rows = routing.sorted_pairs.numel()
@@ -797,7 +799,7 @@ def scatter_matmul(
     w_tma, w_k_contig = _weight_tma(w)
     a_tma = not a_gathered and _grouped_rows_tma(a)
     launch(_autotuner(_scatter_matmul_kernel, a.dtype, low_rank=k2 > 0), grid, (
-        a, w, a2, w2, routing.sorted_pairs, routing.schedule, routing.used_blocks, y,
+        a, w, a2, w2, routing.sorted_pairs, routing.schedule, routing.used_blocks, y, float(scale),
         num_experts, k_dim, k2, n_dim, _rows_bucket(num_rows), a.shape[0],
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), *a2_strides,
     ), dict(TOP_K=routing.top_k, A_GATHERED=a_gathered, Y_SCATTERED=y_scattered, HAS_A2=k2 > 0, A_TMA=a_tma,

@@ -65,17 +65,15 @@ def experts_forward(
     top_k = routing.top_k
     su = sv = None
     if gate_up_lora is not None:
-        su = kernels.scatter_matmul(
-            x, gate_up_lora.a.transpose(1, 2), routing, a_gathered=True, y_scattered=False
-        ).mul_(gate_up_lora.scale)
+        su = kernels.scatter_matmul(x, gate_up_lora.a.transpose(1, 2), routing, a_gathered=True, y_scattered=False,
+                                    scale=gate_up_lora.scale)
     gate_up, h = kernels.gather_gate_up_swiglu(
         x, w_gate_up.transpose(1, 2), routing_weights.reshape(-1), routing,
         a2=su, w2=None if su is None else gate_up_lora.b.transpose(1, 2),
     )
     if down_lora is not None:
-        sv = kernels.scatter_matmul(
-            h, down_lora.a.transpose(1, 2), routing, a_gathered=False, y_scattered=False
-        ).mul_(down_lora.scale)
+        sv = kernels.scatter_matmul(h, down_lora.a.transpose(1, 2), routing, a_gathered=False, y_scattered=False,
+                                    scale=down_lora.scale)
     if not output:
         return None, gate_up, su, sv
     out_pairs = kernels.scatter_matmul(
@@ -94,8 +92,8 @@ def _low_rank_grads(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For P = inputs·Wᵀ + low_rank_inputs·Bᵀ (low_rank_inputs = s·inputs·Aᵀ): ds = s·dP·B (grouped) and dB.
     ``grad_p_gathered``: dP is in pair/token order and is read through the routing, else grouped."""
-    ds = kernels.scatter_matmul(grad_p, lora.b, routing, a_gathered=grad_p_gathered, y_scattered=False)
-    ds.mul_(lora.scale)
+    ds = kernels.scatter_matmul(grad_p, lora.b, routing, a_gathered=grad_p_gathered, y_scattered=False,
+                                scale=lora.scale)
     grad_b = torch.empty(lora.b.shape, device=lora.b.device, dtype=grad_p.dtype)
     kernels.grouped_weight_grad(grad_p, low_rank_inputs, routing, a_gathered=grad_p_gathered, b_gathered=False,
                                 dw=grad_b)
