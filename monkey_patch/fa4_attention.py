@@ -4,7 +4,8 @@ flash-attn-4 (the ``flash-attn-4`` distribution, CuTe DSL kernels under ``flash_
 own, so torch.compile would break each compiled layer's graph at its autograd Function. Here its forward and
 backward are two custom ops with fake implementations and the autograd formula between them, as torch's own
 ``varlen_attn`` is built, so the compiled layer keeps one graph. Causal attention only, which is what SFT needs;
-GQA is native (k and v keep their own heads).
+GQA is native (k and v keep their own heads). The ops call the two functions flash-attn-4's own autograd Function
+calls, ``_flash_attn_fwd`` and ``_flash_attn_bwd``: private names, checked against 4.0.0b36 (the README's pin).
 """
 
 import functools
