@@ -144,9 +144,9 @@ VARIANTS = {
     # layer compiled with its checkpoint timed 2.3 % faster: monkey_patch/torch_compile.py)
     "all_lora_compile_fp8_body_checkpoint": ["TURBO_TUNE_COMPILE_CHECKPOINT=body", "use_fast_moe_block",
                                              "use_packing", "use_lora", "torch_compile", "fp8_frozen_experts"],
-    # and with PyTorch's flash varlen kernel where flash-attn-4 would run (auto takes flash-attn-4 where installed)
-    "all_lora_compile_fp8_torch_flash": ["TURBO_TUNE_VARLEN_KERNEL=flash", "use_fast_moe_block", "use_packing",
-                                         "use_lora", "torch_compile", "fp8_frozen_experts"],
+    # and with flash-attn-4's varlen kernels in varlen_sdpa (monkey_patch/fa4_attention.py) instead of PyTorch's
+    "all_lora_compile_fp8_fa4": ["TURBO_TUNE_VARLEN_KERNEL=fa4", "use_fast_moe_block", "use_packing", "use_lora",
+                                 "torch_compile", "fp8_frozen_experts"],
     # and with TRL's activation offloading: the checkpointed hidden states wait in pinned CPU memory for backward
     "lora_offload": ["use_lora", "activation_offloading"],
     "all_lora_offload": ["use_fast_moe_block", "use_liger_kernel", "use_packing", "use_lora", "activation_offloading"],

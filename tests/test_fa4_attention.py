@@ -115,9 +115,8 @@ def test_fa4_forward_op_passes_torch_library_checks(fake_fa4):
 
 
 @pytest.mark.parametrize(("setting", "available", "expected"), [
-    (None, True, "fa4"), (None, False, "flash"), ("auto", True, "fa4"), ("flash", True, "flash"),
-    ("fa4", True, "fa4")])
-def test_varlen_kernel_prefers_flash_attn_4_where_it_runs(monkeypatch, setting, available, expected):
+    (None, True, "flash"), (None, False, "flash"), ("flash", True, "flash"), ("fa4", True, "fa4")])
+def test_varlen_kernel_is_pytorch_flash_unless_flash_attn_4_is_asked_for(monkeypatch, setting, available, expected):
     if setting is None:
         monkeypatch.delenv(attention.VARLEN_KERNEL_ENV, raising=False)
     else:
@@ -126,7 +125,7 @@ def test_varlen_kernel_prefers_flash_attn_4_where_it_runs(monkeypatch, setting, 
     assert attention.varlen_kernel() == expected
 
 
-@pytest.mark.parametrize(("setting", "message"), [("fa3", "use auto"), ("fa4", "needs the flash-attn-4 package")])
+@pytest.mark.parametrize(("setting", "message"), [("auto", "use flash"), ("fa4", "needs the flash-attn-4 package")])
 def test_unusable_varlen_kernel_setting_is_refused_before_the_model_loads(monkeypatch, setting, message):
     monkeypatch.setenv(attention.VARLEN_KERNEL_ENV, setting)
     monkeypatch.setattr(attention, "fa4_available", lambda: False)
