@@ -72,7 +72,7 @@ fa4_varlen_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fa4_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_len: int, scale: float | None) -> Tensor:
-    """Causal attention over packed sequences through flash-attn-4; q (T, Hq, D), k and v (T, Hkv, D), half
-    precision (``varlen`` casts fp32 down as for torch's flash kernel)."""
+    """Causal attention over packed sequences through flash-attn-4; q (T, Hq, D), k and v (T, Hkv, D), in half
+    precision (``varlen_sdpa`` casts fp32 down first, as for PyTorch's flash kernel)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return fa4_varlen_forward(q, k, v, cu_seqlens.to(torch.int32), max_len, scale)[0]

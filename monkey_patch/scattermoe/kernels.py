@@ -449,10 +449,10 @@ def _scatter_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     """y = y_scale · a @ W[e] per expert row block. ``a`` rows are gathered by token or read in grouped order (A_TMA:
-    through a descriptor); ``y`` rows are scattered to pair order or written in grouped order. With HAS_A2,
-    y += a2 @ W2[e] over grouped rows of a2 in the same accumulator (LoRA's low-rank term, added without a second
-    output buffer). ``y_scale`` is LoRA's scale on its rank-r products, applied in fp32 before the store instead of
-    by a kernel of its own.
+    through a descriptor); ``y`` rows are scattered to pair order or written in grouped order. With HAS_A2, a2 @ W2[e]
+    over grouped rows of a2 joins the same accumulator before the scale (LoRA's low-rank term, added without a second
+    output buffer). ``y_scale`` is LoRA's scale on its rank-r products (1 elsewhere), applied in fp32 before the store
+    instead of by a kernel of its own.
 
     One tile per program or, with PERSISTENT, a program per SM over the tiles of the row blocks in use: a loop that
     Triton flattens with the K loop (the same trip count for every tile), so that the next tile's loads start under
@@ -785,9 +785,9 @@ def scatter_matmul(
     w2: torch.Tensor | None = None,
     scale: float = 1.0,
 ) -> torch.Tensor:
-    """scale · a @ W[e] for w as (E, K, N) view -> (T*k, N); a is (T, K) gathered by token or (T*k, K) grouped, and
-    the output is in pair order (scattered) or grouped order. ``a2`` (T*k, K2) grouped with ``w2`` as (E, K2, N)
-    view adds a2 @ W2[e]."""
+    """scale · (a @ W[e]) for w as (E, K, N) view -> (T*k, N); a is (T, K) gathered by token or (T*k, K) grouped,
+    and the output is in pair order (scattered) or grouped order. ``a2`` (T*k, K2) grouped with ``w2`` as (E, K2, N)
+    view adds a2 @ W2[e] inside the scaled sum."""
     num_experts, k_dim, n_dim = w.shape
     num_rows = routing.sorted_pairs.numel()
     y = torch.empty(num_rows, n_dim, device=a.device, dtype=a.dtype)
