@@ -2,7 +2,8 @@
 head_dim 128): PyTorch's flash varlen kernel (through ``varlen_attn``, and through aten's op as Inductor's C++
 wrapper calls it) and flash-attn-4 through our op pair, eager and inside a fullgraph torch.compile, each against
 SDPA with the block-diagonal causal mask in fp32: output and the gradients of q, k and v. The boundaries come as
-TRL's padding-free collator passes them (cumulative lengths and the longest, beside the position ids)."""
+TRL's padding-free collator passes them (cumulative lengths and the longest, beside the position ids), or as
+position ids alone."""
 
 import pytest
 import torch
@@ -31,14 +32,19 @@ def packed_problem():
 
 
 @needs_cuda
+@pytest.mark.parametrize("boundaries", ["collator", "position_ids"])
 @pytest.mark.parametrize("kernel", ["flash", "aten_flash", "fa4", "fa4_compiled"])
-def test_varlen_kernel_matches_fp32_masked_sdpa_forward_and_backward(monkeypatch, kernel):
+def test_varlen_kernel_matches_fp32_masked_sdpa_forward_and_backward(monkeypatch, kernel, boundaries):
     if kernel.startswith("fa4") and not fa4_available():
         pytest.skip("flash-attn-4 is not installed, or this GPU is older than sm90")
+    if kernel == "fa4_compiled" and boundaries == "position_ids":
+        pytest.skip("a fullgraph compile cannot derive boundaries from position ids (a data-dependent size)")
     attention._varlen_kwargs()
     monkeypatch.setitem(attention._CUDA_VARLEN_KWARGS, "aten_flash", kernel == "aten_flash")
     monkeypatch.setitem(attention._CUDA_VARLEN_KWARGS, "kernel", "fa4" if kernel.startswith("fa4") else "flash")
     inputs, grad_out, packing, mask = packed_problem()
+    if boundaries == "position_ids":
+        packing = {"position_ids": packing["position_ids"]}
     fp32 = [t.float().requires_grad_() for t in inputs]
     expected = torch.nn.functional.scaled_dot_product_attention(*fp32, attn_mask=mask, enable_gqa=True)
     expected = (expected.transpose(1, 2), *torch.autograd.grad(expected.transpose(1, 2), fp32, grad_out.float()))
@@ -54,5 +60,6 @@ def test_varlen_kernel_matches_fp32_masked_sdpa_forward_and_backward(monkeypatch
     actual = (out, *torch.autograd.grad(out, half, grad_out))
     for name, got, want in zip(("out", "dq", "dk", "dv"), actual, expected, strict=True):
         error = relative_error(got.float(), want)
-        record(test=f"varlen_attention[{kernel}]", tensor=name, dtype="bf16", error=error, limit=BF16_CEILING)
+        record(test=f"varlen_attention[{kernel}-{boundaries}]", tensor=name, dtype="bf16", error=error,
+               limit=BF16_CEILING)
         assert error < BF16_CEILING, f"{kernel} {name}: relative error {error:.2e}"
