@@ -1,7 +1,8 @@
 """flash-attn-4's varlen attention as a ``torch.library`` op pair, for ``varlen_sdpa`` on Hopper and later.
 
 flash-attn-4 (the ``flash-attn-4`` distribution, CuTe DSL kernels under ``flash_attn.cute``) registers no op of its
-own, so torch.compile would break each compiled layer's graph at its autograd Function. Here its forward and
+own, so torch.compile would have to trace into its autograd Function's Python or break the compiled layer's graph
+there. Here its forward and
 backward are two custom ops with fake implementations and the autograd formula between them, as torch's own
 ``varlen_attn`` is built, so the compiled layer keeps one graph. Causal attention only, which is what SFT needs;
 GQA is native (k and v keep their own heads). The ops call the two functions flash-attn-4's own autograd Function
