@@ -10,18 +10,17 @@ calls, ``_flash_attn_fwd`` and ``_flash_attn_bwd``: private names, checked again
 """
 
 import functools
-import importlib.util
 
 import torch
 from torch import Tensor
+from transformers.utils import is_flash_attn_4_available
 
 
 @functools.cache
 def fa4_available() -> bool:
-    """Whether flash-attn-4 is installed and the current GPU is one it has kernels for (sm90 and later)."""
-    return (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
-            and importlib.util.find_spec("flash_attn") is not None
-            and importlib.util.find_spec("flash_attn.cute") is not None)
+    """Whether flash-attn-4 is installed (transformers' check of its distribution: FlashAttention-2's package ships a
+    ``flash_attn.cute`` folder too) and the current GPU is one it has kernels for (sm90 and later)."""
+    return is_flash_attn_4_available() and torch.cuda.get_device_capability()[0] >= 9
 
 
 @torch.library.custom_op("turbo_tune::fa4_varlen_forward", mutates_args=())

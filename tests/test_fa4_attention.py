@@ -133,6 +133,29 @@ def test_unusable_varlen_kernel_setting_is_refused_before_the_model_loads(monkey
         attention.register_varlen_sdpa()
 
 
+def test_flash_attention_2s_cute_folder_is_not_taken_for_flash_attn_4(monkeypatch):
+    """FlashAttention-2's package ships a ``flash_attn.cute`` folder too: only the flash-attn-4 distribution counts."""
+    import importlib.metadata
+    import importlib.util
+
+    try:
+        importlib.metadata.version("flash-attn-4")
+        pytest.skip("flash-attn-4 is installed here")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: object() if name.startswith("flash_attn")
+                        else real_find_spec(name, *args))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (9, 0))
+    fa4_attention.fa4_available.cache_clear()
+    try:
+        assert not fa4_attention.fa4_available()
+    finally:
+        fa4_attention.fa4_available.cache_clear()
+
+
 def test_flash_attn_4_is_unavailable_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("the CPU answer is pinned here")
