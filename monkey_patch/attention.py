@@ -90,12 +90,11 @@ def varlen_kernel() -> str:
     return choice
 
 
-def _torch_flash_varlen(q, k, v, cu_seqlens, max_len: int, scale: float | None) -> torch.Tensor:
-    """PyTorch's flash varlen kernel; under Inductor's C++ wrapper the aten op that ``varlen_attn`` wraps, called
-    directly (the same flash kernels on Hopper, list-free arguments)."""
+def _torch_flash_varlen(q, k, v, cu_seqlens, max_len: int, scale: float | None, kwargs: dict) -> torch.Tensor:
+    """PyTorch's flash varlen kernel with ``_varlen_kwargs()``; under Inductor's C++ wrapper the aten op that
+    ``varlen_attn`` wraps, called directly (the same flash kernels on Hopper, list-free arguments)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    kwargs = _varlen_kwargs()
     if _CUDA_VARLEN_KWARGS["aten_flash"]:
         return torch.ops.aten._flash_attention_forward(
             q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, False, scale=scale)[0]
@@ -113,9 +112,10 @@ def _cuda_varlen(q, k, v, cu_seqlens, max_len: int, scale: float | None) -> torc
     if dtype == torch.float32:
         half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
         q, k, v = q.to(half), k.to(half), v.to(half)
-    _varlen_kwargs()
-    kernel = fa4_varlen if _CUDA_VARLEN_KWARGS["kernel"] == "fa4" else _torch_flash_varlen
-    return kernel(q, k, v, cu_seqlens.to(torch.int32), max_len, scale).to(dtype)
+    kwargs, cu_seqlens = _varlen_kwargs(), cu_seqlens.to(torch.int32)
+    if _CUDA_VARLEN_KWARGS["kernel"] == "fa4":
+        return fa4_varlen(q, k, v, cu_seqlens, max_len, scale).to(dtype)
+    return _torch_flash_varlen(q, k, v, cu_seqlens, max_len, scale, kwargs).to(dtype)
 
 
 def _per_sequence_sdpa(q, k, v, cu_seqlens, scale: float | None) -> torch.Tensor:
