@@ -126,6 +126,9 @@ VARIANTS = {
     # LoRA (attention and experts, qwen3_sft.py's --use_lora defaults): peft's folded experts against ours;
     # no --torch_compile, which would recompile in every probe of --max_seq_search
     "lora": ["use_lora"],
+    # and with flash-attn-4 through transformers' own flash_attention_4 (padded rows unpadded inside): the kernels
+    # varlen_sdpa picks where flash-attn-4 is installed, without our code
+    "lora_fa4": ["use_lora", "attn_implementation=flash_attention_4"],
     # peft at its strongest without our code: compiled layers and packed rows, as compile_packing is for full training
     "lora_compile_packing": ["use_lora", "torch_compile", "use_packing"],
     "all_lora": ["use_fast_moe_block", "use_liger_kernel", "use_packing", "use_lora"],
@@ -144,9 +147,12 @@ VARIANTS = {
     # layer compiled with its checkpoint timed 2.3 % faster: monkey_patch/torch_compile.py)
     "all_lora_compile_fp8_body_checkpoint": ["TURBO_TUNE_COMPILE_CHECKPOINT=body", "use_fast_moe_block",
                                              "use_packing", "use_lora", "torch_compile", "fp8_frozen_experts"],
-    # and with flash-attn-4's varlen kernels in varlen_sdpa (monkey_patch/fa4_attention.py) instead of PyTorch's
+    # and with varlen_sdpa's kernel pinned: flash-attn-4's (monkey_patch/fa4_attention.py; the default where it is
+    # installed, an error where not) or PyTorch's flash kernel (the default without flash-attn-4)
     "all_lora_compile_fp8_fa4": ["TURBO_TUNE_VARLEN_KERNEL=fa4", "use_fast_moe_block", "use_packing", "use_lora",
                                  "torch_compile", "fp8_frozen_experts"],
+    "all_lora_compile_fp8_torch_flash": ["TURBO_TUNE_VARLEN_KERNEL=flash", "use_fast_moe_block", "use_packing",
+                                         "use_lora", "torch_compile", "fp8_frozen_experts"],
     # and with TRL's activation offloading: the checkpointed hidden states wait in pinned CPU memory for backward
     "lora_offload": ["use_lora", "activation_offloading"],
     "all_lora_offload": ["use_fast_moe_block", "use_liger_kernel", "use_packing", "use_lora", "activation_offloading"],

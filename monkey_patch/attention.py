@@ -7,9 +7,9 @@ packed rows. Sequence boundaries come the way flash_attention_2 gets them: TRL's
 padding mask) with transformers' own helpers.
 
 On a GPU the packed sequences run through PyTorch's ``torch.nn.attention.varlen.varlen_attn`` (flash kernels, torch
->= 2.10), or with ``TURBO_TUNE_VARLEN_KERNEL=fa4`` through flash-attn-4's (sm90 and later;
-monkey_patch/fa4_attention.py): faster kernel for kernel, not yet the default because the full-depth training step
-has not been timed with it (docs/results.md). On the CPU, where neither has a kernel,
+>= 2.10), or, where flash-attn-4 is installed and the GPU is sm90 or newer, through flash-attn-4's
+(monkey_patch/fa4_attention.py; 1.1x the full-depth LoRA step, docs/results.md). ``TURBO_TUNE_VARLEN_KERNEL``
+(``flash`` or ``fa4``) overrides that choice. On the CPU, where neither has a kernel,
 each sequence goes through ``scaled_dot_product_attention`` with ``is_causal`` on its own rows — exact, and linear
 rather than quadratic in the packed row length. A batch whose rows each hold one whole sequence has nothing to
 split and goes to transformers' own causal ``sdpa`` (cuDNN's attention on Hopper ran 1.7x varlen_attn's TFLOP/s at
@@ -40,7 +40,7 @@ from turbo_tune.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 VARLEN_SDPA = "varlen_sdpa"
-VARLEN_KERNEL_ENV = "TURBO_TUNE_VARLEN_KERNEL"  # flash (the default) or fa4
+VARLEN_KERNEL_ENV = "TURBO_TUNE_VARLEN_KERNEL"  # flash or fa4; unset: fa4 where it can run
 
 
 def torch_varlen_available() -> bool:
@@ -78,12 +78,12 @@ def _varlen_kwargs() -> dict:
 
 
 def varlen_kernel() -> str:
-    """The GPU kernel ``varlen_sdpa`` runs, from ``TURBO_TUNE_VARLEN_KERNEL``: ``flash`` (PyTorch's, the default) or
-    ``fa4`` (flash-attn-4, which must then be installed on an sm90-or-newer GPU)."""
-    choice = os.environ.get(VARLEN_KERNEL_ENV, "flash")
+    """The GPU kernel ``varlen_sdpa`` runs: flash-attn-4's (``fa4``) where it is installed on an sm90-or-newer GPU,
+    as it is faster there, else PyTorch's (``flash``); ``TURBO_TUNE_VARLEN_KERNEL`` overrides the choice."""
+    choice = os.environ.get(VARLEN_KERNEL_ENV) or ("fa4" if fa4_available() else "flash")
     if choice not in ("flash", "fa4"):
-        raise ConfigError(f"{VARLEN_KERNEL_ENV}={choice}: use flash (PyTorch's varlen_attn, the default) or fa4 "
-                          "(flash-attn-4).")
+        raise ConfigError(f"{VARLEN_KERNEL_ENV}={choice}: use flash (PyTorch's varlen_attn) or fa4 (flash-attn-4), "
+                          "or unset it to take flash-attn-4 where it can run.")
     if choice == "fa4" and not fa4_available():
         raise ConfigError(f"{VARLEN_KERNEL_ENV}=fa4 needs the flash-attn-4 package and an sm90 or newer GPU; "
                           f"install flash-attn-4 or unset {VARLEN_KERNEL_ENV}.")

@@ -115,8 +115,8 @@ def test_fa4_forward_op_passes_torch_library_checks(fake_fa4):
 
 
 @pytest.mark.parametrize(("setting", "available", "expected"), [
-    (None, True, "flash"), (None, False, "flash"), ("flash", True, "flash"), ("fa4", True, "fa4")])
-def test_varlen_kernel_is_pytorch_flash_unless_flash_attn_4_is_asked_for(monkeypatch, setting, available, expected):
+    (None, True, "fa4"), (None, False, "flash"), ("", True, "fa4"), ("flash", True, "flash"), ("fa4", True, "fa4")])
+def test_varlen_kernel_is_flash_attn_4_where_it_can_run_unless_overridden(monkeypatch, setting, available, expected):
     if setting is None:
         monkeypatch.delenv(attention.VARLEN_KERNEL_ENV, raising=False)
     else:
