@@ -73,6 +73,9 @@ def _varlen_kwargs() -> dict:
             aten_flash=bool(torch._inductor.config.cpp_wrapper),
             kernel=varlen_kernel(),
         )
+        logger.info("varlen_sdpa runs packed rows through %s (%s=flash or =fa4 pins one).",
+                    "flash-attn-4's kernels" if _CUDA_VARLEN_KWARGS["kernel"] == "fa4" else "PyTorch's flash kernel",
+                    VARLEN_KERNEL_ENV)
     return {name: value for name, value in _CUDA_VARLEN_KWARGS.items()
             if value is not None and name not in ("takes_scale", "aten_flash", "kernel")}
 

@@ -125,6 +125,18 @@ def test_varlen_kernel_is_flash_attn_4_where_it_can_run_unless_overridden(monkey
     assert attention.varlen_kernel() == expected
 
 
+@pytest.mark.parametrize(("available", "named"), [(True, "flash-attn-4's kernels"), (False, "PyTorch's flash kernel")])
+def test_the_chosen_varlen_kernel_is_logged_once(monkeypatch, caplog, available, named):
+    monkeypatch.delenv(attention.VARLEN_KERNEL_ENV, raising=False)
+    monkeypatch.setattr(attention, "fa4_available", lambda: available)
+    monkeypatch.setattr(attention, "_CUDA_VARLEN_KWARGS", {})
+    with caplog.at_level("INFO", logger=attention.logger.name):
+        attention._varlen_kwargs()
+        attention._varlen_kwargs()
+    assert [r.getMessage() for r in caplog.records if "varlen_sdpa runs" in r.getMessage()] == [
+        f"varlen_sdpa runs packed rows through {named} (TURBO_TUNE_VARLEN_KERNEL=flash or =fa4 pins one)."]
+
+
 @pytest.mark.parametrize(("setting", "message"), [("auto", "use flash"), ("fa4", "needs the flash-attn-4 package")])
 def test_unusable_varlen_kernel_setting_is_refused_before_the_model_loads(monkeypatch, setting, message):
     monkeypatch.setenv(attention.VARLEN_KERNEL_ENV, setting)
