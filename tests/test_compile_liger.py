@@ -128,7 +128,7 @@ def test_compiled_layers_do_not_recompile_when_the_token_count_changes(checkpoin
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_peft_patches(apply_lora(apply_patches(model, config), config), config)
     model.train()
-    for step, length in enumerate((10, 13, 17)):
+    for step, length in enumerate((10, 13)):
         tokens = torch.randint(3, 300, (1, length), generator=torch.Generator().manual_seed(step))
         with torch._dynamo.config.patch(error_on_recompile=step > 0):
             model(tokens, labels=tokens, use_cache=False).loss.backward()

@@ -4,7 +4,9 @@ and FP8 layers chosen on partitioned weights."""
 
 import json
 import sys
+from pathlib import Path
 
+import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -12,6 +14,14 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from distributed_runs import ZERO3, assert_same_losses, launch, train, train_and_log
 
 NO_EVAL = ("--eval_split", "0")  # evaluation under the engines is test_distributed.py's; here it would only add time
+LORA = ("--use_lora", "--save_strategy", "no", "--max_steps", "2", *NO_EVAL)
+
+
+@pytest.fixture(scope="module")
+def zero3_peft_lora(tmp_path_factory, checkpoint) -> tuple[Path, dict[int, float]]:
+    """peft's LoRA under ZeRO-3, merged at the end: the merge's run and the reference of ScatterMoE's LoRA path."""
+    output_dir = tmp_path_factory.mktemp("zero3-lora") / "out"
+    return output_dir, train(output_dir, 2, checkpoint, *ZERO3, *LORA, "--merge_lora")
 
 
 def test_zero3_trains_packed_rows_like_one_process(tmp_path, checkpoint):
@@ -21,9 +31,8 @@ def test_zero3_trains_packed_rows_like_one_process(tmp_path, checkpoint):
     assert_same_losses(losses, expected, steps=2)
 
 
-def test_zero3_merge_lora_merges_the_gathered_weights(tmp_path, checkpoint):
-    output_dir = tmp_path / "out"
-    train(output_dir, 2, checkpoint, *ZERO3, "--use_lora", "--merge_lora", "--save_strategy", "no", *NO_EVAL)
+def test_zero3_merge_lora_merges_the_gathered_weights(checkpoint, zero3_peft_lora):
+    output_dir = zero3_peft_lora[0]
     merged = AutoModelForCausalLM.from_pretrained(output_dir / "merged").state_dict()  # experts saved per expert
     base = AutoModelForCausalLM.from_pretrained(checkpoint)
     original = {name: tensor.clone() for name, tensor in base.state_dict().items()}
@@ -36,13 +45,11 @@ def test_zero3_merge_lora_merges_the_gathered_weights(tmp_path, checkpoint):
         torch.testing.assert_close(merged[name], tensor, msg=name)
 
 
-def test_zero3_expert_lora_through_scattermoe_matches_peft_path(tmp_path, checkpoint):
+def test_zero3_expert_lora_through_scattermoe_matches_peft_path(tmp_path, checkpoint, zero3_peft_lora):
     """ScatterMoE's low-rank expert LoRA reads peft's factors and ZeRO-3's gathered base weights."""
-    lora = ("--use_lora", "--save_strategy", "no", "--max_steps", "2", *NO_EVAL)
-    expected = train(tmp_path / "peft", 2, checkpoint, *ZERO3, *lora)
-    losses, log = train_and_log(tmp_path / "scattermoe", 2, checkpoint, *ZERO3, *lora, "--use_fast_moe_block")
+    losses, log = train_and_log(tmp_path / "scattermoe", 2, checkpoint, *ZERO3, *LORA, "--use_fast_moe_block")
     assert "expert LoRA: scattermoe low-rank path" in log and "peft folded its LoRA" not in log
-    assert_same_losses(losses, expected, steps=2)
+    assert_same_losses(losses, zero3_peft_lora[1], steps=2)
 
 
 def test_ddp_trains_lora_on_fp8_frozen_experts_like_one_process(tmp_path, checkpoint):
