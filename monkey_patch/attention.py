@@ -9,9 +9,9 @@ padding mask) with transformers' own helpers.
 On a GPU the packed sequences run through PyTorch's ``torch.nn.attention.varlen.varlen_attn`` (flash kernels, torch
 >= 2.10), or, where flash-attn-4 is installed and the GPU is sm90 or newer, through flash-attn-4's
 (monkey_patch/fa4_attention.py; 1.1x the full-depth LoRA step, docs/results.md). ``TURBO_TUNE_VARLEN_KERNEL``
-(``flash`` or ``fa4``) overrides that choice. On the CPU, where neither has a kernel,
-each sequence goes through ``scaled_dot_product_attention`` with ``is_causal`` on its own rows — exact, and linear
-rather than quadratic in the packed row length. A batch whose rows each hold one whole sequence has nothing to
+(``flash`` or ``fa4``) overrides that choice. On the CPU, where neither has a kernel, each sequence goes through
+``scaled_dot_product_attention`` with ``is_causal`` on its own rows — exact, and linear rather than quadratic in the
+packed row length. A batch whose rows each hold one whole sequence has nothing to
 split and goes to transformers' own causal ``sdpa`` (cuDNN's attention on Hopper ran 1.7x varlen_attn's TFLOP/s at
 131k-token rows; docs/history.md).
 """

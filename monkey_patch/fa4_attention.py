@@ -2,11 +2,11 @@
 
 flash-attn-4 (the ``flash-attn-4`` distribution, CuTe DSL kernels under ``flash_attn.cute``) registers no op of its
 own, so torch.compile would have to trace into its autograd Function's Python or break the compiled layer's graph
-there. Here its forward and
-backward are two custom ops with fake implementations and the autograd formula between them, as torch's own
-``varlen_attn`` is built, so the compiled layer keeps one graph. Causal attention only, which is what SFT needs;
-GQA is native (k and v keep their own heads). The ops call the two functions flash-attn-4's own autograd Function
-calls, ``_flash_attn_fwd`` and ``_flash_attn_bwd``: private names, checked against 4.0.0b36 (the README's pin).
+there. Here its forward and backward are two custom ops with fake implementations and the autograd formula between
+them, as torch's own ``varlen_attn`` is built, so the compiled layer keeps one graph. Causal attention only, which
+is what SFT needs; GQA is native (k and v keep their own heads). The ops call the two functions flash-attn-4's own
+autograd Function calls, ``_flash_attn_fwd`` and ``_flash_attn_bwd``: private names, checked against 4.0.0b36 (the
+README's pin).
 """
 
 import functools
